@@ -1,0 +1,75 @@
+"""Shared pieces of jevo's modules: AlphaFold's initializers, LayerNorm, mask and shape checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Any  # a jax.nn.initializers-style callable: (key, shape, dtype) -> array
+
+LAYER_NORM_EPS = 1e-5
+
+# AlphaFold's initializers (supplement 1.11.4): "linear" (LeCun, truncated normal), "relu" (He),
+# Glorot-uniform for attention projections, "final" (zeros) for layers that write into a
+# residual stream, so that every block starts as the identity.
+linear_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+relu_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+glorot_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+final_init = nnx.initializers.zeros
+
+
+def layer_norm(num_features: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # The two-pass variance: residual streams can carry large means, where E[x^2] - E[x]^2 cancels.
+  return nnx.LayerNorm(num_features, epsilon=eps, use_fast_variance=False, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, *, use_bias: bool = True,
+           kernel_init: Initializer = linear_init, bias_init: Initializer = nnx.initializers.zeros,
+           dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init,
+                    bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def pair_bias_init(c_z: int) -> Initializer:
+  """AlphaFold's initializer of the pair -> per-head bias projection: normal(1/sqrt(c_z))."""
+  return nnx.initializers.normal(stddev=c_z ** -0.5)
+
+
+def check_positive(name: str, value: int) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+  if chunk_size is not None:
+    check_positive("chunk_size", chunk_size)
+
+
+def check_input(name: str, x: jax.Array, min_ndim: int, channels: int, what: str) -> None:
+  """Checks rank and channel count of an activation; `what` names the expected layout."""
+  if x.ndim < min_ndim:
+    raise ValueError(f"{name} must have shape {what}, got shape {x.shape}")
+  if x.shape[-1] != channels:
+    raise ValueError(f"{name} must have {channels} channels in its last axis ({what}), "
+                     f"got shape {x.shape}")
+
+
+def check_mask(name: str, mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+  """Returns `mask` as bool broadcast to `shape` (all True when None); 1 / True = valid."""
+  if mask is None:
+    return jnp.ones(shape, bool)
+  mask = jnp.asarray(mask)
+  try:
+    return jnp.broadcast_to(mask != 0, shape)
+  except ValueError:
+    raise ValueError(f"{name} must be broadcastable to {shape}, got shape {mask.shape}") from None
+
+
+def check_same_leading(name: str, x: jax.Array, other_name: str, other: jax.Array) -> None:
+  if x.shape[:-3] != other.shape[:-3]:
+    raise ValueError(f"{name} and {other_name} must share their batch dims, got shapes "
+                     f"{x.shape} and {other.shape}")

@@ -1,0 +1,128 @@
+"""Evoformer and extra-MSA stacks: one scan over blocks whose parameters are stacked.
+
+Blocks are created with `nnx.vmap` (one set of stacked arrays, leading axis = block) and
+applied with `jax.lax.scan`, so compile time does not grow with depth. `remat` selects what
+each block keeps for the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jevo.nn import _common as c
+from jevo.nn.block import EvoformerBlock, ExtraMSABlock, RngsLike, check_block_inputs
+
+RematLike = str | Callable | None
+
+REMAT_CHOICES = ("none", "block")
+
+
+def _check_remat(remat: RematLike) -> RematLike:
+  if remat is None or remat in REMAT_CHOICES or (callable(remat) and not isinstance(remat, str)):
+    return "none" if remat is None else remat
+  raise ValueError(f"remat must be one of {REMAT_CHOICES}, None or a jax.checkpoint policy "
+                   f"(e.g. jax.checkpoint_policies.dots_saveable), got {remat!r}")
+
+
+class _Stack(nnx.Module):
+  _block_cls: type[EvoformerBlock]
+
+  def __init__(self, num_blocks: int, c_m: int, c_z: int, *, remat: RematLike, rngs: nnx.Rngs,
+               **block_kwargs):
+    c.check_positive("num_blocks", num_blocks)
+    self.num_blocks = num_blocks
+    self.c_m, self.c_z = c_m, c_z
+    self.remat = _check_remat(remat)
+    block_cls = self._block_cls
+
+    @nnx.split_rngs(splits=num_blocks)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return block_cls(c_m, c_z, rngs=rngs, **block_kwargs)
+
+    self.blocks = make_blocks(rngs)
+
+  def __call__(self, m: jax.Array, z: jax.Array, msa_mask: jax.Array | None = None,
+               pair_mask: jax.Array | None = None, *, rngs: RngsLike = None,
+               chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    check_block_inputs(m, z, msa_mask, pair_mask, self.c_m, self.c_z)
+    c.check_chunk_size(chunk_size)
+    graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+    keys = None
+    if rngs is not None:
+      keys = jax.random.split(_one_key(rngs), self.num_blocks)
+
+    def one_block(m, z, params_i, rest_i, key_i):
+      block = nnx.merge(graphdef, params_i, rest_i)
+      m, z = block(m, z, msa_mask, pair_mask, rngs=key_i, chunk_size=chunk_size)
+      # Dropout RNG counters advance inside the block; they come back out of the scan.
+      return m, z, nnx.split(block, nnx.Param, ...)[2]
+
+    if self.remat == "block":
+      one_block = jax.checkpoint(one_block, prevent_cse=False)
+    elif self.remat != "none":
+      one_block = jax.checkpoint(one_block, policy=self.remat, prevent_cse=False)
+
+    def step(carry, xs):
+      m, z, rest_i = one_block(*carry, *xs)
+      return (m, z), rest_i
+
+    (m, z), new_rest = jax.lax.scan(step, (m, z), (params, rest, keys))
+    nnx.update(self.blocks, new_rest)
+    return m, z
+
+
+def _one_key(rngs: RngsLike) -> jax.Array:
+  if isinstance(rngs, nnx.Rngs):
+    return rngs.dropout()
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  return rngs
+
+
+class EvoformerStack(_Stack):
+  """`num_blocks` Evoformer blocks, scanned; `(m, z) -> (m, z)`.
+
+  `remat`: "none", "block" (recompute each block in the backward pass, keeping only its
+  inputs) or a `jax.checkpoint` policy such as `jax.checkpoint_policies.dots_saveable`.
+  Other keyword arguments (sizes, dropout, `implementation`, `dtype`, ...) go to
+  `EvoformerBlock`. Call arguments as for `EvoformerBlock`; a call-time `rngs` gives each block
+  its own dropout key.
+
+  Example:
+    >>> stack = EvoformerStack(2, 32, 16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2,
+    ...                        c_hidden_pair_att=8, c_hidden_opm=4, c_hidden_mul=8,
+    ...                        remat="block", rngs=nnx.Rngs(0))
+    >>> stack.eval()
+    >>> m, z = stack(jnp.ones((3, 5, 32)), jnp.ones((5, 5, 16)), chunk_size=2)
+  """
+
+  _block_cls = EvoformerBlock
+
+  def __init__(self, num_blocks: int = 48, c_m: int = 256, c_z: int = 128, *,
+               remat: RematLike = "none", rngs: nnx.Rngs, **block_kwargs):
+    super().__init__(num_blocks, c_m, c_z, remat=remat, rngs=rngs, **block_kwargs)
+
+
+class ExtraMSAStack(_Stack):
+  """`num_blocks` extra-MSA blocks (global column attention), scanned; `(e, z) -> (e, z)`.
+
+  Options as for `EvoformerStack`; other keyword arguments go to `ExtraMSABlock`. AlphaFold
+  keeps only the pair output.
+
+  Example:
+    >>> stack = ExtraMSAStack(2, 16, 16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2,
+    ...                       c_hidden_pair_att=8, c_hidden_opm=4, c_hidden_mul=8,
+    ...                       rngs=nnx.Rngs(0))
+    >>> e, z = stack(jnp.ones((9, 5, 16)), jnp.ones((5, 5, 16)))
+  """
+
+  _block_cls = ExtraMSABlock
+
+  def __init__(self, num_blocks: int = 4, c_e: int = 64, c_z: int = 128, *,
+               remat: RematLike = "none", rngs: nnx.Rngs, **block_kwargs):
+    super().__init__(num_blocks, c_e, c_z, remat=remat, rngs=rngs, **block_kwargs)

@@ -1,0 +1,48 @@
+"""The MSA and pair transitions: a position-wise two-layer MLP (supplement Alg. 9, 15)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jevo.nn import _common as c
+from jevo.nn.chunking import chunked
+
+
+class Transition(nnx.Module):
+  """`Linear(relu(Linear(LayerNorm(x))))` with hidden width `factor * c_in`; returns the update.
+
+  The update is zero where `mask` is False (OpenFold's convention; AlphaFold leaves padding
+  positions as they come, which never reach valid ones).
+
+  Example:
+    >>> t = Transition(16, factor=2, rngs=nnx.Rngs(0))
+    >>> t(jnp.ones((3, 5, 16))).shape
+    (3, 5, 16)
+  """
+
+  def __init__(self, c_in: int = 128, *, factor: int = 4,
+               kernel_init: c.Initializer = c.relu_init,
+               output_kernel_init: c.Initializer = c.final_init,
+               layer_norm_eps: float = c.LAYER_NORM_EPS,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    c.check_positive("c_in", c_in)
+    c.check_positive("factor", factor)
+    self.c_in, self.factor = c_in, factor
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layer_norm = c.layer_norm(c_in, eps=layer_norm_eps, **kw)
+    self.linear_1 = c.linear(c_in, factor * c_in, kernel_init=kernel_init, **kw)
+    self.linear_2 = c.linear(factor * c_in, c_in, kernel_init=output_kernel_init, **kw)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               chunk_size: int | None = None) -> jax.Array:
+    c.check_input("x", x, 2, self.c_in, "[..., c_in]")
+    c.check_chunk_size(chunk_size)
+    mask = None if mask is None else c.check_mask("mask", mask, x.shape[:-1])[..., None]
+
+    def positions(x_p, mask_p):
+      out = self.linear_2(jax.nn.relu(self.linear_1(self.layer_norm(x_p))))
+      return out if mask_p is None else out * mask_p.astype(out.dtype)
+
+    return chunked(positions, (x, mask), (-2, -2), out_axis=-2, chunk_size=chunk_size)
