@@ -2,7 +2,8 @@
 
 Queries are processed in chunks (`jax.lax.map` / `jax.lax.scan`), so the fp32 logits that exist
 at any time are one block `[B, N, H, chunk, S]`, never `[B, N, H, S, S]`. The forward saves only
-the output and the per-row log-sum-exp; the backward (a `jax.custom_vjp`) recomputes the logits
+the output and the per-row softmax statistics (the log-sum-exp, kept as max and log-sum); the
+backward (a `jax.custom_vjp`) recomputes the logits
 chunk by chunk, FlashAttention-style:
 
     P = exp(S - lse),  delta = rowsum(dO * O),  dP = dO V^T,  dS = P * (dP - delta),
@@ -94,7 +95,8 @@ def _unchunk(y, axis, length):
 
 
 def _forward(q, k, v, mask, bias, scale, chunk):
-  """Output `[B, N, S, H, D]` in q.dtype and lse `[n_chunks, B, N, H, chunk]` (fp32)."""
+  """Output `[B, N, S, H, D]` in q.dtype and the softmax statistics (shift, log_norm), each
+  `[n_chunks, B, N, H, chunk]` fp32 (see xla_common.softmax_attend)."""
   seq = q.shape[2]
   n_chunks = -(-seq // chunk)
   padded = n_chunks * chunk
@@ -108,11 +110,11 @@ def _forward(q, k, v, mask, bias, scale, chunk):
     qc = jax.lax.dynamic_slice_in_dim(q_p, start, chunk, axis=2)
     bc = None if bias_p is None else jax.lax.dynamic_slice_in_dim(bias_p, start, chunk, axis=2)
     s = xla_common.logits(qc, k, bc, scale=scale, precision=precision)
-    out, lse = xla_common.softmax_attend(s, v, mask, precision=precision)
-    return out.astype(q.dtype), lse
+    out, stats = xla_common.softmax_attend(s, v, mask, precision=precision)
+    return out.astype(q.dtype), stats
 
-  outs, lse = jax.lax.map(one_chunk, jnp.arange(n_chunks))
-  return _unchunk(outs, 2, seq), lse
+  outs, stats = jax.lax.map(one_chunk, jnp.arange(n_chunks))
+  return _unchunk(outs, 2, seq), stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -121,17 +123,17 @@ def _attention(q, k, v, mask, bias, scale, chunk):
 
 
 def _attention_fwd(q, k, v, mask, bias, scale, chunk):
-  out, lse = _forward(q, k, v, mask, bias, scale, chunk)
-  return out, (q, k, v, mask, bias, out, lse)
+  out, stats = _forward(q, k, v, mask, bias, scale, chunk)
+  return out, (q, k, v, mask, bias, out, stats)
 
 
 def _attention_bwd(scale, chunk, residuals, d_out):
-  q, k, v, mask, bias, out, lse = residuals
+  q, k, v, mask, bias, out, stats = residuals
   seq = q.shape[2]
-  n_chunks = lse.shape[0]
+  n_chunks = stats[0].shape[0]
   padded = n_chunks * chunk
   precision = _precision(q.dtype)
-  # Padded rows get dO = 0 and lse = +inf, hence P = 0 and dS = 0: they contribute nothing.
+  # Padded rows get dO = 0, hence dS = 0 and dV += 0: they contribute nothing.
   q_p = _pad_rows(q, 2, padded)
   bias_p = None if bias is None else _pad_rows(bias, 2, padded)
   do_p = _pad_rows(d_out, 2, padded)
@@ -142,7 +144,7 @@ def _attention_bwd(scale, chunk, residuals, d_out):
 
   def one_chunk(carry, xs):
     dk, dv = carry
-    i, lse_c = xs
+    i, (shift, log_norm) = xs
     start = i * chunk
     rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=chunk,
                              axis=2)
@@ -150,8 +152,9 @@ def _attention_bwd(scale, chunk, residuals, d_out):
     bc = None if bias_p is None else rows(bias_p)
     do_c = rows(do_p).astype(F32)
     s = xla_common.logits(qc, k, bc, scale=scale, precision=precision)
-    # lse is +inf on rows without an unmasked key, so P is 0 there (and on padded rows).
-    p = jnp.exp(s - lse_c[..., None])
+    # log_norm is +inf on rows without an unmasked key, so P is 0 there. s - shift is exact
+    # where it matters (the shift is the row maximum of the same logits).
+    p = jnp.exp((s - shift[..., None]) - log_norm[..., None])
     if km is not None:
       p = jnp.where(km, p, 0.0)
     delta = jnp.einsum("bnqhd,bnqhd->bnhq", do_c, rows(out_p).astype(F32))
@@ -166,7 +169,7 @@ def _attention_bwd(scale, chunk, residuals, d_out):
     return (dk, dv), (dq_c.astype(q.dtype), db_c)
 
   zeros = jnp.zeros(k.shape, F32)
-  (dk, dv), (dq, dbias) = jax.lax.scan(one_chunk, (zeros, zeros), (jnp.arange(n_chunks), lse))
+  (dk, dv), (dq, dbias) = jax.lax.scan(one_chunk, (zeros, zeros), (jnp.arange(n_chunks), stats))
   dq = _unchunk(dq, 2, seq)
   dbias = None if bias is None else _unchunk(dbias, 2, seq)
   # The mask is boolean: it has no cotangent.

@@ -2,8 +2,8 @@
 
 Logits, softmax and the P @ V accumulation run in fp32 whatever the input dtype. A masked key
 gets probability exactly 0 (it is selected out, never added as a large negative number), and a
-row whose keys are all masked gets output 0 and log-sum-exp +inf, so that probabilities
-recomputed as exp(s - lse) are 0 there too: no NaN in either direction.
+row whose keys are all masked gets output 0 and a log-normaliser of +inf, so that probabilities
+recomputed as exp(s - shift - log_norm) are 0 there too: no NaN in either direction.
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ def softmax_attend(s, v, mask, *, precision):
   """softmax(s) @ v over the last axis of s, with masking; fp32 results.
 
   s: `[B, N, H, Sq, S]` fp32 logits; v: `[B, N, S, H, D]`; mask: `[B, N, S]` bool or None.
-  Returns out `[B, N, Sq, H, D]` (fp32) and lse `[B, N, H, Sq]` (fp32, +inf on empty rows).
+  Returns out `[B, N, Sq, H, D]` (fp32) and the row statistics, each `[B, N, H, Sq]` fp32:
+  shift (the row maximum, 0 on empty rows) and log_norm (log of the shifted row sum, +inf on
+  empty rows), with P = exp(s - shift - log_norm). They are kept apart rather than summed into
+  one log-sum-exp because a bias of +-1e4 makes the shift that large, and rounding the sum to fp32
+  would cost P about 1e-3 of relative accuracy in the backward pass.
   """
   km = key_mask(mask)
   if km is not None:
@@ -50,5 +54,5 @@ def softmax_attend(s, v, mask, *, precision):
   out = jnp.einsum("bnhqk,bnkhd->bnqhd", p, v.astype(F32), precision=precision,
                    preferred_element_type=F32)
   out = out / jnp.swapaxes(jnp.where(nonempty, l, 1.0), -1, -2)[..., None]
-  lse = jnp.where(nonempty, m[..., 0] + jnp.log(jnp.where(nonempty, l, 1.0)), jnp.inf)
-  return out, lse
+  log_norm = jnp.where(nonempty, jnp.log(jnp.where(nonempty, l, 1.0)), jnp.inf)
+  return out, (m[..., 0], log_norm)
