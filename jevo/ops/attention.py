@@ -133,9 +133,10 @@ def _check_qkv(q, k, v):
     # Name the first axis (from the end) that differs: heads and head dims are the usual slips.
     for axis, label in zip(range(-1, -5, -1), reversed(axes)):
       if x.shape[axis] != q.shape[axis]:
-        what = {"H": "number of heads", "D": "head dim"}.get(label, f"{label} axis")
+        what = {"N": "N axis", "S": "sequence length S", "H": "number of heads H",
+                "D": "head dim D"}[label]
         raise ValueError(f"evoformer_attention: {name} must have the same shape as q {_LAYOUT} = "
-                         f"{q.shape}, got {x.shape}: {what} {label} differs "
+                         f"{q.shape}, got {x.shape}: the {what} differs "
                          f"(q: {q.shape[axis]}, {name}: {x.shape[axis]})")
     raise ValueError(f"evoformer_attention: {name} must have the same shape as q {_LAYOUT} = "
                      f"{q.shape}, got {x.shape}: the batch dims *B differ "
