@@ -1,16 +1,135 @@
-"""The "cuda" backend: jevo's fused CUDA kernels (forward and backward) behind custom_vjp."""
+"""The "cuda" backend: jevo's fused CUDA kernels behind `jax.custom_vjp`.
+
+The forward saves only the output and the fp32 log-sum-exp; the backward recomputes the
+logits tile by tile. Each FFI call carries an explicit `vmap` rule (`custom_vmap`) that folds
+the mapped axis into the batch axis the kernels already have. The kernels are deterministic:
+the bias gradient is reduced over N without atomics, so `deterministic=True` costs nothing.
+"""
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from jevo._cuda_lib import cuda_status
+
+KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
+MAX_HEAD_DIM = 128
 
 
 def unsupported_reason(q, k, v, mask, bias):
+  """Why the kernels cannot run these inputs, or None when they can."""
   status = cuda_status()
   if not status.available:
     return status.reason
-  return "the CUDA attention kernels are not wired yet"
+  if q.dtype not in KERNEL_DTYPES:
+    return (f"the CUDA kernels take bfloat16 or float16 inputs, got {q.dtype} "
+            "(float32 runs on implementation='xla_chunked')")
+  head_dim = q.shape[-1]
+  if head_dim % 8 != 0 or head_dim > MAX_HEAD_DIM:
+    return (f"the CUDA kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM}, "
+            f"got {head_dim}")
+  return None
 
 
 def attention(q, k, v, mask, bias, *, scale, deterministic):
-  raise NotImplementedError(unsupported_reason(q, k, v, mask, bias))
+  del deterministic  # the kernels are always deterministic
+  mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
+  bias_arg = jnp.zeros((0,), q.dtype) if bias is None else bias.astype(q.dtype)
+  return _attention(q, k, v, mask_arg, bias_arg, float(scale))
+
+
+def _fold(x, batched_axis_size):
+  """[V, B, ...] -> [V * B, ...]; empty placeholder arrays stay as they are."""
+  if x.size == 0:
+    return x
+  return x.reshape((batched_axis_size * x.shape[1],) + x.shape[2:])
+
+
+def _vmap_rule(call, axis_size, in_batched, *args):
+  """Folds the mapped axis into the kernels' batch axis and splits it again afterwards."""
+  folded = []
+  for x, batched in zip(args, in_batched):
+    if x.size == 0 and not batched:  # absent mask or bias
+      folded.append(x)
+      continue
+    if not batched:
+      x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+    folded.append(_fold(x, axis_size))
+  outs = call(*folded)
+  split = tuple(o if o.size == 0 else o.reshape((axis_size, -1) + o.shape[1:]) for o in outs)
+  return split, tuple(o.size != 0 for o in outs)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_call(scale: float):
+  @jax.custom_batching.custom_vmap
+  def forward(q, k, v, mask, bias):
+    b, n, s, h, _ = q.shape
+    call = jax.ffi.ffi_call(
+        "jevo_attention_fwd",
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h, s), jnp.float32)))
+    return tuple(call(q, k, v, mask, bias, scale=np.float32(scale)))
+
+  @forward.def_vmap
+  def forward_vmap(axis_size, in_batched, *args):
+    return _vmap_rule(forward, axis_size, in_batched, *args)
+
+  return forward
+
+
+def bias_grad_chunks(batch, n, seq, heads, sm_count=None):
+  """How many fp32 partials the bias gradient is reduced over N in: enough CTAs (one per
+  chunk x batch x head x 64 queries) to fill the GPU about four times, at most 64."""
+  if sm_count is None:
+    sm_count = getattr(jax.devices()[0], "core_count", None) or 132
+  ctas_per_chunk = batch * heads * -(-seq // 64)
+  wanted = -(-4 * sm_count // ctas_per_chunk)
+  return max(1, min(wanted, n, 64))
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_call(scale: float):
+  @jax.custom_batching.custom_vmap
+  def backward(q, k, v, mask, bias, dout, lse, delta):
+    b, n, s, h, _ = q.shape
+    chunks = bias_grad_chunks(b, n, s, h) if bias.size else 0
+    outs = [jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3
+    outs.append(jax.ShapeDtypeStruct(bias.shape, q.dtype))
+    # fp32 partials of the bias gradient, one per chunk of N; XLA allocates and frees them.
+    outs.append(jax.ShapeDtypeStruct((chunks, b, h, s, s) if chunks else (0,), jnp.float32))
+    call = jax.ffi.ffi_call("jevo_attention_bwd", tuple(outs))
+    return tuple(call(q, k, v, mask, bias, dout, lse, delta, scale=np.float32(scale),
+                      n_chunks=np.int64(max(chunks, 1)))[:4])
+
+  @backward.def_vmap
+  def backward_vmap(axis_size, in_batched, *args):
+    return _vmap_rule(backward, axis_size, in_batched, *args)
+
+  return backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, mask, bias, scale):
+  out, _ = _forward_call(scale)(q, k, v, mask, bias)
+  return out
+
+
+def _attention_fwd(q, k, v, mask, bias, scale):
+  out, lse = _forward_call(scale)(q, k, v, mask, bias)
+  return out, (q, k, v, mask, bias, out, lse)
+
+
+def _attention_bwd(scale, residuals, dout):
+  q, k, v, mask, bias, out, lse = residuals
+  dout = dout.astype(q.dtype)
+  # delta = rowsum(dO * O) in fp32, laid out [B, N, H, S] like the log-sum-exp.
+  delta = jnp.einsum("bnshd,bnshd->bnhs", dout.astype(jnp.float32), out.astype(jnp.float32))
+  dq, dk, dv, dbias = _backward_call(scale)(q, k, v, mask, bias, dout, lse, delta)
+  return dq, dk, dv, None, (dbias if bias.size else None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,33 @@
+"""One forward and one backward of a benchmark case through the CUDA kernels, for profilers:
+
+    ncu --clock-control none -k regex:attention --launch-skip 2 --launch-count 3 \
+        python benchmarks/profile_kernels.py msa_row
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import jevo
+from attention import CASES, _inputs  # benchmarks/ is the script's directory
+
+
+def main(case="msa_row"):
+  shape, bias_kind, _ = CASES[case]
+  q, k, v, mask, bias = _inputs(shape, bias_kind is not None)
+
+  def loss(q, k, v, bias):
+    out = jevo.evoformer_attention(q, k, v, mask=mask, bias=bias, implementation="cuda")
+    return jnp.sum(out.astype(jnp.float32))
+
+  fwd = jax.jit(lambda *a: jevo.evoformer_attention(*a[:3], mask=mask, bias=a[3], implementation="cuda"))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3) if bias is not None else (0, 1, 2)))
+  for _ in range(2):
+    jax.block_until_ready(fwd(q, k, v, bias))
+    jax.block_until_ready(grad(q, k, v, bias))
+  print(jax.jit(lambda *a: jevo.evoformer_attention(*a[:3], mask=mask, bias=a[3], implementation="cuda")).lower(q, k, v, bias).as_text()[:3000])
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

@@ -1,0 +1,368 @@
+// Backward Evoformer attention, deterministic (no floating-point atomics), in three launches:
+//  1. dK, dV: one CTA per (b, n, h, key tile) walks the query tiles, recomputing P from the
+//     saved log-sum-exp; P and dS go through shared memory to be used transposed.
+//  2. dQ and the bias gradient: one CTA per (b, chunk of N, h, query tile) walks the n of its
+//     chunk and the key tiles; it owns its slice of the fp32 bias-gradient partial of its chunk,
+//     so the sum over n needs no atomics and never materialises [N, H, S, S].
+//  3. dBias = sum over chunks of the partials, in a fixed order, rounded once.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "attention/kernel_traits.h"
+#include "attention/logits.h"
+#include "attention/params.h"
+#include "attention/tile_utils.h"
+
+namespace jevo {
+
+// P = exp(s - lse) and dS = P * (dP - delta) for the rows of one tile, in place in s and dp.
+template <int kNWarps, typename STensor, typename DPTensor>
+CUTE_DEVICE void softmax_grad(STensor& s, DPTensor& dp, AccCoords<kNWarps> const& at, int m0, int S,
+                              const float* lse, const float* delta) {
+  constexpr int kRows = decltype(size<0>(s))::value;
+  constexpr int kCols = decltype(size<1>(s))::value;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int qi = m0 + at.row(r);
+    // Rows past S (and fully masked rows, whose LSE is +inf) get P = 0.
+    const float lse_log2 = qi < S ? lse[qi] * kLog2e : INFINITY;
+    const float d = qi < S ? delta[qi] : 0.f;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const float pv = exp2f(s(r, c) - lse_log2);
+      s(r, c) = pv;
+      dp(r, c) = pv * (dp(r, c) - d);
+    }
+  }
+}
+
+// Writes an fp32 [rows, head dim] accumulator times `scale` to rows row0.. of a [S, D] slice
+// with `row_stride` between rows, two neighbouring head-dim values at a time.
+template <int kNWarps, typename Acc, typename Element>
+CUTE_DEVICE void store_rows(Acc const& acc, AccCoords<kNWarps> const& at, Element* out,
+                            int64_t row_stride, int row0, int S, int D, float scale) {
+  Tensor rc = make_tensor(acc.data(), acc_rowcol_layout(acc.layout()));
+#pragma unroll
+  for (int r = 0; r < size<0>(rc); ++r) {
+    const int row = row0 + at.row(r);
+    if (row >= S) continue;
+#pragma unroll
+    for (int c = 0; c < size<1>(rc); c += 2) {
+      const int d = at.col(c);  // d and d + 1 are both < D or both >= D (D % 8 == 0)
+      if (d < D) {
+        cutlass::Array<Element, 2> pair;
+        pair[0] = static_cast<Element>(rc(r, c) * scale);
+        pair[1] = static_cast<Element>(rc(r, c + 1) * scale);
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(out + int64_t(row) * row_stride + d) = pair;
+      }
+    }
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dkdv_kernel(const BwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+  static_assert(kBlockM == kBlockN, "one tiled mma serves queries x keys and keys x head dim");
+
+  const AttentionShape& sh = p.shape;
+  const int64_t bn = blockIdx.x;
+  const int n0 = blockIdx.y * kBlockN;
+  const int64_t h = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int S = static_cast<int>(sh.seq);
+  const int D = static_cast<int>(sh.head_dim);
+  const int64_t b = bn / sh.n;
+  const int64_t row_stride = sh.heads * sh.head_dim;
+  const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
+
+  const Element* q = static_cast<const Element*>(p.q) + base;
+  const Element* k = static_cast<const Element*>(p.k) + base;
+  const Element* v = static_cast<const Element*>(p.v) + base;
+  const Element* dout = static_cast<const Element*>(p.dout) + base;
+  const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
+  const Element* bias =
+      p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+  const float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
+  const float* delta = p.delta + (bn * sh.heads + h) * sh.seq;
+
+  extern __shared__ __align__(128) char smem[];
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});
+  Tensor sP = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutP{});
+  Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::SmemLayoutP{});
+  Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutQt{});
+  Tensor sPt = make_tensor(sP.data(), typename Traits::SmemLayoutPt{});
+  Tensor sdSt = make_tensor(sdS.data(), typename Traits::SmemLayoutPt{});
+  Element* sbias = bias ? raw_pointer_cast(sdS.data() + size(sdS)) : nullptr;
+
+  load_tile_async<kNThreads>(sK, k + n0 * row_stride, row_stride, S - n0, D, tid);
+  load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
+  load_tile_async<kNThreads>(sQ, q, row_stride, S, D, tid);
+  load_tile_async<kNThreads>(sdO, dout, row_stride, S, D, tid);
+  if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, 0, n0, S, tid);
+  cp_async_fence();
+
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  // Queries x keys products: S = Q K^T and dP = dO V^T.
+  Tensor rQ = thr_mma.partition_fragment_A(sQ);
+  Tensor rK = thr_mma.partition_fragment_B(sK);
+  Tensor rdO = thr_mma.partition_fragment_A(sdO);
+  Tensor rV = thr_mma.partition_fragment_B(sV);
+  // Keys x head-dim products: dV += P^T dO and dK += dS^T Q.
+  Tensor rPt = thr_mma.partition_fragment_A(sPt);
+  Tensor rdOt = thr_mma.partition_fragment_B(sdOt);
+  Tensor rdSt = thr_mma.partition_fragment_A(sdSt);
+  Tensor rQt = thr_mma.partition_fragment_B(sQt);
+  Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_a = copy_a.get_thread_slice(tid);
+  auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_b = copy_b.get_thread_slice(tid);
+  auto copy_at = make_tiled_copy_A(typename Traits::SmemCopyAtomTransposed{}, mma);
+  auto thr_copy_at = copy_at.get_thread_slice(tid);
+  auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);
+  auto thr_copy_bt = copy_bt.get_thread_slice(tid);
+  Tensor sQ_part = thr_copy_a.partition_S(sQ);
+  Tensor sdO_part = thr_copy_a.partition_S(sdO);
+  Tensor sK_part = thr_copy_b.partition_S(sK);
+  Tensor sV_part = thr_copy_b.partition_S(sV);
+  Tensor sPt_part = thr_copy_at.partition_S(sPt);
+  Tensor sdSt_part = thr_copy_at.partition_S(sdSt);
+  Tensor sdOt_part = thr_copy_bt.partition_S(sdOt);
+  Tensor sQt_part = thr_copy_bt.partition_S(sQt);
+
+  const AccCoords<Traits::kNWarps> at(tid);
+  const uint64_t valid = key_valid_bits<kBlockN>(mask, n0, S);  // the keys of this CTA
+  const float scale_log2 = p.scale * kLog2e;
+  const int m_blocks = (S + kBlockM - 1) / kBlockM;
+
+  for (int mb = 0; mb < m_blocks; ++mb) {
+    const int m0 = mb * kBlockM;
+    cp_async_wait<0>();
+    __syncthreads();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    clear(acc_dp);
+    gemm_ss(acc_s, rQ, rK, sQ_part, sK_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(acc_dp, rdO, rV, sdO_part, sV_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
+    Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
+    logits_log2(s, at, scale_log2, sbias, valid);
+    softmax_grad(s, dp, at, m0, S, lse, delta);
+#pragma unroll
+    for (int r = 0; r < size<0>(s); ++r) {
+#pragma unroll
+      for (int c = 0; c < size<1>(s); ++c) {
+        sP(at.row(r), at.col(c)) = static_cast<Element>(s(r, c));
+        sdS(at.row(r), at.col(c)) = static_cast<Element>(dp(r, c));
+      }
+    }
+    __syncthreads();
+
+    gemm_ss(acc_dv, rPt, rdOt, sPt_part, sdOt_part, mma, copy_at, copy_bt, thr_copy_at, thr_copy_bt);
+    gemm_ss(acc_dk, rdSt, rQt, sdSt_part, sQt_part, mma, copy_at, copy_bt, thr_copy_at, thr_copy_bt);
+    __syncthreads();  // every warp is done with this Q, dO, P and dS
+
+    if (mb + 1 < m_blocks) {
+      const int next = m0 + kBlockM;
+      load_tile_async<kNThreads>(sQ, q + next * row_stride, row_stride, S - next, D, tid);
+      load_tile_async<kNThreads>(sdO, dout + next * row_stride, row_stride, S - next, D, tid);
+      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, next, n0, S, tid);
+      cp_async_fence();
+    }
+  }
+
+  Element* dk = static_cast<Element*>(p.dk) + base;
+  Element* dv = static_cast<Element*>(p.dv) + base;
+  store_rows(acc_dk, at, dk, row_stride, n0, S, D, p.scale);
+  store_rows(acc_dv, at, dv, row_stride, n0, S, D, 1.f);
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dq_kernel(const BwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+
+  const AttentionShape& sh = p.shape;
+  const int64_t chunk = blockIdx.x % p.n_chunks;
+  const int64_t b = blockIdx.x / p.n_chunks;
+  const int m0 = blockIdx.y * kBlockM;
+  const int64_t h = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int S = static_cast<int>(sh.seq);
+  const int D = static_cast<int>(sh.head_dim);
+  const int64_t row_stride = sh.heads * sh.head_dim;
+  const int64_t n_begin = chunk * sh.n / p.n_chunks;
+  const int64_t n_end = (chunk + 1) * sh.n / p.n_chunks;
+  const Element* bias =
+      p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+  float* dbias = p.bias ? p.dbias_partial + ((chunk * sh.batch + b) * sh.heads + h) * sh.seq * sh.seq
+                        : nullptr;
+
+  extern __shared__ __align__(128) char smem[];
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKVt{});
+  Element* sbias = bias ? raw_pointer_cast(sV.data() + size(sV)) : nullptr;
+
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor rQ = thr_mma.partition_fragment_A(sQ);
+  Tensor rK = thr_mma.partition_fragment_B(sK);
+  Tensor rdO = thr_mma.partition_fragment_A(sdO);
+  Tensor rV = thr_mma.partition_fragment_B(sV);
+  Tensor rKt = thr_mma.partition_fragment_B(sKt);
+
+  auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_a = copy_a.get_thread_slice(tid);
+  auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_b = copy_b.get_thread_slice(tid);
+  auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);
+  auto thr_copy_bt = copy_bt.get_thread_slice(tid);
+  Tensor sQ_part = thr_copy_a.partition_S(sQ);
+  Tensor sdO_part = thr_copy_a.partition_S(sdO);
+  Tensor sK_part = thr_copy_b.partition_S(sK);
+  Tensor sV_part = thr_copy_b.partition_S(sV);
+  Tensor sKt_part = thr_copy_bt.partition_S(sKt);
+
+  const AccCoords<Traits::kNWarps> at(tid);
+  const float scale_log2 = p.scale * kLog2e;
+  const int n_blocks = (S + kBlockN - 1) / kBlockN;
+
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int64_t bn = b * sh.n + n;
+    const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
+    const Element* q = static_cast<const Element*>(p.q) + base;
+    const Element* k = static_cast<const Element*>(p.k) + base;
+    const Element* v = static_cast<const Element*>(p.v) + base;
+    const Element* dout = static_cast<const Element*>(p.dout) + base;
+    const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
+    const float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
+    const float* delta = p.delta + (bn * sh.heads + h) * sh.seq;
+
+    load_tile_async<kNThreads>(sQ, q + m0 * row_stride, row_stride, S - m0, D, tid);
+    load_tile_async<kNThreads>(sdO, dout + m0 * row_stride, row_stride, S - m0, D, tid);
+    Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+    clear(acc_dq);
+
+    for (int nb = 0; nb < n_blocks; ++nb) {
+      const int n0 = nb * kBlockN;
+      load_tile_async<kNThreads>(sK, k + n0 * row_stride, row_stride, S - n0, D, tid);
+      load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
+      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, m0, n0, S, tid);
+      cp_async_fence();
+      const uint64_t valid = key_valid_bits<kBlockN>(mask, n0, S);
+      cp_async_wait<0>();
+      __syncthreads();
+
+      Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      clear(acc_s);
+      clear(acc_dp);
+      gemm_ss(acc_s, rQ, rK, sQ_part, sK_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+      gemm_ss(acc_dp, rdO, rV, sdO_part, sV_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+
+      Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
+      Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
+      logits_log2(s, at, scale_log2, sbias, valid);
+      softmax_grad(s, dp, at, m0, S, lse, delta);
+
+      if (dbias) {
+        // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
+        const bool first = n == n_begin;
+#pragma unroll
+        for (int r = 0; r < size<0>(dp); ++r) {
+          const int qi = m0 + at.row(r);
+#pragma unroll
+          for (int c = 0; c < size<1>(dp); ++c) {
+            const int kj = n0 + at.col(c);
+            if (qi < S && kj < S) {
+              float* dst = dbias + int64_t(qi) * S + kj;
+              *dst = first ? dp(r, c) : *dst + dp(r, c);
+            }
+          }
+        }
+      }
+
+      Tensor ds_frag = convert_fragment<Element>(acc_dp);
+      Tensor rdS = make_tensor(ds_frag.data(), acc_as_a_layout(ds_frag.layout()));
+      gemm_rs(acc_dq, rdS, rKt, sKt_part, mma, copy_bt, thr_copy_bt);
+      __syncthreads();  // every warp is done with this K and V tile (and, last, with Q and dO)
+    }
+
+    store_rows(acc_dq, at, static_cast<Element*>(p.dq) + base, row_stride, m0, S, D, p.scale);
+  }
+}
+
+template <typename Element>
+__global__ void reduce_dbias_kernel(const float* partial, int64_t n_chunks, int64_t count,
+                                    Element* dbias) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float sum = 0.f;
+    for (int64_t c = 0; c < n_chunks; ++c) sum += partial[c * count + i];
+    dbias[i] = static_cast<Element>(sum);
+  }
+}
+
+template <typename Traits>
+cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
+  using Element = typename Traits::Element;
+  const AttentionShape& sh = p.shape;
+  const unsigned m_tiles = static_cast<unsigned>((sh.seq + Traits::kBlockM - 1) / Traits::kBlockM);
+  const unsigned n_tiles = static_cast<unsigned>((sh.seq + Traits::kBlockN - 1) / Traits::kBlockN);
+  constexpr int kBiasElems = BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
+
+  constexpr int kSmemDkdv =
+      (2 * Traits::kTileElemsKV + 2 * Traits::kTileElemsQ + 2 * Traits::kTileElemsP + kBiasElems) *
+      sizeof(Element);
+  auto dkdv = attention_bwd_dkdv_kernel<Traits>;
+  if (kSmemDkdv > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemDkdv);
+    if (err != cudaSuccess) return err;
+  }
+  dkdv<<<dim3(static_cast<unsigned>(sh.batch * sh.n), n_tiles, static_cast<unsigned>(sh.heads)),
+         Traits::kNThreads, kSmemDkdv, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  constexpr int kSmemDq = (2 * Traits::kTileElemsQ + 2 * Traits::kTileElemsKV + kBiasElems) * sizeof(Element);
+  auto dq = attention_bwd_dq_kernel<Traits>;
+  if (kSmemDq > 48 * 1024) {
+    err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemDq);
+    if (err != cudaSuccess) return err;
+  }
+  dq<<<dim3(static_cast<unsigned>(sh.batch * p.n_chunks), m_tiles, static_cast<unsigned>(sh.heads)),
+       Traits::kNThreads, kSmemDq, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.bias == nullptr) return err;
+
+  const int64_t count = sh.batch * sh.heads * sh.seq * sh.seq;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((count + 255) / 256, 65536));
+  reduce_dbias_kernel<Element><<<blocks, 256, 0, stream>>>(
+      p.dbias_partial, p.n_chunks, count, static_cast<Element*>(p.dbias));
+  return cudaGetLastError();
+}
+
+}  // namespace jevo

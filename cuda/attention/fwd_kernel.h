@@ -1,0 +1,182 @@
+// Forward Evoformer attention: for each (b, n, h) and tile of 64 queries, stream the keys in
+// tiles of 64, add the pair bias and the key mask inside the tile, keep an online softmax in
+// fp32 and write O and the log-sum-exp. Nothing of size S x S leaves the chip.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "attention/kernel_traits.h"
+#include "attention/logits.h"
+#include "attention/params.h"
+#include "attention/tile_utils.h"
+
+namespace jevo {
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads) attention_fwd_kernel(const FwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+
+  const AttentionShape& sh = p.shape;
+  const int64_t bn = blockIdx.x;  // b * N + n
+  const int m0 = blockIdx.y * kBlockM;
+  const int64_t h = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int S = static_cast<int>(sh.seq);
+  const int D = static_cast<int>(sh.head_dim);
+  const int64_t b = bn / sh.n;
+  const int64_t row_stride = sh.heads * sh.head_dim;
+  const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
+
+  const Element* q = static_cast<const Element*>(p.q) + base;
+  const Element* k = static_cast<const Element*>(p.k) + base;
+  const Element* v = static_cast<const Element*>(p.v) + base;
+  Element* o = static_cast<Element*>(p.o) + base;
+  const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
+  const Element* bias =
+      p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+
+  extern __shared__ __align__(128) char smem[];
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutKVt{});
+  Element* sbias = bias ? raw_pointer_cast(sV.data() + size(sV)) : nullptr;
+
+  load_tile_async<kNThreads>(sQ, q + m0 * row_stride, row_stride, S - m0, D, tid);
+  load_tile_async<kNThreads>(sK, k, row_stride, S, D, tid);
+  if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, m0, 0, S, tid);
+  cp_async_fence();
+
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor rQ = thr_mma.partition_fragment_A(sQ);
+  Tensor rK = thr_mma.partition_fragment_B(sK);
+  Tensor rVt = thr_mma.partition_fragment_B(sVt);
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  clear(acc_o);
+
+  auto copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_q = copy_q.get_thread_slice(tid);
+  Tensor sQ_part = thr_copy_q.partition_S(sQ);
+  auto copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_k = copy_k.get_thread_slice(tid);
+  Tensor sK_part = thr_copy_k.partition_S(sK);
+  auto copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);
+  auto thr_copy_v = copy_v.get_thread_slice(tid);
+  Tensor sVt_part = thr_copy_v.partition_S(sVt);
+
+  const AccCoords<Traits::kNWarps> at(tid);
+  constexpr int kRows = 2 * (kBlockM / (16 * Traits::kNWarps));
+  constexpr int kCols = kBlockN / 4;
+
+  float row_max[kRows];
+  float row_sum[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
+  const float scale_log2 = p.scale * kLog2e;
+  const int n_blocks = (S + kBlockN - 1) / kBlockN;
+
+  uint64_t valid = key_valid_bits<kBlockN>(mask, 0, S);
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int n0 = nb * kBlockN;
+    cp_async_wait<0>();
+    __syncthreads();  // K tile (and Q) landed; every warp is done with the previous V tile
+    load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
+    cp_async_fence();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, rQ, rK, sQ_part, sK_part, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
+
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
+    logits_log2(s, at, scale_log2, sbias, valid);
+
+    cp_async_wait<0>();
+    __syncthreads();  // V tile landed; every warp is done with this K tile
+    if (nb + 1 < n_blocks) {
+      load_tile_async<kNThreads>(sK, k + (n0 + kBlockN) * row_stride, row_stride,
+                                 S - n0 - kBlockN, D, tid);
+      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, m0, n0 + kBlockN, S, tid);
+      cp_async_fence();
+      valid = key_valid_bits<kBlockN>(mask, n0 + kBlockN, S);
+    }
+
+    // Online softmax: rescale what was accumulated by exp2(old max - new max).
+    Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
+      mx = quad_max(mx);
+      // A row with every key so far masked keeps max -inf; subtract 0 then so no inf - inf.
+      const float base_max = mx == -INFINITY ? 0.f : mx;
+      const float correction = exp2f(row_max[r] - base_max);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float pv = exp2f(s(r, c) - base_max);
+        s(r, c) = pv;
+        sum += pv;
+      }
+      row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= correction;
+    }
+
+    Tensor p_frag = convert_fragment<Element>(acc_s);
+    Tensor rP = make_tensor(p_frag.data(), acc_as_a_layout(p_frag.layout()));
+    gemm_rs(acc_o, rP, rVt, sVt_part, mma, copy_v, thr_copy_v);
+  }
+
+  // Normalise, write O and the log-sum-exp. A fully masked row has sum 0: output 0, LSE +inf
+  // (so that the backward's exp(s - LSE) is 0 there, never NaN).
+  Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
+  float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int qi = m0 + at.row(r);
+    if (qi < S) {
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); c += 2) {
+        const int d = at.col(c);  // d and d + 1, both < D or both >= D (D % 8 == 0)
+        if (d < D) {
+          cutlass::Array<Element, 2> pair;
+          pair[0] = static_cast<Element>(o_rc(r, c) * inv);
+          pair[1] = static_cast<Element>(o_rc(r, c + 1) * inv);
+          *reinterpret_cast<cutlass::Array<Element, 2>*>(o + int64_t(qi) * row_stride + d) = pair;
+        }
+      }
+      if ((tid & 3) == 0) lse[qi] = sum > 0.f ? (row_max[r] + log2f(sum)) * kLn2 : INFINITY;
+    }
+  }
+}
+
+template <typename Traits>
+cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
+  constexpr int kSmem = (Traits::kTileElemsQ + 2 * Traits::kTileElemsKV +
+                        BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems) *
+                       sizeof(typename Traits::Element);
+  auto kernel = attention_fwd_kernel<Traits>;
+  if (kSmem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>(p.shape.batch * p.shape.n),
+                  static_cast<unsigned>((p.shape.seq + Traits::kBlockM - 1) / Traits::kBlockM),
+                  static_cast<unsigned>(p.shape.heads));
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jevo

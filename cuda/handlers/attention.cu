@@ -1,0 +1,224 @@
+// XLA FFI handlers of the fused Evoformer attention: shape and dtype checks, dispatch on element
+// type and head dim, launch on XLA's stream, scratch from XLA's allocator.
+//
+// Layouts (the Python side flattens leading batch dims and broadcasts mask and bias):
+//   q, k, v, o, dout, dq, dk, dv: [B, N, S, H, D], bf16 or f16
+//   mask: [B, N, S] bool (True = attend), or an empty array when there is no mask
+//   bias, dbias: [B, H, S, S] in the element type, or empty arrays when there is no bias
+//   lse, delta: [B, N, H, S] f32
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include <cutlass/numeric_types.h>
+
+#include "attention/launch.h"
+#include "ffi_helpers.h"
+#include "handlers/registry.h"
+
+namespace jevo {
+namespace {
+
+bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+ffi::Error ReadShape(const ffi::AnyBuffer& q, AttentionShape* shape) {
+  JEVO_RETURN_IF_ERROR(CheckRank(q, 5, "q"));
+  auto d = q.dimensions();
+  *shape = AttentionShape{d[0], d[1], d[2], d[3], d[4]};
+  if (shape->head_dim % 8 != 0 || shape->head_dim > 128) {
+    return ffi::Error::InvalidArgument("jevo attention: head dim must be a multiple of 8 and at "
+                                       "most 128, got " + std::to_string(shape->head_dim));
+  }
+  if (!FitsInt(shape->seq) || shape->batch * shape->n > std::numeric_limits<int32_t>::max() ||
+      shape->heads > 65535 || (shape->seq + 63) / 64 > 65535) {
+    return ffi::Error::InvalidArgument("jevo attention: q shape " + DimsToString(d) +
+                                       " exceeds the kernel's grid limits");
+  }
+  return ffi::Error::Success();
+}
+
+// Checks q, k, v (and the other [B, N, S, H, D] tensors) agree in type and shape.
+ffi::Error CheckLike(const ffi::AnyBuffer& ref, const ffi::AnyBuffer& other, const char* name) {
+  if (other.element_type() != ref.element_type()) {
+    return ffi::Error::InvalidArgument(std::string("jevo attention: ") + name +
+                                       " must have the element type of q");
+  }
+  auto a = ref.dimensions();
+  auto b = other.dimensions();
+  if (a.size() != b.size() || !std::equal(a.begin(), a.end(), b.begin())) {
+    return ffi::Error::InvalidArgument(std::string("jevo attention: ") + name + " must have q's shape " +
+                                       DimsToString(a) + ", got " + DimsToString(b));
+  }
+  if (!Aligned16(other.untyped_data())) {
+    return ffi::Error::InvalidArgument(std::string("jevo attention: ") + name + " is not 16-byte aligned");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckMaskBias(const AttentionShape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& mask,
+                         const ffi::AnyBuffer& bias, bool* has_mask, bool* has_bias) {
+  *has_mask = mask.element_count() > 0;
+  *has_bias = bias.element_count() > 0;
+  if (*has_mask) {
+    if (mask.element_type() != ffi::DataType::PRED) {
+      return ffi::Error::InvalidArgument("jevo attention: mask must be bool");
+    }
+    JEVO_RETURN_IF_ERROR(CheckDims(mask, {sh.batch, sh.n, sh.seq}, "mask"));
+  }
+  if (*has_bias) {
+    if (bias.element_type() != q.element_type()) {
+      return ffi::Error::InvalidArgument("jevo attention: bias must have the element type of q");
+    }
+    JEVO_RETURN_IF_ERROR(CheckDims(bias, {sh.batch, sh.heads, sh.seq, sh.seq}, "bias"));
+  }
+  return ffi::Error::Success();
+}
+
+template <typename Element>
+cudaError_t DispatchFwd(const FwdParams& p, cudaStream_t stream) {
+  const int64_t d = p.shape.head_dim;
+  if (d <= 16) return run_attention_fwd<Element, 16>(p, stream);
+  if (d <= 32) return run_attention_fwd<Element, 32>(p, stream);
+  if (d <= 64) return run_attention_fwd<Element, 64>(p, stream);
+  return run_attention_fwd<Element, 128>(p, stream);
+}
+
+template <typename Element>
+cudaError_t DispatchBwd(const BwdParams& p, cudaStream_t stream) {
+  const int64_t d = p.shape.head_dim;
+  if (d <= 16) return run_attention_bwd<Element, 16>(p, stream);
+  if (d <= 32) return run_attention_bwd<Element, 32>(p, stream);
+  if (d <= 64) return run_attention_bwd<Element, 64>(p, stream);
+  return run_attention_bwd<Element, 128>(p, stream);
+}
+
+ffi::Error AttentionFwdImpl(cudaStream_t stream, float scale, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                            ffi::AnyBuffer v, ffi::AnyBuffer mask, ffi::AnyBuffer bias,
+                            ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse) {
+  AttentionShape sh;
+  JEVO_RETURN_IF_ERROR(ReadShape(q, &sh));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, q, "q"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, k, "k"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, v, "v"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, *o, "o"));
+  bool has_mask, has_bias;
+  JEVO_RETURN_IF_ERROR(CheckMaskBias(sh, q, mask, bias, &has_mask, &has_bias));
+  JEVO_RETURN_IF_ERROR(CheckDims(*lse, {sh.batch, sh.n, sh.heads, sh.seq}, "lse"));
+  if (sh.batch * sh.n * sh.seq * sh.heads == 0) return ffi::Error::Success();
+
+  FwdParams p{sh,
+              q.untyped_data(),
+              k.untyped_data(),
+              v.untyped_data(),
+              has_mask ? static_cast<const uint8_t*>(mask.untyped_data()) : nullptr,
+              has_bias ? bias.untyped_data() : nullptr,
+              o->untyped_data(),
+              lse->typed_data(),
+              scale};
+  cudaError_t err;
+  switch (q.element_type()) {
+    case ffi::DataType::BF16: err = DispatchFwd<cutlass::bfloat16_t>(p, stream); break;
+    case ffi::DataType::F16: err = DispatchFwd<cutlass::half_t>(p, stream); break;
+    default: return ffi::Error::InvalidArgument("jevo attention: q must be bfloat16 or float16");
+  }
+  return CudaError(err, "attention forward launch");
+}
+
+ffi::Error AttentionBwdImpl(cudaStream_t stream, float scale, int64_t n_chunks,
+                            ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer mask,
+                            ffi::AnyBuffer bias, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
+                            ffi::Buffer<ffi::F32> delta, ffi::Result<ffi::AnyBuffer> dq,
+                            ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                            ffi::Result<ffi::AnyBuffer> dbias,
+                            ffi::Result<ffi::Buffer<ffi::F32>> workspace) {
+  AttentionShape sh;
+  JEVO_RETURN_IF_ERROR(ReadShape(q, &sh));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, q, "q"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, k, "k"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, v, "v"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, dout, "dout"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, *dq, "dq"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, *dk, "dk"));
+  JEVO_RETURN_IF_ERROR(CheckLike(q, *dv, "dv"));
+  bool has_mask, has_bias;
+  JEVO_RETURN_IF_ERROR(CheckMaskBias(sh, q, mask, bias, &has_mask, &has_bias));
+  JEVO_RETURN_IF_ERROR(CheckDims(lse, {sh.batch, sh.n, sh.heads, sh.seq}, "lse"));
+  JEVO_RETURN_IF_ERROR(CheckDims(delta, {sh.batch, sh.n, sh.heads, sh.seq}, "delta"));
+  if (has_bias) JEVO_RETURN_IF_ERROR(CheckDims(*dbias, {sh.batch, sh.heads, sh.seq, sh.seq}, "dbias"));
+  if (sh.batch * sh.n * sh.seq * sh.heads == 0) return ffi::Error::Success();
+
+  // The bias gradient is reduced over N in n_chunks fp32 partials held in `workspace`
+  // ([n_chunks, B, H, S, S], allocated by XLA); without a bias every n is its own chunk.
+  float* partial = nullptr;
+  if (has_bias) {
+    if (n_chunks < 1 || n_chunks > sh.n) {
+      return ffi::Error::InvalidArgument("jevo attention backward: n_chunks must be in [1, N=" +
+                                         std::to_string(sh.n) + "], got " + std::to_string(n_chunks));
+    }
+    JEVO_RETURN_IF_ERROR(
+        CheckDims(*workspace, {n_chunks, sh.batch, sh.heads, sh.seq, sh.seq}, "workspace"));
+    partial = workspace->typed_data();
+  } else {
+    n_chunks = sh.n;
+  }
+  BwdParams p{sh,
+              q.untyped_data(),
+              k.untyped_data(),
+              v.untyped_data(),
+              has_mask ? static_cast<const uint8_t*>(mask.untyped_data()) : nullptr,
+              has_bias ? bias.untyped_data() : nullptr,
+              dout.untyped_data(),
+              lse.typed_data(),
+              delta.typed_data(),
+              dq->untyped_data(),
+              dk->untyped_data(),
+              dv->untyped_data(),
+              has_bias ? dbias->untyped_data() : nullptr,
+              partial,
+              n_chunks,
+              scale};
+  cudaError_t err;
+  switch (q.element_type()) {
+    case ffi::DataType::BF16: err = DispatchBwd<cutlass::bfloat16_t>(p, stream); break;
+    case ffi::DataType::F16: err = DispatchBwd<cutlass::half_t>(p, stream); break;
+    default: return ffi::Error::InvalidArgument("jevo attention: q must be bfloat16 or float16");
+  }
+  return CudaError(err, "attention backward launch");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JevoAttentionFwd, AttentionFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Attr<float>("scale")
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // mask
+                                  .Arg<ffi::AnyBuffer>()  // bias
+                                  .Ret<ffi::AnyBuffer>()  // o
+                                  .Ret<ffi::Buffer<ffi::F32>>(),  // lse
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JevoAttentionBwd, AttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("n_chunks")
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // mask
+                                  .Arg<ffi::AnyBuffer>()  // bias
+                                  .Arg<ffi::AnyBuffer>()  // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Ret<ffi::AnyBuffer>()  // dbias
+                                  .Ret<ffi::Buffer<ffi::F32>>(),  // workspace
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jevo

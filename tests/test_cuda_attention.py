@@ -1,0 +1,102 @@
+"""The CUDA kernels: the shared backend suite, plus determinism, odd sizes, the bias-gradient
+reduction over many N, 64-bit offsets and errors from the FFI handlers. Needs a CUDA GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jevo
+from backend_suite import AttentionBackendSuite
+from cases import Case, assert_accurate, make_inputs, max_error, random_cotangent, to_f64
+import reference
+
+pytestmark = pytest.mark.gpu
+
+
+class TestCuda(AttentionBackendSuite):
+  implementation = "cuda"
+  dtypes = ("bf16", "fp16")
+
+
+def _grads(inputs, d_out, implementation="cuda", deterministic=False):
+  mask = inputs["mask"]
+
+  def f(q, k, v, bias):
+    out = jevo.evoformer_attention(q, k, v, mask=mask, bias=bias, implementation=implementation,
+                                   deterministic=deterministic)
+    return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
+
+  return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(inputs["q"], inputs["k"], inputs["v"],
+                                                   inputs["bias"])
+
+
+@pytest.mark.parametrize("s,d,n", [(1, 8, 3), (65, 24, 5), (129, 40, 2), (385, 128, 2),
+                                   (64, 16, 300), (200, 32, 257)])
+def test_odd_sizes_and_many_rows(s, d, n):
+  """Sizes off the 64-row tiles, odd head dims (padded inside the kernel), and N large enough
+  that the bias gradient is reduced over several chunks."""
+  case = Case(s, d, "bf16", n=n, h=3, mask="empty_rows")
+  inputs = make_inputs(case)
+  d_out = random_cotangent(case)
+  args = [to_f64(inputs[x]) for x in ("q", "k", "v")]
+  mask, bias = np.asarray(inputs["mask"]), to_f64(inputs["bias"])
+  want = reference.attention_vjp(*args, to_f64(d_out), mask=mask, bias=bias)
+  got = _grads(inputs, d_out)
+  base = _grads(inputs, d_out, implementation="xla")
+  for name, g, b, w in zip(("dq", "dk", "dv", "dbias"), got, base, want):
+    assert_accurate(g, w, "bf16", baseline_error=max_error(b, w), factor=2.0, ulps=4.0, what=name)
+
+
+def test_deterministic_gradients_are_bitwise_reproducible():
+  case = Case(300, 32, "bf16", n=64, h=4, bias="normal")
+  inputs = make_inputs(case)
+  d_out = random_cotangent(case)
+  first = _grads(inputs, d_out, deterministic=True)
+  for _ in range(3):
+    again = _grads(inputs, d_out, deterministic=True)
+    for a, b in zip(first, again):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_default_backend_on_gpu_is_cuda_for_bf16(monkeypatch):
+  from jevo.ops import cuda_backend
+  calls = []
+  original = cuda_backend.attention
+  monkeypatch.setattr(cuda_backend, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+  case = Case(33, 32, "bf16")
+  inputs = make_inputs(case)
+  jevo.evoformer_attention(inputs["q"], inputs["k"], inputs["v"], mask=inputs["mask"],
+                           bias=inputs["bias"])
+  assert calls, "implementation=None did not pick the CUDA kernels for bf16 on a GPU"
+
+
+def test_handler_shape_errors_are_exceptions_not_crashes():
+  q = jnp.ones((1, 2, 16, 2, 32), jnp.bfloat16)
+  k = jnp.ones((1, 2, 17, 2, 32), jnp.bfloat16)
+  call = jax.ffi.ffi_call("jevo_attention_fwd",
+                          (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                           jax.ShapeDtypeStruct((1, 2, 2, 16), jnp.float32)))
+  with pytest.raises(Exception, match="k must have q's shape"):
+    jax.block_until_ready(call(q, k, q, jnp.zeros((0,), bool), jnp.zeros((0,), q.dtype),
+                               scale=np.float32(1.0)))
+  # The process and the device still work afterwards.
+  out = jevo.evoformer_attention(q, q, q, implementation="cuda")
+  assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
+def test_tensors_over_two_to_the_31_elements():
+  """64-bit offsets: q of 2^31 + 2^24 elements; the last rows checked against the reference."""
+  n, s, h, d = 16448, 512, 8, 32  # n * s * h * d = 2^31 + 2^24
+  key = jax.random.key(3)
+  kq, kk, kv, kb = jax.random.split(key, 4)
+  shape = (1, n, s, h, d)
+  q, k, v = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kk, kv))
+  bias = jax.random.normal(kb, (1, 1, h, s, s), jnp.bfloat16)
+  out = jevo.evoformer_attention(q, k, v, bias=bias, implementation="cuda")
+  tail = slice(n - 2, n)
+  want = reference.attention(*(to_f64(x[:, tail]) for x in (q, k, v)), bias=to_f64(bias))
+  got = np.asarray(out[:, tail].astype(jnp.float32))
+  np.testing.assert_allclose(got, want, atol=3e-2, rtol=3e-2)
