@@ -72,8 +72,15 @@ class _Stack(nnx.Module):
       return (m, z), rest_i
 
     (m, z), new_rest = jax.lax.scan(step, (m, z), (params, rest, keys))
-    nnx.update(self.blocks, new_rest)
+    if keys is None and self._draws_from_stored_streams():
+      nnx.update(self.blocks, new_rest)
     return m, z
+
+  def _draws_from_stored_streams(self) -> bool:
+    # As nnx.Dropout itself: stored RNG state changes only when dropout is on and no call-time
+    # rngs is given, so a frozen (e.g. closed-over) state is never written to otherwise.
+    return any(isinstance(node, nnx.Dropout) and not node.deterministic and node.rate > 0
+               for _, node in nnx.iter_graph(self.blocks))
 
 
 def _one_key(rngs: RngsLike) -> jax.Array:

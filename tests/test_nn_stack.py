@@ -1,0 +1,118 @@
+"""EvoformerStack / ExtraMSAStack: scan == loop of blocks, remat, chunked inference, RNG state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nn_reference as ref
+from jevo.nn import EvoformerStack, ExtraMSAStack
+
+S = ref.TINY
+N_SEQ, N_RES = 4, 6
+
+
+def _stack(cls, num_blocks=2, seed=0, **kwargs):
+  stack = cls(num_blocks, S.c_m, S.c_z, **S.block_kwargs(), rngs=nnx.Rngs(seed), **kwargs)
+  ref.randomize_params(stack, seed)
+  return stack
+
+
+def _inputs():
+  return tuple(jnp.asarray(x) for x in ref.random_inputs(np.random.default_rng(), N_SEQ, N_RES,
+                                                         S.c_m, S.c_z))
+
+
+@pytest.mark.parametrize("cls", [EvoformerStack, ExtraMSAStack])
+def test_scan_equals_loop_of_blocks_with_dropout(cls):
+  stack = _stack(cls)
+  m, z, mm, pm = _inputs()
+  graphdef, state = nnx.split(stack.blocks)  # taken before the call: same params, same streams
+
+  @jax.jit
+  def one_block(block_state, m, z):
+    return nnx.merge(graphdef, block_state)(m, z, mm, pm)
+
+  loop_m, loop_z = m, z
+  for i in range(stack.num_blocks):
+    loop_m, loop_z = one_block(jax.tree.map(lambda x, i=i: x[i], state), loop_m, loop_z)
+  counts = jax.tree.leaves(nnx.state(stack, nnx.RngCount))
+  scan_m, scan_z = nnx.jit(lambda s, m, z: s(m, z, mm, pm))(stack, m, z)
+  np.testing.assert_allclose(scan_m, loop_m, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(scan_z, loop_z, rtol=1e-5, atol=1e-5)
+  # Dropout was on, drawing from every block's stored streams, which advanced.
+  after = jax.tree.leaves(nnx.state(stack, nnx.RngCount))
+  assert len(after) == 3 and all(np.all(b > a) for a, b in zip(counts, after))
+
+
+def _checkpoints(jaxpr):
+  """The `jax.checkpoint` equations anywhere in a jaxpr."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("checkpoint", "remat", "remat2"):
+      yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from _checkpoints(inner)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  m, z, mm, pm = _inputs()
+  key = jax.random.key(3)  # dropout on: recomputation must redraw the same masks
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  results = {}
+  for remat in ("none", "block", policy):
+    stack = _stack(EvoformerStack, seed=4, remat=remat)
+    graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
+
+    def loss(params):
+      out_m, out_z = nnx.merge(graphdef, params, rest)(m, z, mm, pm, rngs=key)
+      return jnp.sum(jnp.where(mm[..., None], out_m, 0) ** 2) + jnp.sum(
+          jnp.where(pm[..., None], out_z, 0) ** 2)
+
+    checkpoints = list(_checkpoints(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+    if remat == "none":
+      assert not checkpoints
+      continue
+    assert checkpoints and all(eqn.params["prevent_cse"] is False for eqn in checkpoints)
+    if remat is policy:
+      # A custom policy is handed to jax.checkpoint as given (its numerics are JAX's).
+      assert all(eqn.params["policy"] is policy for eqn in checkpoints)
+      continue
+    results[remat] = jax.jit(jax.value_and_grad(loss))(params)
+  stack = _stack(EvoformerStack, seed=4)
+  graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
+  (l0, g0), (l1, g1) = jax.jit(jax.value_and_grad(loss))(params), results["block"]
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0))
+  assert float(l0) > 0 and scale > 0
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_chunked_inference_equals_unchunked():
+  stack = _stack(EvoformerStack, seed=7)
+  stack.eval()
+  m, z, mm, pm = _inputs()
+  forward = nnx.jit(lambda s, m, z, chunk_size: s(m, z, mm, pm, chunk_size=chunk_size),
+                    static_argnames="chunk_size")
+  whole = forward(stack, m, z, None)
+  chunked = forward(stack, m, z, 4)  # 4 does not divide the 6 residues: overlapping last chunk
+  for a, b in zip(chunked, whole):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_stack_arguments_raise_value_error():
+  with pytest.raises(ValueError, match="remat"):
+    EvoformerStack(2, S.c_m, S.c_z, **S.block_kwargs(), remat="every", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_blocks"):
+    EvoformerStack(0, S.c_m, S.c_z, **S.block_kwargs(), rngs=nnx.Rngs(0))
+  stack = EvoformerStack(1, S.c_m, S.c_z, **S.block_kwargs(), rngs=nnx.Rngs(0))
+  m, z, mm, pm = _inputs()
+  with pytest.raises(ValueError, match="pair_mask"):
+    stack(m, z, mm, pm[:-1])
+  with pytest.raises(ValueError, match="chunk_size"):
+    stack(m, z, mm, pm, chunk_size=-1)
