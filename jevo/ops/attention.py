@@ -115,7 +115,8 @@ def _as_array(x, name):
   try:
     return jnp.asarray(x)
   except TypeError as err:
-    raise TypeError(f"evoformer_attention: {name} must be an array, got {type(x).__name__}") from err
+    raise TypeError(f"evoformer_attention: {name} must be an array, "
+                    f"got {type(x).__name__}") from err
 
 
 def _check_qkv(q, k, v):

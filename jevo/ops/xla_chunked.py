@@ -20,7 +20,6 @@ module-level `QUERY_CHUNK_SIZE` (or pass `query_chunk_size=` to `attention`) to 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,8 @@ def unsupported_reason(q, k, v, mask, bias):
   return None
 
 
-def choose_query_chunk(batch: int, n: int, heads: int, seq: int, requested: int | None = None) -> int:
+def choose_query_chunk(batch: int, n: int, heads: int, seq: int,
+                       requested: int | None = None) -> int:
   """The query chunk used for `[batch, n, seq, heads, D]` inputs.
 
   `requested` (else `QUERY_CHUNK_SIZE`, else a size that keeps one fp32 logits block near
