@@ -61,7 +61,7 @@ CUTE_DEVICE void store_rows(Acc const& acc, AccCoords<kNWarps> const& at, Elemen
 }
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dkdv_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) attention_bwd_dkdv_kernel(const BwdParams p) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -90,38 +90,52 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dkdv_kernel(c
   const float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
   const float* delta = p.delta + (bn * sh.heads + h) * sh.seq;
 
+  // Shared memory: K, V, P, dS, then two stages of (Q, dO, bias tile) so that the next query
+  // tile streams in while this one is computed.
+  constexpr int kBiasElems = BiasTileLayout<kBlockM, kBlockN>::kElems;
+  constexpr int kStageElems = 2 * Traits::kTileElemsQ + kBiasElems;
   extern __shared__ __align__(128) char smem[];
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
-  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQ{});
-  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});
-  Tensor sP = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutP{});
+  Tensor sP = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutP{});
   Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::SmemLayoutP{});
-  Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutQt{});
-  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutQt{});
   Tensor sPt = make_tensor(sP.data(), typename Traits::SmemLayoutPt{});
   Tensor sdSt = make_tensor(sdS.data(), typename Traits::SmemLayoutPt{});
-  Element* sbias = bias ? raw_pointer_cast(sdS.data() + size(sdS)) : nullptr;
+  Element* stages = raw_pointer_cast(sdS.data() + size(sdS));
+  auto stage_q = [&](int stage) {
+    return make_tensor(make_smem_ptr(stages + stage * kStageElems), typename Traits::SmemLayoutQ{});
+  };
+  auto stage_do = [&](int stage) {
+    return make_tensor(make_smem_ptr(stages + stage * kStageElems + Traits::kTileElemsQ),
+                       typename Traits::SmemLayoutQ{});
+  };
+  auto stage_bias = [&](int stage) { return stages + stage * kStageElems + 2 * Traits::kTileElemsQ; };
+  auto issue = [&](int mb) {  // loads of query tile mb into stage mb % 2
+    Tensor sQ = stage_q(mb & 1);
+    Tensor sdO = stage_do(mb & 1);
+    const int m0 = mb * kBlockM;
+    load_tile_async<kNThreads>(sQ, q + m0 * row_stride, row_stride, S - m0, D, tid);
+    load_tile_async<kNThreads>(sdO, dout + m0 * row_stride, row_stride, S - m0, D, tid);
+    if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(mb & 1), bias, m0, n0, S, tid);
+    cp_async_fence();
+  };
 
   load_tile_async<kNThreads>(sK, k + n0 * row_stride, row_stride, S - n0, D, tid);
   load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
-  load_tile_async<kNThreads>(sQ, q, row_stride, S, D, tid);
-  load_tile_async<kNThreads>(sdO, dout, row_stride, S, D, tid);
-  if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, 0, n0, S, tid);
-  cp_async_fence();
+  issue(0);
 
   typename Traits::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
   // Queries x keys products: S = Q K^T and dP = dO V^T.
-  Tensor rQ = thr_mma.partition_fragment_A(sQ);
+  Tensor rQ = thr_mma.partition_fragment_A(stage_q(0));
   Tensor rK = thr_mma.partition_fragment_B(sK);
-  Tensor rdO = thr_mma.partition_fragment_A(sdO);
+  Tensor rdO = thr_mma.partition_fragment_A(stage_do(0));
   Tensor rV = thr_mma.partition_fragment_B(sV);
   // Keys x head-dim products: dV += P^T dO and dK += dS^T Q.
   Tensor rPt = thr_mma.partition_fragment_A(sPt);
-  Tensor rdOt = thr_mma.partition_fragment_B(sdOt);
+  Tensor rdOt = thr_mma.partition_fragment_B(make_tensor(stage_do(0).data(), typename Traits::SmemLayoutQt{}));
   Tensor rdSt = thr_mma.partition_fragment_A(sdSt);
-  Tensor rQt = thr_mma.partition_fragment_B(sQt);
+  Tensor rQt = thr_mma.partition_fragment_B(make_tensor(stage_q(0).data(), typename Traits::SmemLayoutQt{}));
   Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   clear(acc_dk);
@@ -135,14 +149,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dkdv_kernel(c
   auto thr_copy_at = copy_at.get_thread_slice(tid);
   auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);
   auto thr_copy_bt = copy_bt.get_thread_slice(tid);
-  Tensor sQ_part = thr_copy_a.partition_S(sQ);
-  Tensor sdO_part = thr_copy_a.partition_S(sdO);
   Tensor sK_part = thr_copy_b.partition_S(sK);
   Tensor sV_part = thr_copy_b.partition_S(sV);
   Tensor sPt_part = thr_copy_at.partition_S(sPt);
   Tensor sdSt_part = thr_copy_at.partition_S(sdSt);
-  Tensor sdOt_part = thr_copy_bt.partition_S(sdOt);
-  Tensor sQt_part = thr_copy_bt.partition_S(sQt);
 
   const AccCoords<Traits::kNWarps> at(tid);
   const uint64_t valid = key_valid_bits<kBlockN>(mask, n0, S);  // the keys of this CTA
@@ -151,19 +161,29 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dkdv_kernel(c
 
   for (int mb = 0; mb < m_blocks; ++mb) {
     const int m0 = mb * kBlockM;
-    cp_async_wait<0>();
+    if (mb + 1 < m_blocks) {
+      issue(mb + 1);  // into the stage the previous iteration finished with
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
+    Tensor sQ = stage_q(mb & 1);
+    Tensor sdO = stage_do(mb & 1);
+    Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutQt{});
+    Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutQt{});
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     clear(acc_dp);
-    gemm_ss(acc_s, rQ, rK, sQ_part, sK_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
-    gemm_ss(acc_dp, rdO, rV, sdO_part, sV_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(acc_s, rQ, rK, thr_copy_a.partition_S(sQ), sK_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(acc_dp, rdO, rV, thr_copy_a.partition_S(sdO), sV_part, mma, copy_a, copy_b, thr_copy_a,
+            thr_copy_b);
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
-    logits_log2(s, at, scale_log2, sbias, valid);
+    logits_log2(s, at, scale_log2, bias ? stage_bias(mb & 1) : nullptr, valid);
     softmax_grad(s, dp, at, m0, S, lse, delta);
 #pragma unroll
     for (int r = 0; r < size<0>(s); ++r) {
@@ -175,17 +195,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dkdv_kernel(c
     }
     __syncthreads();
 
-    gemm_ss(acc_dv, rPt, rdOt, sPt_part, sdOt_part, mma, copy_at, copy_bt, thr_copy_at, thr_copy_bt);
-    gemm_ss(acc_dk, rdSt, rQt, sdSt_part, sQt_part, mma, copy_at, copy_bt, thr_copy_at, thr_copy_bt);
-    __syncthreads();  // every warp is done with this Q, dO, P and dS
-
-    if (mb + 1 < m_blocks) {
-      const int next = m0 + kBlockM;
-      load_tile_async<kNThreads>(sQ, q + next * row_stride, row_stride, S - next, D, tid);
-      load_tile_async<kNThreads>(sdO, dout + next * row_stride, row_stride, S - next, D, tid);
-      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, next, n0, S, tid);
-      cp_async_fence();
-    }
+    gemm_ss(acc_dv, rPt, rdOt, sPt_part, thr_copy_bt.partition_S(sdOt), mma, copy_at, copy_bt,
+            thr_copy_at, thr_copy_bt);
+    gemm_ss(acc_dk, rdSt, rQt, sdSt_part, thr_copy_bt.partition_S(sQt), mma, copy_at, copy_bt,
+            thr_copy_at, thr_copy_bt);
+    __syncthreads();  // every warp is done with this stage, P and dS
   }
 
   Element* dk = static_cast<Element*>(p.dk) + base;
@@ -195,7 +209,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dkdv_kernel(c
 }
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) attention_bwd_dq_kernel(const BwdParams p) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -218,21 +232,64 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dq_kernel(con
   float* dbias = p.bias ? p.dbias_partial + ((chunk * sh.batch + b) * sh.heads + h) * sh.seq * sh.seq
                         : nullptr;
 
+  // Shared memory: two stages of (Q, dO) by parity of n and two stages of (K, V, bias tile) by
+  // parity of the step, so that step t + 1 (the next key tile, possibly of the next n) streams in
+  // while step t is computed.
+  constexpr int kBiasElems = BiasTileLayout<kBlockM, kBlockN>::kElems;
+  constexpr int kQStageElems = 2 * Traits::kTileElemsQ;
+  constexpr int kKVStageElems = 2 * Traits::kTileElemsKV + kBiasElems;
   extern __shared__ __align__(128) char smem[];
-  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
-  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
-  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKVt{});
-  Element* sbias = bias ? raw_pointer_cast(sV.data() + size(sV)) : nullptr;
+  Element* q_stages = reinterpret_cast<Element*>(smem);
+  Element* kv_stages = q_stages + 2 * kQStageElems;
+  auto stage_q = [&](int st) {
+    return make_tensor(make_smem_ptr(q_stages + st * kQStageElems), typename Traits::SmemLayoutQ{});
+  };
+  auto stage_do = [&](int st) {
+    return make_tensor(make_smem_ptr(q_stages + st * kQStageElems + Traits::kTileElemsQ),
+                       typename Traits::SmemLayoutQ{});
+  };
+  auto stage_k = [&](int st) {
+    return make_tensor(make_smem_ptr(kv_stages + st * kKVStageElems), typename Traits::SmemLayoutKV{});
+  };
+  auto stage_v = [&](int st) {
+    return make_tensor(make_smem_ptr(kv_stages + st * kKVStageElems + Traits::kTileElemsKV),
+                       typename Traits::SmemLayoutKV{});
+  };
+  auto stage_bias = [&](int st) { return kv_stages + st * kKVStageElems + 2 * Traits::kTileElemsKV; };
+
+  const int n_blocks = (S + kBlockN - 1) / kBlockN;
+  const int steps = static_cast<int>(n_end - n_begin) * n_blocks;
+  auto offset = [&](int64_t n) { return (b * sh.n + n) * sh.seq * row_stride + h * sh.head_dim; };
+  auto issue = [&](int t) {  // loads of step t = (n, key tile)
+    const int64_t n = n_begin + t / n_blocks;
+    const int n0 = (t % n_blocks) * kBlockN;
+    const int64_t base = offset(n);
+    if (n0 == 0) {
+      Tensor sQ = stage_q((n - n_begin) & 1);
+      Tensor sdO = stage_do((n - n_begin) & 1);
+      load_tile_async<kNThreads>(sQ, static_cast<const Element*>(p.q) + base + m0 * row_stride,
+                                 row_stride, S - m0, D, tid);
+      load_tile_async<kNThreads>(sdO, static_cast<const Element*>(p.dout) + base + m0 * row_stride,
+                                 row_stride, S - m0, D, tid);
+    }
+    Tensor sK = stage_k(t & 1);
+    Tensor sV = stage_v(t & 1);
+    load_tile_async<kNThreads>(sK, static_cast<const Element*>(p.k) + base + n0 * row_stride,
+                               row_stride, S - n0, D, tid);
+    load_tile_async<kNThreads>(sV, static_cast<const Element*>(p.v) + base + n0 * row_stride,
+                               row_stride, S - n0, D, tid);
+    if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(t & 1), bias, m0, n0, S, tid);
+    cp_async_fence();
+  };
+  issue(0);
 
   typename Traits::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
-  Tensor rQ = thr_mma.partition_fragment_A(sQ);
-  Tensor rK = thr_mma.partition_fragment_B(sK);
-  Tensor rdO = thr_mma.partition_fragment_A(sdO);
-  Tensor rV = thr_mma.partition_fragment_B(sV);
-  Tensor rKt = thr_mma.partition_fragment_B(sKt);
+  Tensor rQ = thr_mma.partition_fragment_A(stage_q(0));
+  Tensor rK = thr_mma.partition_fragment_B(stage_k(0));
+  Tensor rdO = thr_mma.partition_fragment_A(stage_do(0));
+  Tensor rV = thr_mma.partition_fragment_B(stage_v(0));
+  Tensor rKt = thr_mma.partition_fragment_B(make_tensor(stage_k(0).data(), typename Traits::SmemLayoutKVt{}));
 
   auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
   auto thr_copy_a = copy_a.get_thread_slice(tid);
@@ -240,78 +297,72 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_bwd_dq_kernel(con
   auto thr_copy_b = copy_b.get_thread_slice(tid);
   auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);
   auto thr_copy_bt = copy_bt.get_thread_slice(tid);
-  Tensor sQ_part = thr_copy_a.partition_S(sQ);
-  Tensor sdO_part = thr_copy_a.partition_S(sdO);
-  Tensor sK_part = thr_copy_b.partition_S(sK);
-  Tensor sV_part = thr_copy_b.partition_S(sV);
-  Tensor sKt_part = thr_copy_bt.partition_S(sKt);
 
   const AccCoords<Traits::kNWarps> at(tid);
   const float scale_log2 = p.scale * kLog2e;
-  const int n_blocks = (S + kBlockN - 1) / kBlockN;
+  Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  clear(acc_dq);
 
-  for (int64_t n = n_begin; n < n_end; ++n) {
+  for (int t = 0; t < steps; ++t) {
+    const int64_t n = n_begin + t / n_blocks;
+    const int nb = t % n_blocks;
+    const int n0 = nb * kBlockN;
     const int64_t bn = b * sh.n + n;
-    const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
-    const Element* q = static_cast<const Element*>(p.q) + base;
-    const Element* k = static_cast<const Element*>(p.k) + base;
-    const Element* v = static_cast<const Element*>(p.v) + base;
-    const Element* dout = static_cast<const Element*>(p.dout) + base;
     const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
-    const float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
-    const float* delta = p.delta + (bn * sh.heads + h) * sh.seq;
-
-    load_tile_async<kNThreads>(sQ, q + m0 * row_stride, row_stride, S - m0, D, tid);
-    load_tile_async<kNThreads>(sdO, dout + m0 * row_stride, row_stride, S - m0, D, tid);
-    Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-    clear(acc_dq);
-
-    for (int nb = 0; nb < n_blocks; ++nb) {
-      const int n0 = nb * kBlockN;
-      load_tile_async<kNThreads>(sK, k + n0 * row_stride, row_stride, S - n0, D, tid);
-      load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
-      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, m0, n0, S, tid);
-      cp_async_fence();
-      const uint64_t valid = key_valid_bits<kBlockN>(mask, n0, S);
+    const uint64_t valid = key_valid_bits<kBlockN>(mask, n0, S);
+    if (t + 1 < steps) {
+      issue(t + 1);  // into the stages the previous step finished with
+      cp_async_wait<1>();
+    } else {
       cp_async_wait<0>();
-      __syncthreads();
+    }
+    __syncthreads();
+    Tensor sQ = stage_q((n - n_begin) & 1);
+    Tensor sdO = stage_do((n - n_begin) & 1);
+    Tensor sK = stage_k(t & 1);
+    Tensor sV = stage_v(t & 1);
+    Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKVt{});
 
-      Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-      Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-      clear(acc_s);
-      clear(acc_dp);
-      gemm_ss(acc_s, rQ, rK, sQ_part, sK_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
-      gemm_ss(acc_dp, rdO, rV, sdO_part, sV_part, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    clear(acc_dp);
+    gemm_ss(acc_s, rQ, rK, thr_copy_a.partition_S(sQ), thr_copy_b.partition_S(sK), mma, copy_a,
+            copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(acc_dp, rdO, rV, thr_copy_a.partition_S(sdO), thr_copy_b.partition_S(sV), mma, copy_a,
+            copy_b, thr_copy_a, thr_copy_b);
 
-      Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
-      Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
-      logits_log2(s, at, scale_log2, sbias, valid);
-      softmax_grad(s, dp, at, m0, S, lse, delta);
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
+    Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
+    logits_log2(s, at, scale_log2, bias ? stage_bias(t & 1) : nullptr, valid);
+    softmax_grad(s, dp, at, m0, S, p.lse + (bn * sh.heads + h) * sh.seq,
+                 p.delta + (bn * sh.heads + h) * sh.seq);
 
-      if (dbias) {
-        // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
-        const bool first = n == n_begin;
+    if (dbias) {
+      // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
+      const bool first = n == n_begin;
 #pragma unroll
-        for (int r = 0; r < size<0>(dp); ++r) {
-          const int qi = m0 + at.row(r);
+      for (int r = 0; r < size<0>(dp); ++r) {
+        const int qi = m0 + at.row(r);
 #pragma unroll
-          for (int c = 0; c < size<1>(dp); ++c) {
-            const int kj = n0 + at.col(c);
-            if (qi < S && kj < S) {
-              float* dst = dbias + int64_t(qi) * S + kj;
-              *dst = first ? dp(r, c) : *dst + dp(r, c);
-            }
+        for (int c = 0; c < size<1>(dp); ++c) {
+          const int kj = n0 + at.col(c);
+          if (qi < S && kj < S) {
+            float* dst = dbias + int64_t(qi) * S + kj;
+            *dst = first ? dp(r, c) : *dst + dp(r, c);
           }
         }
       }
-
-      Tensor ds_frag = convert_fragment<Element>(acc_dp);
-      Tensor rdS = make_tensor(ds_frag.data(), acc_as_a_layout(ds_frag.layout()));
-      gemm_rs(acc_dq, rdS, rKt, sKt_part, mma, copy_bt, thr_copy_bt);
-      __syncthreads();  // every warp is done with this K and V tile (and, last, with Q and dO)
     }
 
-    store_rows(acc_dq, at, static_cast<Element*>(p.dq) + base, row_stride, m0, S, D, p.scale);
+    Tensor ds_frag = convert_fragment<Element>(acc_dp);
+    Tensor rdS = make_tensor(ds_frag.data(), acc_as_a_layout(ds_frag.layout()));
+    gemm_rs(acc_dq, rdS, rKt, thr_copy_bt.partition_S(sKt), mma, copy_bt, thr_copy_bt);
+    if (nb + 1 == n_blocks) {
+      store_rows(acc_dq, at, static_cast<Element*>(p.dq) + offset(n), row_stride, m0, S, D, p.scale);
+      clear(acc_dq);
+    }
+    __syncthreads();  // every warp is done with this step's stages
   }
 }
 
@@ -335,7 +386,7 @@ cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
   constexpr int kBiasElems = BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
 
   constexpr int kSmemDkdv =
-      (2 * Traits::kTileElemsKV + 2 * Traits::kTileElemsQ + 2 * Traits::kTileElemsP + kBiasElems) *
+      (2 * Traits::kTileElemsKV + 2 * Traits::kTileElemsP + 2 * (2 * Traits::kTileElemsQ + kBiasElems)) *
       sizeof(Element);
   auto dkdv = attention_bwd_dkdv_kernel<Traits>;
   if (kSmemDkdv > 48 * 1024) {
@@ -347,7 +398,8 @@ cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  constexpr int kSmemDq = (2 * Traits::kTileElemsQ + 2 * Traits::kTileElemsKV + kBiasElems) * sizeof(Element);
+  constexpr int kSmemDq =
+      (4 * Traits::kTileElemsQ + 2 * (2 * Traits::kTileElemsKV + kBiasElems)) * sizeof(Element);
   auto dq = attention_bwd_dq_kernel<Traits>;
   if (kSmemDq > 48 * 1024) {
     err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemDq);

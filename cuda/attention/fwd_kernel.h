@@ -13,7 +13,7 @@
 namespace jevo {
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) attention_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) attention_fwd_kernel(const FwdParams p) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;

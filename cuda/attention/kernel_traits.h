@@ -57,6 +57,12 @@ struct AttentionTraits {
   using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
   using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
 
+  // CTAs per SM the register allocation must allow (launch bounds): more resident warps hide
+  // the latency of the softmax and the loads; large head dims need the registers instead.
+  static constexpr int kMinBlocksFwd = kHeadDim <= 64 ? 3 : 1;
+  static constexpr int kMinBlocksDkdv = kHeadDim <= 64 ? 2 : 1;
+  static constexpr int kMinBlocksDq = kHeadDim <= 64 ? 4 : 1;
+
   static constexpr int kTileElemsQ = kBlockM * kHeadDim;
   static constexpr int kTileElemsKV = kBlockN * kHeadDim;
   static constexpr int kTileElemsP = kBlockM * kBlockN;
