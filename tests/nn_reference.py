@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 
 EVOFORMER_PREFIX = "alphafold/alphafold_iteration/evoformer/evoformer_iteration"
 EXTRA_MSA_PREFIX = "alphafold/alphafold_iteration/evoformer/extra_msa_stack"
@@ -319,3 +320,15 @@ def randomize_params(module, seed: int) -> None:
       else:
         value = rng.standard_normal(shape) / np.sqrt(shape[-2])
       var[...] = jnp.asarray(value, var.dtype)
+
+
+@pytest.fixture(autouse=True)
+def full_precision_matmuls():
+  """Float32 matrix products in full precision (GPUs default to TF32) while a test runs.
+
+  Autouse in every test module that imports it.
+  """
+  import jax
+
+  with jax.default_matmul_precision("highest"):
+    yield

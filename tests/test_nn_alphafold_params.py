@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import nn_reference as ref
+from nn_reference import full_precision_matmuls  # noqa: F401  (autouse fixture)
 from jevo.nn import EvoformerBlock, EvoformerStack, ExtraMSABlock, ExtraMSAStack
 from jevo.nn.alphafold_params import (EVOFORMER_PREFIX, EXTRA_MSA_PREFIX, block_entries,
                                       load_alphafold_params)

@@ -12,6 +12,7 @@ from flax import nnx
 
 import jevo.nn.attention as nn_attention
 import nn_reference as ref
+from nn_reference import full_precision_matmuls  # noqa: F401  (autouse fixture)
 from jevo.nn import (EvoformerBlock, MSAColumnAttention, MSAColumnGlobalAttention,
                      MSARowAttentionWithPairBias, OuterProductMean, Transition, TriangleAttention,
                      TriangleMultiplication)

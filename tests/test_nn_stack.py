@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import nn_reference as ref
+from nn_reference import full_precision_matmuls  # noqa: F401  (autouse fixture)
 from jevo.nn import EvoformerStack, ExtraMSAStack
 
 S = ref.TINY
