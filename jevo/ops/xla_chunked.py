@@ -2,9 +2,9 @@
 
 Queries are processed in chunks (`jax.lax.map` / `jax.lax.scan`), so the fp32 logits that exist
 at any time are one block `[B, N, H, chunk, S]`, never `[B, N, H, S, S]`. The forward saves only
-the output and the per-row softmax statistics (the log-sum-exp, kept as max and log-sum); the
-backward (a `jax.custom_vjp`) recomputes the logits
-chunk by chunk, FlashAttention-style:
+the output and the per-row softmax statistics (the log-sum-exp, kept as row maximum and log of
+the shifted sum); the backward (a `jax.custom_vjp`) recomputes the logits chunk by chunk,
+FlashAttention-style:
 
     P = exp(S - lse),  delta = rowsum(dO * O),  dP = dO V^T,  dS = P * (dP - delta),
     dQ = scale dS K,   dK = scale dS^T Q,        dV = P^T dO,  dBias = sum_N dS
