@@ -5,7 +5,9 @@ block of a stack stacked on the leading axis, e.g.
 `alphafold/alphafold_iteration/evoformer/evoformer_iteration/msa_row_attention_with_pair_bias/attention//query_w`
 of shape `[48, c_m, H, D]`. Every array jevo needs must be present with exactly the shape the
 module's sizes imply; anything missing, mis-shaped or unrecognised under the prefix is refused
-with one ValueError that lists it all, before any parameter is changed.
+with one ValueError that lists it all, before any parameter is changed. The layout is that of the
+monomer models (`params_model_1` .. `_5`, `_ptm`); AlphaFold-Multimer runs the outer product mean
+first and v3 fuses the triangle projections, so its blocks are not these.
 
 Example:
   >>> stack = EvoformerStack(rngs=nnx.Rngs(0))                   # AlphaFold's sizes
