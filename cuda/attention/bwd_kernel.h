@@ -232,20 +232,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
   float* dbias = p.bias ? p.dbias_partial + ((chunk * sh.batch + b) * sh.heads + h) * sh.seq * sh.seq
                         : nullptr;
 
-  // Shared memory: two stages of (Q, dO) by parity of n and two stages of (K, V, bias tile) by
-  // parity of the step, so that step t + 1 (the next key tile, possibly of the next n) streams in
-  // while step t is computed.
+  // The n of a chunk are taken kGroup at a time: for each key tile, the kGroup dS tiles are
+  // summed in registers before the one read-modify-write of the fp32 bias-gradient partial,
+  // which divides that traffic (the bound of this kernel) by kGroup.
+  constexpr int kGroup = Traits::kDqGroup;
+  // Shared memory: two stages (by group parity) of kGroup (Q, dO) tile pairs, and two stages (by
+  // step parity) of (K, V, bias tile), so that the next step streams in during this one.
   constexpr int kBiasElems = BiasTileLayout<kBlockM, kBlockN>::kElems;
-  constexpr int kQStageElems = 2 * Traits::kTileElemsQ;
+  constexpr int kQStageElems = kGroup * 2 * Traits::kTileElemsQ;
   constexpr int kKVStageElems = 2 * Traits::kTileElemsKV + kBiasElems;
   extern __shared__ __align__(128) char smem[];
   Element* q_stages = reinterpret_cast<Element*>(smem);
   Element* kv_stages = q_stages + 2 * kQStageElems;
-  auto stage_q = [&](int st) {
-    return make_tensor(make_smem_ptr(q_stages + st * kQStageElems), typename Traits::SmemLayoutQ{});
+  auto stage_q = [&](int st, int sub) {
+    return make_tensor(make_smem_ptr(q_stages + st * kQStageElems + sub * 2 * Traits::kTileElemsQ),
+                       typename Traits::SmemLayoutQ{});
   };
-  auto stage_do = [&](int st) {
-    return make_tensor(make_smem_ptr(q_stages + st * kQStageElems + Traits::kTileElemsQ),
+  auto stage_do = [&](int st, int sub) {
+    return make_tensor(make_smem_ptr(q_stages + st * kQStageElems + sub * 2 * Traits::kTileElemsQ +
+                                     Traits::kTileElemsQ),
                        typename Traits::SmemLayoutQ{});
   };
   auto stage_k = [&](int st) {
@@ -258,36 +263,50 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
   auto stage_bias = [&](int st) { return kv_stages + st * kKVStageElems + 2 * Traits::kTileElemsKV; };
 
   const int n_blocks = (S + kBlockN - 1) / kBlockN;
-  const int steps = static_cast<int>(n_end - n_begin) * n_blocks;
   auto offset = [&](int64_t n) { return (b * sh.n + n) * sh.seq * row_stride + h * sh.head_dim; };
-  auto issue = [&](int t) {  // loads of step t = (n, key tile)
-    const int64_t n = n_begin + t / n_blocks;
-    const int n0 = (t % n_blocks) * kBlockN;
-    const int64_t base = offset(n);
-    if (n0 == 0) {
-      Tensor sQ = stage_q((n - n_begin) & 1);
-      Tensor sdO = stage_do((n - n_begin) & 1);
-      load_tile_async<kNThreads>(sQ, static_cast<const Element*>(p.q) + base + m0 * row_stride,
-                                 row_stride, S - m0, D, tid);
-      load_tile_async<kNThreads>(sdO, static_cast<const Element*>(p.dout) + base + m0 * row_stride,
-                                 row_stride, S - m0, D, tid);
+  // One step: the key tile nb of n = n0 + sub, in the group of `size` n starting at n0.
+  struct Step {
+    int64_t n0;
+    int size, nb, sub, group, parity;
+  };
+  auto advance = [&](Step st) {
+    st.parity ^= 1;
+    if (++st.sub < st.size) return st;
+    st.sub = 0;
+    if (++st.nb < n_blocks) return st;
+    st.nb = 0;
+    st.n0 += st.size;
+    st.size = static_cast<int>(min<int64_t>(kGroup, n_end - st.n0));
+    ++st.group;
+    return st;
+  };
+  auto issue = [&](const Step& st) {
+    const int n0 = st.nb * kBlockN;
+    if (st.nb == 0 && st.sub == 0) {
+      for (int sub = 0; sub < st.size; ++sub) {
+        const int64_t base = offset(st.n0 + sub) + m0 * row_stride;
+        Tensor sQ = stage_q(st.group & 1, sub);
+        Tensor sdO = stage_do(st.group & 1, sub);
+        load_tile_async<kNThreads>(sQ, static_cast<const Element*>(p.q) + base, row_stride, S - m0, D, tid);
+        load_tile_async<kNThreads>(sdO, static_cast<const Element*>(p.dout) + base, row_stride, S - m0, D, tid);
+      }
     }
-    Tensor sK = stage_k(t & 1);
-    Tensor sV = stage_v(t & 1);
-    load_tile_async<kNThreads>(sK, static_cast<const Element*>(p.k) + base + n0 * row_stride,
-                               row_stride, S - n0, D, tid);
-    load_tile_async<kNThreads>(sV, static_cast<const Element*>(p.v) + base + n0 * row_stride,
-                               row_stride, S - n0, D, tid);
-    if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(t & 1), bias, m0, n0, S, tid);
+    const int64_t base = offset(st.n0 + st.sub) + n0 * row_stride;
+    Tensor sK = stage_k(st.parity);
+    Tensor sV = stage_v(st.parity);
+    load_tile_async<kNThreads>(sK, static_cast<const Element*>(p.k) + base, row_stride, S - n0, D, tid);
+    load_tile_async<kNThreads>(sV, static_cast<const Element*>(p.v) + base, row_stride, S - n0, D, tid);
+    if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(st.parity), bias, m0, n0, S, tid);
     cp_async_fence();
   };
-  issue(0);
+  Step cur{n_begin, static_cast<int>(min<int64_t>(kGroup, n_end - n_begin)), 0, 0, 0, 0};
+  issue(cur);
 
   typename Traits::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
-  Tensor rQ = thr_mma.partition_fragment_A(stage_q(0));
+  Tensor rQ = thr_mma.partition_fragment_A(stage_q(0, 0));
   Tensor rK = thr_mma.partition_fragment_B(stage_k(0));
-  Tensor rdO = thr_mma.partition_fragment_A(stage_do(0));
+  Tensor rdO = thr_mma.partition_fragment_A(stage_do(0, 0));
   Tensor rV = thr_mma.partition_fragment_B(stage_v(0));
   Tensor rKt = thr_mma.partition_fragment_B(make_tensor(stage_k(0).data(), typename Traits::SmemLayoutKVt{}));
 
@@ -300,31 +319,34 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
 
   const AccCoords<Traits::kNWarps> at(tid);
   const float scale_log2 = p.scale * kLog2e;
-  Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-  clear(acc_dq);
+  using AccQ = decltype(partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using AccS = decltype(partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  AccQ acc_dq[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) clear(acc_dq[g]);
+  AccS acc_bias;
 
-  for (int t = 0; t < steps; ++t) {
-    const int64_t n = n_begin + t / n_blocks;
-    const int nb = t % n_blocks;
-    const int n0 = nb * kBlockN;
+  while (cur.n0 < n_end) {
+    const Step next = advance(cur);
+    const int64_t n = cur.n0 + cur.sub;
+    const int n0 = cur.nb * kBlockN;
     const int64_t bn = b * sh.n + n;
     const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
     const uint64_t valid = key_valid_bits<kBlockN>(mask, n0, S);
-    if (t + 1 < steps) {
-      issue(t + 1);  // into the stages the previous step finished with
+    if (next.n0 < n_end) {
+      issue(next);  // into the stages the previous step finished with
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    Tensor sQ = stage_q((n - n_begin) & 1);
-    Tensor sdO = stage_do((n - n_begin) & 1);
-    Tensor sK = stage_k(t & 1);
-    Tensor sV = stage_v(t & 1);
+    Tensor sQ = stage_q(cur.group & 1, cur.sub);
+    Tensor sdO = stage_do(cur.group & 1, cur.sub);
+    Tensor sK = stage_k(cur.parity);
+    Tensor sV = stage_v(cur.parity);
     Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKVt{});
 
-    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    AccS acc_s, acc_dp;
     clear(acc_s);
     clear(acc_dp);
     gemm_ss(acc_s, rQ, rK, thr_copy_a.partition_S(sQ), thr_copy_b.partition_S(sK), mma, copy_a,
@@ -334,22 +356,27 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
-    logits_log2(s, at, scale_log2, bias ? stage_bias(t & 1) : nullptr, valid);
+    logits_log2(s, at, scale_log2, bias ? stage_bias(cur.parity) : nullptr, valid);
     softmax_grad(s, dp, at, m0, S, p.lse + (bn * sh.heads + h) * sh.seq,
                  p.delta + (bn * sh.heads + h) * sh.seq);
 
     if (dbias) {
-      // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
-      const bool first = n == n_begin;
 #pragma unroll
-      for (int r = 0; r < size<0>(dp); ++r) {
-        const int qi = m0 + at.row(r);
+      for (int i = 0; i < size(acc_dp); ++i) acc_bias(i) = cur.sub == 0 ? acc_dp(i) : acc_bias(i) + acc_dp(i);
+      if (cur.sub + 1 == cur.size) {
+        // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
+        const bool first = cur.n0 == n_begin;
+        Tensor db = make_tensor(acc_bias.data(), acc_rowcol_layout(acc_bias.layout()));
 #pragma unroll
-        for (int c = 0; c < size<1>(dp); ++c) {
-          const int kj = n0 + at.col(c);
-          if (qi < S && kj < S) {
-            float* dst = dbias + int64_t(qi) * S + kj;
-            *dst = first ? dp(r, c) : *dst + dp(r, c);
+        for (int r = 0; r < size<0>(db); ++r) {
+          const int qi = m0 + at.row(r);
+#pragma unroll
+          for (int c = 0; c < size<1>(db); ++c) {
+            const int kj = n0 + at.col(c);
+            if (qi < S && kj < S) {
+              float* dst = dbias + int64_t(qi) * S + kj;
+              *dst = first ? db(r, c) : *dst + db(r, c);
+            }
           }
         }
       }
@@ -357,12 +384,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
 
     Tensor ds_frag = convert_fragment<Element>(acc_dp);
     Tensor rdS = make_tensor(ds_frag.data(), acc_as_a_layout(ds_frag.layout()));
-    gemm_rs(acc_dq, rdS, rKt, thr_copy_bt.partition_S(sKt), mma, copy_bt, thr_copy_bt);
-    if (nb + 1 == n_blocks) {
-      store_rows(acc_dq, at, static_cast<Element*>(p.dq) + offset(n), row_stride, m0, S, D, p.scale);
-      clear(acc_dq);
+    // Static indices only, so that the accumulators stay in registers.
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      if (g != cur.sub) continue;
+      gemm_rs(acc_dq[g], rdS, rKt, thr_copy_bt.partition_S(sKt), mma, copy_bt, thr_copy_bt);
+      if (cur.nb + 1 == n_blocks) {
+        store_rows(acc_dq[g], at, static_cast<Element*>(p.dq) + offset(n), row_stride, m0, S, D, p.scale);
+        clear(acc_dq[g]);
+      }
     }
     __syncthreads();  // every warp is done with this step's stages
+    cur = next;
   }
 }
 
@@ -399,7 +432,8 @@ cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
 
   constexpr int kSmemDq =
-      (4 * Traits::kTileElemsQ + 2 * (2 * Traits::kTileElemsKV + kBiasElems)) * sizeof(Element);
+      (4 * Traits::kDqGroup * Traits::kTileElemsQ + 2 * (2 * Traits::kTileElemsKV + kBiasElems)) *
+      sizeof(Element);
   auto dq = attention_bwd_dq_kernel<Traits>;
   if (kSmemDq > 48 * 1024) {
     err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemDq);
