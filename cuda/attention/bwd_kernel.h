@@ -37,6 +37,30 @@ CUTE_DEVICE void softmax_grad(STensor& s, DPTensor& dp, AccCoords<kNWarps> const
   }
 }
 
+// Stages partial[m0 : m0 + kBlockM, n0 : n0 + kBlockN] (fp32, rows of S) in shared memory:
+// 16-byte cp.async when rows are 16-byte aligned (S % 4 == 0), plain loads otherwise.
+template <int kBlockM, int kBlockN, int kStride, int kNThreads>
+CUTE_DEVICE void load_partial_tile(float* staged, const float* partial, int m0, int n0, int S, int tid) {
+  if (S % 4 == 0) {
+    constexpr int kChunksPerRow = kBlockN / 4;
+    using Copy = SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>;
+#pragma unroll
+    for (int c = tid; c < kBlockM * kChunksPerRow; c += kNThreads) {
+      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 4;
+      const bool valid = m0 + r < S && n0 + col < S;
+      const float* src = valid ? partial + int64_t(m0 + r) * S + n0 + col : partial;
+      Copy::copy(*reinterpret_cast<const uint128_t*>(src),
+                 *reinterpret_cast<uint128_t*>(staged + r * kStride + col), valid);
+    }
+  } else {
+    for (int e = tid; e < kBlockM * kBlockN; e += kNThreads) {
+      const int r = e / kBlockN, col = e % kBlockN;
+      const bool valid = m0 + r < S && n0 + col < S;
+      staged[r * kStride + col] = valid ? partial[int64_t(m0 + r) * S + n0 + col] : 0.f;
+    }
+  }
+}
+
 // Writes an fp32 [rows, head dim] accumulator times `scale` to rows row0.. of a [S, D] slice
 // with `row_stride` between rows, two neighbouring head-dim values at a time.
 template <int kNWarps, typename Acc, typename Element>
@@ -236,13 +260,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
   // summed in registers before the one read-modify-write of the fp32 bias-gradient partial,
   // which divides that traffic (the bound of this kernel) by kGroup.
   constexpr int kGroup = Traits::kDqGroup;
+  constexpr int kPartialStride = kBlockN + 8;  // floats; rows 16-byte aligned, 2 wavefronts a warp
+  constexpr int kPartialElems = kBlockM * kPartialStride;
   // Shared memory: two stages (by group parity) of kGroup (Q, dO) tile pairs, and two stages (by
   // step parity) of (K, V, bias tile), so that the next step streams in during this one.
   constexpr int kBiasElems = BiasTileLayout<kBlockM, kBlockN>::kElems;
   constexpr int kQStageElems = kGroup * 2 * Traits::kTileElemsQ;
   constexpr int kKVStageElems = 2 * Traits::kTileElemsKV + kBiasElems;
   extern __shared__ __align__(128) char smem[];
-  Element* q_stages = reinterpret_cast<Element*>(smem);
+  // Two stages of the fp32 partial tile that the step's read-modify-write will read, prefetched
+  // with the step's other loads so that the read's latency is hidden (first, for alignment).
+  float* partial_stages = reinterpret_cast<float*>(smem);
+  Element* q_stages = reinterpret_cast<Element*>(partial_stages + 2 * kPartialElems);
   Element* kv_stages = q_stages + 2 * kQStageElems;
   auto stage_q = [&](int st, int sub) {
     return make_tensor(make_smem_ptr(q_stages + st * kQStageElems + sub * 2 * Traits::kTileElemsQ),
@@ -280,6 +309,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
     ++st.group;
     return st;
   };
+  // A step's partial tile may be prefetched a step early unless the step before wrote that very
+  // tile (one key tile and a group of one n: consecutive read-modify-writes of one tile).
+  auto staged_rmw = [&](const Step& st) { return n_blocks > 1 || st.size > 1; };
   auto issue = [&](const Step& st) {
     const int n0 = st.nb * kBlockN;
     if (st.nb == 0 && st.sub == 0) {
@@ -297,6 +329,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
     load_tile_async<kNThreads>(sK, static_cast<const Element*>(p.k) + base, row_stride, S - n0, D, tid);
     load_tile_async<kNThreads>(sV, static_cast<const Element*>(p.v) + base, row_stride, S - n0, D, tid);
     if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(st.parity), bias, m0, n0, S, tid);
+    if (dbias && st.sub + 1 == st.size && st.n0 != n_begin && staged_rmw(st)) {
+      load_partial_tile<kBlockM, kBlockN, kPartialStride, kNThreads>(
+          partial_stages + st.parity * kPartialElems, dbias, m0, n0, S, tid);
+    }
     cp_async_fence();
   };
   Step cur{n_begin, static_cast<int>(min<int64_t>(kGroup, n_end - n_begin)), 0, 0, 0, 0};
@@ -366,6 +402,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
       if (cur.sub + 1 == cur.size) {
         // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
         const bool first = cur.n0 == n_begin;
+        const float* staged = partial_stages + cur.parity * kPartialElems;
         Tensor db = make_tensor(acc_bias.data(), acc_rowcol_layout(acc_bias.layout()));
 #pragma unroll
         for (int r = 0; r < size<0>(db); ++r) {
@@ -374,8 +411,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
           for (int c = 0; c < size<1>(db); ++c) {
             const int kj = n0 + at.col(c);
             if (qi < S && kj < S) {
-              float* dst = dbias + int64_t(qi) * S + kj;
-              *dst = first ? db(r, c) : *dst + db(r, c);
+              const float old = first ? 0.f
+                                : staged_rmw(cur) ? staged[at.row(r) * kPartialStride + at.col(c)]
+                                                  : dbias[int64_t(qi) * S + kj];
+              dbias[int64_t(qi) * S + kj] = old + db(r, c);
             }
           }
         }
@@ -432,8 +471,9 @@ cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
 
   constexpr int kSmemDq =
+      2 * Traits::kBlockM * (Traits::kBlockN + 8) * sizeof(float) +
       (4 * Traits::kDqGroup * Traits::kTileElemsQ + 2 * (2 * Traits::kTileElemsKV + kBiasElems)) *
-      sizeof(Element);
+          sizeof(Element);
   auto dq = attention_bwd_dq_kernel<Traits>;
   if (kSmemDq > 48 * 1024) {
     err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemDq);
