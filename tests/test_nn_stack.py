@@ -89,9 +89,10 @@ def test_remat_gives_the_same_loss_and_gradients():
   (l0, g0), (l1, g1) = jax.jit(jax.value_and_grad(loss))(params), results["block"]
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0))
   assert float(l0) > 0 and scale > 0
-  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  # Recomputation reorders float32 sums (differently again on GPUs); a remat bug is far larger.
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_chunked_inference_equals_unchunked():
