@@ -232,8 +232,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
   store_rows(acc_dv, at, dv, row_stride, n0, S, D, 1.f);
 }
 
-template <typename Traits>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) attention_bwd_dq_kernel(const BwdParams p) {
+// kGroup n share each read-modify-write of the bias-gradient partial (with a bias: 2 for head
+// dims up to 64, whose dQ accumulators fit in registers); without a bias it is 1, which leaves
+// registers for more resident CTAs.
+template <typename Traits, int kGroup>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (kGroup == 1 ? 3 : 2) : 1)
+    attention_bwd_dq_kernel(const BwdParams p) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -259,7 +263,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq) atten
   // The n of a chunk are taken kGroup at a time: for each key tile, the kGroup dS tiles are
   // summed in registers before the one read-modify-write of the fp32 bias-gradient partial,
   // which divides that traffic (the bound of this kernel) by kGroup.
-  constexpr int kGroup = Traits::kDqGroup;
   constexpr int kPartialStride = kBlockN + 8;  // floats; rows 16-byte aligned, 2 wavefronts a warp
   constexpr int kPartialElems = kBlockM * kPartialStride;
   // Shared memory: two stages (by group parity) of kGroup (Q, dO) tile pairs, and two stages (by
@@ -449,6 +452,24 @@ __global__ void reduce_dbias_kernel(const float* partial, int64_t n_chunks, int6
   }
 }
 
+template <typename Traits, int kGroup>
+cudaError_t launch_dq(const BwdParams& p, unsigned m_tiles, cudaStream_t stream) {
+  constexpr int kBiasElems = BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
+  constexpr int kSmem =
+      2 * Traits::kBlockM * (Traits::kBlockN + 8) * sizeof(float) +
+      (4 * kGroup * Traits::kTileElemsQ + 2 * (2 * Traits::kTileElemsKV + kBiasElems)) *
+          sizeof(typename Traits::Element);
+  auto dq = attention_bwd_dq_kernel<Traits, kGroup>;
+  if (kSmem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  dq<<<dim3(static_cast<unsigned>(p.shape.batch * p.n_chunks), m_tiles,
+            static_cast<unsigned>(p.shape.heads)),
+       Traits::kNThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename Traits>
 cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
   using Element = typename Traits::Element;
@@ -470,18 +491,8 @@ cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  constexpr int kSmemDq =
-      2 * Traits::kBlockM * (Traits::kBlockN + 8) * sizeof(float) +
-      (4 * Traits::kDqGroup * Traits::kTileElemsQ + 2 * (2 * Traits::kTileElemsKV + kBiasElems)) *
-          sizeof(Element);
-  auto dq = attention_bwd_dq_kernel<Traits>;
-  if (kSmemDq > 48 * 1024) {
-    err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemDq);
-    if (err != cudaSuccess) return err;
-  }
-  dq<<<dim3(static_cast<unsigned>(sh.batch * p.n_chunks), m_tiles, static_cast<unsigned>(sh.heads)),
-       Traits::kNThreads, kSmemDq, stream>>>(p);
-  err = cudaGetLastError();
+  err = p.bias ? launch_dq<Traits, Traits::kDqGroup>(p, m_tiles, stream)
+               : launch_dq<Traits, 1>(p, m_tiles, stream);
   if (err != cudaSuccess || p.bias == nullptr) return err;
 
   const int64_t count = sh.batch * sh.heads * sh.seq * sh.seq;

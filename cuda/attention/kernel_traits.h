@@ -61,7 +61,6 @@ struct AttentionTraits {
   // the latency of the softmax and the loads; large head dims need the registers instead.
   static constexpr int kMinBlocksFwd = kHeadDim <= 64 ? 3 : 1;
   static constexpr int kMinBlocksDkdv = kHeadDim <= 64 ? 2 : 1;
-  static constexpr int kMinBlocksDq = kHeadDim <= 64 ? 2 : 1;
   // n processed together by the dQ / bias-gradient kernel (their dQ accumulators in registers).
   static constexpr int kDqGroup = kHeadDim <= 64 ? 2 : 1;
 
