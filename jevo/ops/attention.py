@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jevo.ops.varying import match_varying_axes
 from jevo.ops import backends
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -99,6 +100,7 @@ def _prepare(q, k, v, mask, bias, scale, implementation, deterministic) -> _Call
   if bias is not None:
     # Broadcasting here makes autodiff sum the bias gradient over the broadcast axes.
     bias = jnp.broadcast_to(bias.astype(q.dtype), batch + (1, h, s, s)).reshape(b, h, s, s)
+  q, k, v, mask, bias = match_varying_axes(q, k, v, mask, bias)
 
   name = _choose_backend(implementation, q, k, v, mask, bias)
   return _Call(q, k, v, mask, bias, scale, bool(deterministic), name,

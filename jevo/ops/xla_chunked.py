@@ -168,7 +168,8 @@ def _attention_bwd(scale, chunk, residuals, d_out):
     db_c = None if bias is None else jnp.sum(ds, axis=1).astype(bias.dtype)
     return (dk, dv), (dq_c.astype(q.dtype), db_c)
 
-  zeros = jnp.zeros(k.shape, F32)
+  # zeros_like keeps k's varying-manual-axes type, so the loop also type-checks inside shard_map.
+  zeros = jnp.zeros_like(k, dtype=F32)
   (dk, dv), (dq, dbias) = jax.lax.scan(one_chunk, (zeros, zeros), (jnp.arange(n_chunks), stats))
   dq = _unchunk(dq, 2, seq)
   dbias = None if bias is None else _unchunk(dbias, 2, seq)
