@@ -1,0 +1,147 @@
+"""Repository rule that finds the local tools and headers the CUDA library is built with.
+
+Bazel cannot know where this machine keeps nvcc, the Python interpreter or the headers of the
+installed Python packages, so `jevo_cuda_configure` looks them up when the repository is fetched,
+the way cuda/CMakeLists.txt does at configure time, and writes a repository with:
+
+  :nvcc              a launcher for the nvcc that was found
+  :python            a launcher for the Python interpreter that was found
+  :xla_ffi           XLA FFI headers of the installed jaxlib (jax.ffi.include_dir())
+  :cutlass           CUTLASS/CuTe headers of the nvidia-cutlass wheel
+  :pybind11          pybind11 headers
+  :python_headers    Python.h and friends of that interpreter
+
+Where they are looked up (first hit wins):
+  nvcc:    $CUDA_PATH/bin/nvcc, $CUDA_HOME/bin/nvcc, nvcc on PATH
+  Python:  $PYTHON_BIN_PATH, python3 on PATH, python on PATH
+
+The lookup runs again when one of those variables changes and whenever the Bazel server starts
+(the rule is `local`); after installing other versions of jax, nvidia-cutlass or pybind11 into the
+same environment, `bazel sync --configure` (or `bazel shutdown`) makes it look again.
+"""
+
+_NAME = "jevo Bazel build"
+
+def _fail(message):
+    fail("\n%s: %s" % (_NAME, message))
+
+def _sh_quote(s):
+    return "'" + s.replace("'", "'\\''") + "'"
+
+def _write_launcher(rctx, name, target):
+    # A script rather than a symlink: nvcc locates its own installation from the path it was
+    # started with, and a virtualenv's python from the path of its bin/ directory.
+    rctx.file(name, "#!/bin/sh\nexec %s \"$@\"\n" % _sh_quote(str(target)), executable = True)
+
+def _find_nvcc(rctx):
+    for var in ["CUDA_PATH", "CUDA_HOME"]:
+        root = rctx.os.environ.get(var, "")
+        if root:
+            nvcc = rctx.path(root + "/bin/nvcc")
+            if not nvcc.exists:
+                _fail("%s=%s but %s does not exist; point %s at a CUDA toolkit or unset it." %
+                      (var, root, nvcc, var))
+            return nvcc
+    nvcc = rctx.which("nvcc")
+    if not nvcc:
+        _fail("nvcc (the CUDA compiler) not found: install the CUDA toolkit and put its bin/ on " +
+              "PATH, or set CUDA_PATH to its root (e.g. CUDA_PATH=/usr/local/cuda).")
+    return nvcc
+
+def _find_python(rctx):
+    explicit = rctx.os.environ.get("PYTHON_BIN_PATH", "")
+    if explicit:
+        python = rctx.path(explicit) if explicit.startswith("/") else rctx.which(explicit)
+        if not python or not python.exists:
+            _fail("PYTHON_BIN_PATH=%s is not an existing Python interpreter." % explicit)
+        return python
+    for name in ["python3", "python"]:
+        python = rctx.which(name)
+        if python:
+            return python
+    _fail("no Python interpreter found (python3 or python on PATH); install one with jax, " +
+          "nvidia-cutlass and pybind11, or set PYTHON_BIN_PATH to it.")
+
+def _probe_python(rctx, python):
+    script = rctx.path(Label("//bazel:probe_python.py"))
+    result = rctx.execute([python, script])
+    if result.return_code != 0:
+        _fail("the build's Python dependencies are incomplete.\n%s\n" % result.stderr.rstrip() +
+              "Install what is missing (pip install jax nvidia-cutlass pybind11) into that " +
+              "interpreter's environment, or set PYTHON_BIN_PATH to another interpreter.")
+    found = {}
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            found[key] = value
+    return found
+
+def _nvcc_version(rctx, nvcc):
+    result = rctx.execute([nvcc, "--version"])
+    if result.return_code != 0:
+        _fail("%s --version failed:\n%s%s" % (nvcc, result.stdout, result.stderr))
+    for line in result.stdout.splitlines():
+        if "release" in line:
+            return line.strip()
+    return result.stdout.strip()
+
+def _impl(rctx):
+    nvcc = _find_nvcc(rctx)
+    nvcc_version = _nvcc_version(rctx, nvcc)
+    python = _find_python(rctx)
+    found = _probe_python(rctx, python)
+
+    # The interpreter that reported the headers (sys.executable), so a pyenv or conda shim on
+    # PATH does not stand between the build and the environment it probed.
+    _write_launcher(rctx, "nvcc", nvcc)
+    _write_launcher(rctx, "python", found["python"])
+
+    # The header directories are symlinked into this repository so that the compile actions can
+    # declare the headers as inputs (the sandbox sees them, edits trigger rebuilds).
+    includes = [
+        ("xla_ffi", "ffi_include", "XLA FFI headers of the installed jaxlib"),
+        ("cutlass", "cutlass_include", "CUTLASS/CuTe headers of the nvidia-cutlass wheel"),
+        ("pybind11", "pybind11_include", "pybind11 headers"),
+        ("python_headers", "python_include", "headers of Python " + found["python_version"]),
+    ]
+    build = [
+        "# Generated by jevo_cuda_configure (bazel/cuda_configure.bzl); do not edit.",
+        "load(%r, %r)" % (_main_repo_label("//bazel:cuda.bzl"), "cuda_include_dir"),
+        "",
+        "package(default_visibility = [\"//visibility:public\"])",
+        "",
+        "exports_files([\"nvcc\", \"python\"])",
+    ]
+    summary = ["nvcc: %s (%s)" % (nvcc, nvcc_version), "Python: %s" % found["python"]]
+    for name, key, what in includes:
+        rctx.symlink(found[key], name)
+        build += [
+            "",
+            "# %s: %s" % (what, found[key]),
+            "cuda_include_dir(",
+            "    name = %r," % name,
+            "    dir = %r," % name,
+            "    hdrs = glob([%r]),  " % (name + "/**") + "# everything: headers without suffixes too",
+            ")",
+        ]
+        summary.append("%s: %s" % (what, found[key]))
+    rctx.file("BUILD.bazel", "\n".join(build) + "\n")
+    rctx.file("WORKSPACE", "workspace(name = %r)\n" % rctx.name)
+    rctx.file("CONFIG.txt", "\n".join(summary) + "\n")
+
+    # Shown once per fetch, like CMake's configure messages.
+    print("%s uses\n  %s" % (_NAME, "\n  ".join(summary)))  # buildifier: disable=print
+
+def _main_repo_label(label):
+    # The generated BUILD file lives in another repository, so a label of the main repository
+    # must name it explicitly ("@//..."); str(Label) spells it differently across Bazel versions.
+    s = str(Label(label))
+    return "@" + s if s.startswith("//") else s
+
+jevo_cuda_configure = repository_rule(
+    implementation = _impl,
+    environ = ["CUDA_PATH", "CUDA_HOME", "PATH", "PYTHON_BIN_PATH"],
+    local = True,
+    configure = True,
+    doc = "Finds nvcc, Python and the jaxlib FFI, CUTLASS, pybind11 and Python headers.",
+)
