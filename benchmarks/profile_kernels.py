@@ -1,4 +1,5 @@
-"""One forward and one backward of a benchmark case through the CUDA kernels, for profilers:
+"""Two forwards and two backwards of a benchmark case through the CUDA kernels, for profilers.
+From benchmarks/:
 
     ncu --clock-control none -k regex:attention --launch-skip 2 --launch-count 3 \
         python benchmarks/profile_kernels.py msa_row
@@ -26,7 +27,6 @@ def main(case="msa_row"):
   for _ in range(2):
     jax.block_until_ready(fwd(q, k, v, bias))
     jax.block_until_ready(grad(q, k, v, bias))
-  print(jax.jit(lambda *a: jevo.evoformer_attention(*a[:3], mask=mask, bias=a[3], implementation="cuda")).lower(q, k, v, bias).as_text()[:3000])
 
 
 if __name__ == "__main__":
