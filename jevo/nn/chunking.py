@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jevo.ops.varying import vary_like
+
 
 def chunked(fn: Callable[..., jax.Array], args: Sequence[jax.Array | None],
             in_axes: Sequence[int | None], *, out_axis: int,
@@ -54,4 +56,6 @@ def chunked(fn: Callable[..., jax.Array], args: Sequence[jax.Array | None],
     piece = fn(*[take(a, ax, start) for a, ax in zip(args, in_axes)])
     return jax.lax.dynamic_update_slice_in_dim(out, piece.astype(out.dtype), start, out_ax)
 
-  return jax.lax.fori_loop(0, num_chunks, body, jnp.zeros(out_shape, out_spec.dtype))
+  # Inside shard_map the loop's carry must vary along the axes its inputs vary on.
+  init = vary_like(jnp.zeros(out_shape, out_spec.dtype), *args)
+  return jax.lax.fori_loop(0, num_chunks, body, init)

@@ -26,3 +26,11 @@ def match_varying_axes(*arrays):
     missing = () if x is None else tuple(sorted(union - _vma(x)))
     out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
   return tuple(out)
+
+
+def vary_like(x, *refs):
+  """`x` cast to vary along every axis that any of `refs` (None passes) varies on."""
+  refs = [r for r in refs if r is not None]
+  union = frozenset().union(*(_vma(r) for r in refs)) if refs else frozenset()
+  missing = tuple(sorted(union - _vma(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x

@@ -7,17 +7,15 @@ devices are. Other axes of the mesh, if any, are not used: the work is replicate
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 if hasattr(jax, "shard_map"):
-  _shard_map = functools.partial(jax.shard_map, check_vma=False)
+  _shard_map = jax.shard_map
 else:  # JAX releases before jax.shard_map
-  from jax.experimental.shard_map import shard_map as _experimental_shard_map
-  _shard_map = functools.partial(_experimental_shard_map, check_rep=False)
+  from jax.experimental.shard_map import shard_map as _shard_map
 
 MeshLike = Mesh | AbstractMesh
 
@@ -85,11 +83,6 @@ def place(x: jax.Array, mesh: MeshLike, axis: str, spec: PartitionSpec) -> jax.A
 
 
 def shard_map(f, *, mesh: MeshLike, in_specs, out_specs):
-  """`jax.shard_map` (or its experimental predecessor), manual over every axis of `mesh`.
-
-  Without its check of which values vary across devices (`check_vma`): loops inside the
-  attention op's backward and the modules' inference chunking start from constant zeros,
-  which that check rejects. Gradients are unaffected: the cotangents of replicated inputs
-  (the parameters) are summed over the axis, as the check would have it.
-  """
+  """`jax.shard_map` (or its experimental predecessor), manual over every axis of `mesh`, with
+  its check of which values vary across devices on."""
   return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
