@@ -19,6 +19,8 @@ import pathlib
 import subprocess
 import sys
 
+from common import median_ms  # benchmarks/ is the script's directory
+
 # name: (B, N, S, H, D), bias kind, forward only
 CASES = {
     "msa_row": ((1, 512, 384, 8, 32), "pair", False),
@@ -73,24 +75,6 @@ def _attention_fn(backend):
   return cudnn
 
 
-def _median_ms(fn, args, repeats, batch=5):
-  """Median over `repeats` of the mean time of `batch` calls queued back to back (so that the
-  host's dispatch overlaps the device's work), after a warm-up."""
-  import time
-  import jax
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(batch):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) * 1e3 / batch)
-  times.sort()
-  return times[len(times) // 2]
-
-
 def worker(case, backend, repeats):
   """Runs in its own process; prints one JSON line."""
   import jax
@@ -108,7 +92,7 @@ def worker(case, backend, repeats):
   try:
     jax.block_until_ready(fwd(q, k, v, mask, bias))  # one call alone: its peak is the peak
     result["fwd_peak_gib"] = (device.memory_stats()["peak_bytes_in_use"] - base) / 2**30
-    result["fwd_ms"] = _median_ms(fwd, (q, k, v, mask, bias), repeats)
+    result["fwd_ms"] = median_ms(fwd, (q, k, v, mask, bias), repeats, batch=5, warmup=2)
     result["fwd_tflops"] = flops(shape, False) / result["fwd_ms"] / 1e9
   except Exception as err:  # out of memory or unsupported: recorded, not fatal
     result["fwd_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -126,7 +110,7 @@ def worker(case, backend, repeats):
   try:
     jax.block_until_ready(grad(q, k, v, mask, bias))
     result["fwdbwd_peak_gib"] = (device.memory_stats()["peak_bytes_in_use"] - base) / 2**30
-    result["fwdbwd_ms"] = _median_ms(grad, (q, k, v, mask, bias), repeats)
+    result["fwdbwd_ms"] = median_ms(grad, (q, k, v, mask, bias), repeats, batch=5, warmup=2)
     result["fwdbwd_tflops"] = flops(shape, True) / result["fwdbwd_ms"] / 1e9
   except Exception as err:
     result["fwdbwd_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"

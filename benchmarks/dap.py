@@ -30,34 +30,17 @@ import re
 import subprocess
 import sys
 
+from common import median_ms, parse_shape  # benchmarks/ is the script's directory
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 WORKLOADS = {"train": "512x384", "infer": "128x2048"}  # N_seq x N_res
 
-
-def parse_shape(text: str) -> tuple[int, int]:
-  try:
-    n_seq, n_res = (int(part) for part in text.lower().split("x"))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"a shape is N_SEQxN_RES, e.g. 512x384, got {text!r}")
-  if n_seq <= 0 or n_res <= 0:
-    raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
-  return n_seq, n_res
 
 
 def _error(err: BaseException) -> str:
   lines = str(err).strip().splitlines()
   return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
-
-def _median_ms(fn, args, repeats: int) -> float:
-  import time
-  import jax
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return sorted(times)[len(times) // 2]
 
 
 def _memory(devices) -> list[dict]:
@@ -132,7 +115,7 @@ def worker(workload: str, n: int, shape: tuple[int, int], blocks: int, repeats: 
       result["peak_over_inputs_gib"] = max(
           a["peak_bytes_in_use"] - b.get("bytes_in_use", 0) for a, b in zip(after, before)
       ) / 2**30
-    result["ms"] = _median_ms(compiled, args, repeats)
+    result["ms"] = median_ms(compiled, args, repeats)
   except Exception as err:  # out of memory, unsupported backend, ...: recorded, not fatal
     result["error"] = _error(err)
   return result

@@ -21,31 +21,13 @@ import pathlib
 import subprocess
 import sys
 
+from common import median_ms, parse_shape  # benchmarks/ is the script's directory
+
 SHAPES = ("128x256", "512x384")  # N_seq x N_res: AlphaFold's initial and fine-tuning crops
 IMPLEMENTATIONS = ("cuda", "xla")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-  try:
-    n_seq, n_res = (int(part) for part in text.lower().split("x"))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"a shape is N_SEQxN_RES, e.g. 128x256, got {text!r}")
-  if n_seq <= 0 or n_res <= 0:
-    raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
-  return n_seq, n_res
-
-
-def _median_ms(step, args, repeats: int) -> float:
-  import time
-  import jax
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  times.sort()
-  return times[len(times) // 2]
 
 
 def _memory(device) -> dict:
@@ -99,7 +81,7 @@ def worker(shape: tuple[int, int], implementation: str, blocks: int, repeats: in
       result["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
       result["peak_over_inputs_gib"] = (stats["peak_bytes_in_use"] - before) / 2**30
     result["loss"] = float(loss)
-    result["step_ms"] = _median_ms(compiled, args, repeats)
+    result["step_ms"] = median_ms(compiled, args, repeats)
   except Exception as err:  # out of memory, unsupported backend, ...: recorded, not fatal
     result["error"] = _error(err)
   return result
