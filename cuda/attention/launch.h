@@ -14,7 +14,4 @@ cudaError_t run_attention_fwd(const FwdParams& p, cudaStream_t stream);
 template <typename Element, int kHeadDim>
 cudaError_t run_attention_bwd(const BwdParams& p, cudaStream_t stream);
 
-// Padded head dims the kernels are built for; a head dim D runs the smallest one >= D.
-constexpr int kSupportedHeadDims[] = {16, 32, 64, 128};
-
 }  // namespace jevo

@@ -38,7 +38,7 @@ def unsupported_reason(q, k, v, mask, bias):
 def attention(q, k, v, mask, bias, *, scale, deterministic):
   del deterministic  # the kernels are always deterministic
   mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
-  bias_arg = jnp.zeros((0,), q.dtype) if bias is None else bias.astype(q.dtype)
+  bias_arg = jnp.zeros((0,), q.dtype) if bias is None else bias  # already in q's dtype
   return _attention(q, k, v, mask_arg, bias_arg, float(scale))
 
 

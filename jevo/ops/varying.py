@@ -15,22 +15,14 @@ def _vma(x):
   return frozenset(getattr(aval, "vma", ()))  # earlier spelling
 
 
-def match_varying_axes(*arrays):
-  """The arrays (None passes through), each cast to vary along every axis any of them varies on."""
-  present = [x for x in arrays if x is not None]
-  union = frozenset().union(*(_vma(x) for x in present)) if present else frozenset()
-  if not union:
-    return arrays
-  out = []
-  for x in arrays:
-    missing = () if x is None else tuple(sorted(union - _vma(x)))
-    out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-  return tuple(out)
-
-
 def vary_like(x, *refs):
   """`x` cast to vary along every axis that any of `refs` (None passes) varies on."""
   refs = [r for r in refs if r is not None]
   union = frozenset().union(*(_vma(r) for r in refs)) if refs else frozenset()
   missing = tuple(sorted(union - _vma(x)))
   return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def match_varying_axes(*arrays):
+  """The arrays (None passes through), each cast to vary along every axis any of them varies on."""
+  return tuple(None if x is None else vary_like(x, *arrays) for x in arrays)
