@@ -63,8 +63,11 @@ def _attention_fn(backend):
   def cudnn(q, k, v, mask, bias):
     b, n, s, h, d = q.shape
     fold = lambda x: x.reshape(b * n, s, h, d)  # noqa: E731  rows of N become batch entries
-    # cuDNN takes the key mask as [B*N, 1, 1, S] and the pair bias as [1, H, S, S], each broadcast.
+    # cuDNN takes the key mask as [B*N, 1, 1, S] and the pair bias as [1, H, S, S], each broadcast;
+    # without a bias it wants the mask with its query axis too ([B*N, 1, S, S]).
     cmask = mask.reshape(b * n, 1, 1, s)
+    if bias is None:
+      cmask = jnp.broadcast_to(cmask, (b * n, 1, s, s))
     cbias = None if bias is None else bias.reshape(b, h, s, s)
     if cbias is not None and b > 1:
       cbias = jnp.repeat(cbias, n, axis=0)

@@ -9,6 +9,7 @@
 
 #include <cuda_runtime.h>
 
+#include "attention/grid.h"
 #include "attention/kernel_traits.h"
 #include "attention/logits.h"
 #include "attention/params.h"
@@ -16,47 +17,54 @@
 
 namespace jevo {
 
+// The saved log-sum-exp (times log2(e)) and delta = rowsum(dO * O) of this thread's rows of a
+// query tile, loaded a step before they are needed so that the loads' latency is hidden.
+template <int kRows>
+struct RowStats {
+  float lse_log2[kRows];
+  float delta[kRows];
+
+  template <int kNWarps>
+  CUTE_DEVICE void load(const float* lse, const float* delta_rows, int m0, int S,
+                        AccCoords<kNWarps> const& at) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int qi = m0 + at.row(r);
+      // Rows past S (and fully masked rows, whose LSE is +inf) get P = 0.
+      lse_log2[r] = qi < S ? lse[qi] * kLog2e : INFINITY;
+      delta[r] = qi < S ? delta_rows[qi] : 0.f;
+    }
+  }
+};
+
 // P = exp(s - lse) and dS = P * (dP - delta) for the rows of one tile, in place in s and dp.
-template <int kNWarps, typename STensor, typename DPTensor>
-CUTE_DEVICE void softmax_grad(STensor& s, DPTensor& dp, AccCoords<kNWarps> const& at, int m0, int S,
-                              const float* lse, const float* delta) {
-  constexpr int kRows = decltype(size<0>(s))::value;
+template <typename STensor, typename DPTensor, int kRows>
+CUTE_DEVICE void softmax_grad(STensor& s, DPTensor& dp, RowStats<kRows> const& stats) {
+  static_assert(decltype(size<0>(s))::value == kRows);
   constexpr int kCols = decltype(size<1>(s))::value;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const int qi = m0 + at.row(r);
-    // Rows past S (and fully masked rows, whose LSE is +inf) get P = 0.
-    const float lse_log2 = qi < S ? lse[qi] * kLog2e : INFINITY;
-    const float d = qi < S ? delta[qi] : 0.f;
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
-      const float pv = exp2f(s(r, c) - lse_log2);
+      const float pv = exp2f(fmaf(s(r, c), kLog2e, -stats.lse_log2[r]));
       s(r, c) = pv;
-      dp(r, c) = pv * (dp(r, c) - d);
+      dp(r, c) = pv * (dp(r, c) - stats.delta[r]);
     }
   }
 }
 
-// Stages partial[m0 : m0 + kBlockM, n0 : n0 + kBlockN] (fp32, rows of S) in shared memory:
-// 16-byte cp.async when rows are 16-byte aligned (S % 4 == 0), plain loads otherwise.
-template <int kBlockM, int kBlockN, int kStride, int kNThreads>
-CUTE_DEVICE void load_partial_tile(float* staged, const float* partial, int m0, int n0, int S, int tid) {
-  if (S % 4 == 0) {
-    constexpr int kChunksPerRow = kBlockN / 4;
-    using Copy = SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>;
+// Writes the (rows, cols) view of an fp32 accumulator tile to a shared [kBlockM, kBlockN] tile
+// in the element type, two neighbouring columns (one 32-bit word) at a time.
+template <typename Element, int kNWarps, typename RowCol, typename SmemTensor>
+CUTE_DEVICE void store_tile_pairs(RowCol const& rc, AccCoords<kNWarps> const& at, SmemTensor& smem) {
 #pragma unroll
-    for (int c = tid; c < kBlockM * kChunksPerRow; c += kNThreads) {
-      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 4;
-      const bool valid = m0 + r < S && n0 + col < S;
-      const float* src = valid ? partial + int64_t(m0 + r) * S + n0 + col : partial;
-      Copy::copy(*reinterpret_cast<const uint128_t*>(src),
-                 *reinterpret_cast<uint128_t*>(staged + r * kStride + col), valid);
-    }
-  } else {
-    for (int e = tid; e < kBlockM * kBlockN; e += kNThreads) {
-      const int r = e / kBlockN, col = e % kBlockN;
-      const bool valid = m0 + r < S && n0 + col < S;
-      staged[r * kStride + col] = valid ? partial[int64_t(m0 + r) * S + n0 + col] : 0.f;
+  for (int r = 0; r < size<0>(rc); ++r) {
+#pragma unroll
+    for (int c = 0; c < size<1>(rc); c += 2) {
+      cutlass::Array<Element, 2> pair;  // columns col and col + 1 share a 16-byte swizzle chunk
+      pair[0] = static_cast<Element>(rc(r, c));
+      pair[1] = static_cast<Element>(rc(r, c + 1));
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(&smem(at.row(r), at.col(c))) = pair;
     }
   }
 }
@@ -84,6 +92,47 @@ CUTE_DEVICE void store_rows(Acc const& acc, AccCoords<kNWarps> const& at, Elemen
   }
 }
 
+// partial[m0.., n0..] = (first ? 0 : old) + db for this thread's elements of a tile, where old
+// is the staged copy of the partial tile (use_staged) or the partial itself. Whole tiles of an
+// even S take two neighbouring columns (8 bytes) at a time and skip the bounds checks.
+template <int kBlockM, int kBlockN, int kStride, int kNWarps, typename RowCol>
+CUTE_DEVICE void accumulate_partial(RowCol const& db, AccCoords<kNWarps> const& at, float* partial,
+                                    const float* staged, bool first, bool use_staged, int m0, int n0,
+                                    int S) {
+  if (m0 + kBlockM <= S && n0 + kBlockN <= S && S % 2 == 0) {
+#pragma unroll
+    for (int r = 0; r < size<0>(db); ++r) {
+      const int row = at.row(r);
+      float* out = partial + int64_t(m0 + row) * S + n0;
+#pragma unroll
+      for (int c = 0; c < size<1>(db); c += 2) {
+        const int col = at.col(c);
+        float2 old = make_float2(0.f, 0.f);
+        if (!first) {
+          old = use_staged ? *reinterpret_cast<const float2*>(staged + row * kStride + col)
+                           : *reinterpret_cast<const float2*>(out + col);
+        }
+        *reinterpret_cast<float2*>(out + col) = make_float2(old.x + db(r, c), old.y + db(r, c + 1));
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < size<0>(db); ++r) {
+    const int qi = m0 + at.row(r);
+#pragma unroll
+    for (int c = 0; c < size<1>(db); ++c) {
+      const int kj = n0 + at.col(c);
+      if (qi < S && kj < S) {
+        const float old = first        ? 0.f
+                          : use_staged ? staged[at.row(r) * kStride + at.col(c)]
+                                       : partial[int64_t(qi) * S + kj];
+        partial[int64_t(qi) * S + kj] = old + db(r, c);
+      }
+    }
+  }
+}
+
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) attention_bwd_dkdv_kernel(const BwdParams p) {
   using Element = typename Traits::Element;
@@ -94,12 +143,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
   static_assert(kBlockM == kBlockN, "one tiled mma serves queries x keys and keys x head dim");
 
   const AttentionShape& sh = p.shape;
-  const int64_t bn = blockIdx.x;
-  const int n0 = blockIdx.y * kBlockN;
-  const int64_t h = blockIdx.z;
-  const int tid = threadIdx.x;
   const int S = static_cast<int>(sh.seq);
   const int D = static_cast<int>(sh.head_dim);
+  const TileCoord tc = decode_tile_coord((S + kBlockN - 1) / kBlockN, sh.heads);
+  const int64_t bn = tc.outer;
+  const int n0 = tc.tile * kBlockN;
+  const int64_t h = tc.head;
+  const int tid = threadIdx.x;
   const int64_t b = bn / sh.n;
   const int64_t row_stride = sh.heads * sh.head_dim;
   const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
@@ -179,14 +229,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
   Tensor sdSt_part = thr_copy_at.partition_S(sdSt);
 
   const AccCoords<Traits::kNWarps> at(tid);
-  const uint64_t valid = key_valid_bits<kBlockN>(mask, n0, S);  // the keys of this CTA
-  const float scale_log2 = p.scale * kLog2e;
+  KeyMaskPrefetch key_mask;
+  key_mask.fetch<kBlockN>(mask, n0, S);
+  const uint64_t valid = key_mask.bits();  // the keys of this CTA
   const int m_blocks = (S + kBlockM - 1) / kBlockM;
+  constexpr int kRows = 2 * (kBlockM / (16 * Traits::kNWarps));
+  RowStats<kRows> stats, next_stats;
+  stats.load(lse, delta, 0, S, at);
 
   for (int mb = 0; mb < m_blocks; ++mb) {
-    const int m0 = mb * kBlockM;
     if (mb + 1 < m_blocks) {
       issue(mb + 1);  // into the stage the previous iteration finished with
+      next_stats.load(lse, delta, (mb + 1) * kBlockM, S, at);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -207,16 +261,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
-    logits_log2(s, at, scale_log2, bias ? stage_bias(mb & 1) : nullptr, valid);
-    softmax_grad(s, dp, at, m0, S, lse, delta);
-#pragma unroll
-    for (int r = 0; r < size<0>(s); ++r) {
-#pragma unroll
-      for (int c = 0; c < size<1>(s); ++c) {
-        sP(at.row(r), at.col(c)) = static_cast<Element>(s(r, c));
-        sdS(at.row(r), at.col(c)) = static_cast<Element>(dp(r, c));
-      }
-    }
+    logits(s, at, p.scale, bias ? stage_bias(mb & 1) : nullptr, valid);
+    softmax_grad(s, dp, stats);
+    store_tile_pairs<Element>(s, at, sP);
+    store_tile_pairs<Element>(dp, at, sdS);
     __syncthreads();
 
     gemm_ss(acc_dv, rPt, rdOt, sPt_part, thr_copy_bt.partition_S(sdOt), mma, copy_at, copy_bt,
@@ -224,6 +272,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
     gemm_ss(acc_dk, rdSt, rQt, sdSt_part, thr_copy_bt.partition_S(sQt), mma, copy_at, copy_bt,
             thr_copy_at, thr_copy_bt);
     __syncthreads();  // every warp is done with this stage, P and dS
+    stats = next_stats;
   }
 
   Element* dk = static_cast<Element*>(p.dk) + base;
@@ -232,10 +281,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
   store_rows(acc_dv, at, dv, row_stride, n0, S, D, 1.f);
 }
 
+// Shared memory of the dQ / bias-gradient kernel: two stages (by group parity) of kGroup (Q, dO)
+// tile pairs, and two stages (by step parity) of (K, V, bias tile), so that the next step streams
+// in during this one; with a bias, also two stages of the fp32 partial tile that the step's
+// read-modify-write reads (first, for alignment).
+template <typename Traits, int kGroup, bool kHasBias>
+struct DqSmem {
+  static constexpr int kPartialStride = Traits::kBlockN + 8;  // floats; 16-byte aligned rows
+  static constexpr int kPartialElems = kHasBias ? Traits::kBlockM * kPartialStride : 0;
+  static constexpr int kBiasElems = kHasBias ? BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems : 0;
+  static constexpr int kQStageElems = kGroup * 2 * Traits::kTileElemsQ;
+  static constexpr int kKVStageElems = 2 * Traits::kTileElemsKV + kBiasElems;
+  static constexpr int kBytes = 2 * kPartialElems * int(sizeof(float)) +
+                                2 * (kQStageElems + kKVStageElems) * int(sizeof(typename Traits::Element));
+};
+
 // kGroup n share each read-modify-write of the bias-gradient partial (with a bias: 2 for head
 // dims up to 64, whose dQ accumulators fit in registers); without a bias it is 1, which leaves
 // registers for more resident CTAs.
-template <typename Traits, int kGroup>
+template <typename Traits, int kGroup, bool kHasBias>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (kGroup == 1 ? 3 : 2) : 1)
     attention_bwd_dq_kernel(const BwdParams p) {
   using Element = typename Traits::Element;
@@ -245,31 +309,30 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
   constexpr int kNThreads = Traits::kNThreads;
 
   const AttentionShape& sh = p.shape;
-  const int64_t chunk = blockIdx.x % p.n_chunks;
-  const int64_t b = blockIdx.x / p.n_chunks;
-  const int m0 = blockIdx.y * kBlockM;
-  const int64_t h = blockIdx.z;
-  const int tid = threadIdx.x;
   const int S = static_cast<int>(sh.seq);
   const int D = static_cast<int>(sh.head_dim);
+  const TileCoord tc = decode_tile_coord((S + kBlockM - 1) / kBlockM, sh.heads);
+  const int64_t chunk = tc.outer % p.n_chunks;
+  const int64_t b = tc.outer / p.n_chunks;
+  const int m0 = tc.tile * kBlockM;
+  const int64_t h = tc.head;
+  const int tid = threadIdx.x;
   const int64_t row_stride = sh.heads * sh.head_dim;
   const int64_t n_begin = chunk * sh.n / p.n_chunks;
   const int64_t n_end = (chunk + 1) * sh.n / p.n_chunks;
   const Element* bias =
-      p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
-  float* dbias = p.bias ? p.dbias_partial + ((chunk * sh.batch + b) * sh.heads + h) * sh.seq * sh.seq
+      kHasBias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+  float* dbias = kHasBias ? p.dbias_partial + ((chunk * sh.batch + b) * sh.heads + h) * sh.seq * sh.seq
                         : nullptr;
 
   // The n of a chunk are taken kGroup at a time: for each key tile, the kGroup dS tiles are
   // summed in registers before the one read-modify-write of the fp32 bias-gradient partial,
   // which divides that traffic (the bound of this kernel) by kGroup.
-  constexpr int kPartialStride = kBlockN + 8;  // floats; rows 16-byte aligned, 2 wavefronts a warp
-  constexpr int kPartialElems = kBlockM * kPartialStride;
-  // Shared memory: two stages (by group parity) of kGroup (Q, dO) tile pairs, and two stages (by
-  // step parity) of (K, V, bias tile), so that the next step streams in during this one.
-  constexpr int kBiasElems = BiasTileLayout<kBlockM, kBlockN>::kElems;
-  constexpr int kQStageElems = kGroup * 2 * Traits::kTileElemsQ;
-  constexpr int kKVStageElems = 2 * Traits::kTileElemsKV + kBiasElems;
+  using Smem = DqSmem<Traits, kGroup, kHasBias>;
+  constexpr int kPartialStride = Smem::kPartialStride;
+  constexpr int kPartialElems = Smem::kPartialElems;
+  constexpr int kQStageElems = Smem::kQStageElems;
+  constexpr int kKVStageElems = Smem::kKVStageElems;
   extern __shared__ __align__(128) char smem[];
   // Two stages of the fp32 partial tile that the step's read-modify-write will read, prefetched
   // with the step's other loads so that the read's latency is hidden (first, for alignment).
@@ -331,9 +394,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
     Tensor sV = stage_v(st.parity);
     load_tile_async<kNThreads>(sK, static_cast<const Element*>(p.k) + base, row_stride, S - n0, D, tid);
     load_tile_async<kNThreads>(sV, static_cast<const Element*>(p.v) + base, row_stride, S - n0, D, tid);
-    if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(st.parity), bias, m0, n0, S, tid);
-    if (dbias && st.sub + 1 == st.size && st.n0 != n_begin && staged_rmw(st)) {
-      load_partial_tile<kBlockM, kBlockN, kPartialStride, kNThreads>(
+    if (kHasBias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(st.parity), bias, m0, n0, S, tid);
+    if (kHasBias && st.sub + 1 == st.size && st.n0 != n_begin && staged_rmw(st)) {
+      load_square_tile<kBlockM, kBlockN, kPartialStride, kNThreads>(
           partial_stages + st.parity * kPartialElems, dbias, m0, n0, S, tid);
     }
     cp_async_fence();
@@ -357,7 +420,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
   auto thr_copy_bt = copy_bt.get_thread_slice(tid);
 
   const AccCoords<Traits::kNWarps> at(tid);
-  const float scale_log2 = p.scale * kLog2e;
+  constexpr int kRows = 2 * (kBlockM / (16 * Traits::kNWarps));
+  // The key mask and row statistics of a step, fetched one step ahead.
+  auto prefetch = [&](const Step& st, KeyMaskPrefetch& key_mask, RowStats<kRows>& stats) {
+    const int64_t bn = b * sh.n + st.n0 + st.sub;
+    key_mask.fetch<kBlockN>(p.mask ? p.mask + bn * sh.seq : nullptr, st.nb * kBlockN, S);
+    stats.load(p.lse + (bn * sh.heads + h) * sh.seq, p.delta + (bn * sh.heads + h) * sh.seq, m0, S, at);
+  };
+  KeyMaskPrefetch key_mask, next_key_mask;
+  RowStats<kRows> stats, next_stats;
+  prefetch(cur, key_mask, stats);
   using AccQ = decltype(partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using AccS = decltype(partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{}));
   AccQ acc_dq[kGroup];
@@ -369,11 +441,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
     const Step next = advance(cur);
     const int64_t n = cur.n0 + cur.sub;
     const int n0 = cur.nb * kBlockN;
-    const int64_t bn = b * sh.n + n;
-    const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
-    const uint64_t valid = key_valid_bits<kBlockN>(mask, n0, S);
+    const uint64_t valid = key_mask.bits();
     if (next.n0 < n_end) {
       issue(next);  // into the stages the previous step finished with
+      prefetch(next, next_key_mask, next_stats);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -395,32 +466,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
-    logits_log2(s, at, scale_log2, bias ? stage_bias(cur.parity) : nullptr, valid);
-    softmax_grad(s, dp, at, m0, S, p.lse + (bn * sh.heads + h) * sh.seq,
-                 p.delta + (bn * sh.heads + h) * sh.seq);
+    logits_tile<kHasBias>(s, at, p.scale, stage_bias(cur.parity), valid);
+    softmax_grad(s, dp, stats);
 
-    if (dbias) {
+    if constexpr (kHasBias) {
 #pragma unroll
       for (int i = 0; i < size(acc_dp); ++i) acc_bias(i) = cur.sub == 0 ? acc_dp(i) : acc_bias(i) + acc_dp(i);
       if (cur.sub + 1 == cur.size) {
         // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
-        const bool first = cur.n0 == n_begin;
-        const float* staged = partial_stages + cur.parity * kPartialElems;
         Tensor db = make_tensor(acc_bias.data(), acc_rowcol_layout(acc_bias.layout()));
-#pragma unroll
-        for (int r = 0; r < size<0>(db); ++r) {
-          const int qi = m0 + at.row(r);
-#pragma unroll
-          for (int c = 0; c < size<1>(db); ++c) {
-            const int kj = n0 + at.col(c);
-            if (qi < S && kj < S) {
-              const float old = first ? 0.f
-                                : staged_rmw(cur) ? staged[at.row(r) * kPartialStride + at.col(c)]
-                                                  : dbias[int64_t(qi) * S + kj];
-              dbias[int64_t(qi) * S + kj] = old + db(r, c);
-            }
-          }
-        }
+        accumulate_partial<kBlockM, kBlockN, kPartialStride>(
+            db, at, dbias, partial_stages + cur.parity * kPartialElems, cur.n0 == n_begin,
+            staged_rmw(cur), m0, n0, S);
       }
     }
 
@@ -438,6 +495,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
     }
     __syncthreads();  // every warp is done with this step's stages
     cur = next;
+    key_mask = next_key_mask;
+    stats = next_stats;
   }
 }
 
@@ -452,21 +511,16 @@ __global__ void reduce_dbias_kernel(const float* partial, int64_t n_chunks, int6
   }
 }
 
-template <typename Traits, int kGroup>
+template <typename Traits, int kGroup, bool kHasBias>
 cudaError_t launch_dq(const BwdParams& p, unsigned m_tiles, cudaStream_t stream) {
-  constexpr int kBiasElems = BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
-  constexpr int kSmem =
-      2 * Traits::kBlockM * (Traits::kBlockN + 8) * sizeof(float) +
-      (4 * kGroup * Traits::kTileElemsQ + 2 * (2 * Traits::kTileElemsKV + kBiasElems)) *
-          sizeof(typename Traits::Element);
-  auto dq = attention_bwd_dq_kernel<Traits, kGroup>;
+  constexpr int kSmem = DqSmem<Traits, kGroup, kHasBias>::kBytes;
+  auto dq = attention_bwd_dq_kernel<Traits, kGroup, kHasBias>;
   if (kSmem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
   }
-  dq<<<dim3(static_cast<unsigned>(p.shape.batch * p.n_chunks), m_tiles,
-            static_cast<unsigned>(p.shape.heads)),
-       Traits::kNThreads, kSmem, stream>>>(p);
+  dq<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.n_chunks), Traits::kNThreads, kSmem,
+       stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -486,13 +540,12 @@ cudaError_t launch_attention_bwd(const BwdParams& p, cudaStream_t stream) {
     cudaError_t err = cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemDkdv);
     if (err != cudaSuccess) return err;
   }
-  dkdv<<<dim3(static_cast<unsigned>(sh.batch * sh.n), n_tiles, static_cast<unsigned>(sh.heads)),
-         Traits::kNThreads, kSmemDkdv, stream>>>(p);
+  dkdv<<<tile_grid(n_tiles, sh.heads, sh.batch * sh.n), Traits::kNThreads, kSmemDkdv, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  err = p.bias ? launch_dq<Traits, Traits::kDqGroup>(p, m_tiles, stream)
-               : launch_dq<Traits, 1>(p, m_tiles, stream);
+  err = p.bias ? launch_dq<Traits, Traits::kDqGroup, true>(p, m_tiles, stream)
+               : launch_dq<Traits, 1, false>(p, m_tiles, stream);
   if (err != cudaSuccess || p.bias == nullptr) return err;
 
   const int64_t count = sh.batch * sh.heads * sh.seq * sh.seq;

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include "attention/grid.h"
 #include "attention/kernel_traits.h"
 #include "attention/logits.h"
 #include "attention/params.h"
@@ -19,14 +20,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kNThreads = Traits::kNThreads;
+  constexpr int kStages = Traits::kStagesFwd;
+  static_assert(kStages == 2 || kStages == 3);
 
   const AttentionShape& sh = p.shape;
-  const int64_t bn = blockIdx.x;  // b * N + n
-  const int m0 = blockIdx.y * kBlockM;
-  const int64_t h = blockIdx.z;
-  const int tid = threadIdx.x;
   const int S = static_cast<int>(sh.seq);
   const int D = static_cast<int>(sh.head_dim);
+  const TileCoord tc = decode_tile_coord((S + kBlockM - 1) / kBlockM, sh.heads);
+  const int64_t bn = tc.outer;  // b * N + n
+  const int64_t h = tc.head;
+  const int m0 = tc.tile * kBlockM;
+  const int tid = threadIdx.x;
   const int64_t b = bn / sh.n;
   const int64_t row_stride = sh.heads * sh.head_dim;
   const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
@@ -39,76 +43,93 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
   const Element* bias =
       p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
 
+  // Shared memory: Q, then kStages stages of (K, V, bias tile) in a ring, so that the loads of a
+  // key tile have at least one whole tile of work to land in.
+  constexpr int kBiasElems = BiasTileLayout<kBlockM, kBlockN>::kElems;
+  constexpr int kStageElemsK = Traits::kTileElemsKV;
+  constexpr int kStageElems = 2 * kStageElemsK + kBiasElems;
   extern __shared__ __align__(128) char smem[];
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
-  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutKVt{});
-  Element* sbias = bias ? raw_pointer_cast(sV.data() + size(sV)) : nullptr;
+  Element* stages = raw_pointer_cast(sQ.data() + size(sQ));
+  auto stage_k = [&](int st) {
+    return make_tensor(make_smem_ptr(stages + st * kStageElems), typename Traits::SmemLayoutKV{});
+  };
+  auto stage_vt = [&](int st) {
+    return make_tensor(make_smem_ptr(stages + st * kStageElems + kStageElemsK),
+                       typename Traits::SmemLayoutKVt{});
+  };
+  auto stage_bias = [&](int st) { return stages + st * kStageElems + 2 * kStageElemsK; };
+
+  const int n_blocks = (S + kBlockN - 1) / kBlockN;
+  // Loads key tile `nb` into stage nb % kStages and commits one cp.async group (empty past the
+  // last tile, so that the group count per iteration stays fixed).
+  auto issue = [&](int nb) {
+    if (nb < n_blocks) {
+      const int st = nb % kStages, n0 = nb * kBlockN;
+      Tensor sK = stage_k(st);
+      Tensor sV = make_tensor(make_smem_ptr(stages + st * kStageElems + kStageElemsK),
+                              typename Traits::SmemLayoutKV{});
+      load_tile_async<kNThreads>(sK, k + n0 * row_stride, row_stride, S - n0, D, tid);
+      load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
+      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(st), bias, m0, n0, S, tid);
+    }
+    cp_async_fence();
+  };
 
   load_tile_async<kNThreads>(sQ, q + m0 * row_stride, row_stride, S - m0, D, tid);
-  load_tile_async<kNThreads>(sK, k, row_stride, S, D, tid);
-  if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, m0, 0, S, tid);
-  cp_async_fence();
+  issue(0);  // the same group as Q
+  issue(1);
+  KeyMaskPrefetch key_mask;
+  key_mask.fetch<kBlockN>(mask, 0, S);
 
   typename Traits::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
   Tensor rQ = thr_mma.partition_fragment_A(sQ);
-  Tensor rK = thr_mma.partition_fragment_B(sK);
-  Tensor rVt = thr_mma.partition_fragment_B(sVt);
+  Tensor rK = thr_mma.partition_fragment_B(stage_k(0));
+  Tensor rVt = thr_mma.partition_fragment_B(stage_vt(0));
   Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   clear(acc_o);
 
   auto copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
   auto thr_copy_q = copy_q.get_thread_slice(tid);
-  Tensor sQ_part = thr_copy_q.partition_S(sQ);
   auto copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
   auto thr_copy_k = copy_k.get_thread_slice(tid);
-  Tensor sK_part = thr_copy_k.partition_S(sK);
   auto copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);
   auto thr_copy_v = copy_v.get_thread_slice(tid);
-  Tensor sVt_part = thr_copy_v.partition_S(sVt);
+
+  // Q stays in registers for the whole key loop.
+  cp_async_wait<1>();
+  __syncthreads();
+  cute::copy(copy_q, thr_copy_q.partition_S(sQ), thr_copy_q.retile_D(rQ));
 
   const AccCoords<Traits::kNWarps> at(tid);
   constexpr int kRows = 2 * (kBlockM / (16 * Traits::kNWarps));
   constexpr int kCols = kBlockN / 4;
 
-  float row_max[kRows];
+  float row_max[kRows];  // natural units
   float row_sum[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     row_max[r] = -INFINITY;
     row_sum[r] = 0.f;
   }
-  const float scale_log2 = p.scale * kLog2e;
-  const int n_blocks = (S + kBlockN - 1) / kBlockN;
 
-  uint64_t valid = key_valid_bits<kBlockN>(mask, 0, S);
   for (int nb = 0; nb < n_blocks; ++nb) {
-    const int n0 = nb * kBlockN;
-    cp_async_wait<0>();
-    __syncthreads();  // K tile (and Q) landed; every warp is done with the previous V tile
-    load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
-    cp_async_fence();
+    const int st = nb % kStages;
+    const uint64_t valid = key_mask.bits();
+    if (nb + 1 < n_blocks) key_mask.fetch<kBlockN>(mask, (nb + 1) * kBlockN, S);
+    cp_async_wait<1>();
+    __syncthreads();  // tile nb landed; every warp is done with tile nb - 1
+    if constexpr (kStages == 3) issue(nb + 2);  // into the stage of tile nb - 1
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    gemm_ss(acc_s, rQ, rK, sQ_part, sK_part, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
+    gemm_rs(acc_s, rQ, rK, thr_copy_k.partition_S(stage_k(st)), mma, copy_k, thr_copy_k);
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
-    logits_log2(s, at, scale_log2, sbias, valid);
+    logits(s, at, p.scale, bias ? stage_bias(st) : nullptr, valid);
 
-    cp_async_wait<0>();
-    __syncthreads();  // V tile landed; every warp is done with this K tile
-    if (nb + 1 < n_blocks) {
-      load_tile_async<kNThreads>(sK, k + (n0 + kBlockN) * row_stride, row_stride,
-                                 S - n0 - kBlockN, D, tid);
-      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(sbias, bias, m0, n0 + kBlockN, S, tid);
-      cp_async_fence();
-      valid = key_valid_bits<kBlockN>(mask, n0 + kBlockN, S);
-    }
-
-    // Online softmax: rescale what was accumulated by exp2(old max - new max).
+    // Online softmax: rescale what was accumulated by exp(old max - new max).
     Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -117,13 +138,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
       for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
       mx = quad_max(mx);
       // A row with every key so far masked keeps max -inf; subtract 0 then so no inf - inf.
-      const float base_max = mx == -INFINITY ? 0.f : mx;
-      const float correction = exp2f(row_max[r] - base_max);
+      const float base_log2 = (mx == -INFINITY ? 0.f : mx) * kLog2e;
+      const float correction = exp2f(row_max[r] * kLog2e - base_log2);
       row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
-        const float pv = exp2f(s(r, c) - base_max);
+        const float pv = exp2f(fmaf(s(r, c), kLog2e, -base_log2));
         s(r, c) = pv;
         sum += pv;
       }
@@ -134,7 +155,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
 
     Tensor p_frag = convert_fragment<Element>(acc_s);
     Tensor rP = make_tensor(p_frag.data(), acc_as_a_layout(p_frag.layout()));
-    gemm_rs(acc_o, rP, rVt, sVt_part, mma, copy_v, thr_copy_v);
+    gemm_rs(acc_o, rP, rVt, thr_copy_v.partition_S(stage_vt(st)), mma, copy_v, thr_copy_v);
+
+    if constexpr (kStages == 2) {
+      __syncthreads();  // every warp is done with tile nb
+      issue(nb + 2);    // into its stage
+    }
   }
 
   // Normalise, write O and the log-sum-exp. A fully masked row has sum 0: output 0, LSE +inf
@@ -157,25 +183,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
           *reinterpret_cast<cutlass::Array<Element, 2>*>(o + int64_t(qi) * row_stride + d) = pair;
         }
       }
-      if ((tid & 3) == 0) lse[qi] = sum > 0.f ? (row_max[r] + log2f(sum)) * kLn2 : INFINITY;
+      if ((tid & 3) == 0) lse[qi] = sum > 0.f ? row_max[r] + __logf(sum) : INFINITY;
     }
   }
 }
 
 template <typename Traits>
 cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
-  constexpr int kSmem = (Traits::kTileElemsQ + 2 * Traits::kTileElemsKV +
-                        BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems) *
-                       sizeof(typename Traits::Element);
+  constexpr int kStageElems =
+      2 * Traits::kTileElemsKV + BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
+  constexpr int kSmem =
+      (Traits::kTileElemsQ + Traits::kStagesFwd * kStageElems) * sizeof(typename Traits::Element);
   auto kernel = attention_fwd_kernel<Traits>;
   if (kSmem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(static_cast<unsigned>(p.shape.batch * p.shape.n),
-                  static_cast<unsigned>((p.shape.seq + Traits::kBlockM - 1) / Traits::kBlockM),
-                  static_cast<unsigned>(p.shape.heads));
-  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(p);
+  const int64_t m_tiles = (p.shape.seq + Traits::kBlockM - 1) / Traits::kBlockM;
+  kernel<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads, kSmem,
+           stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -20,16 +20,24 @@ struct AccCoords {
   CUTE_DEVICE int col(int c) const { return col0 + (c >> 1) * 8 + (c & 1); }
 };
 
-// Bit j set when key n0 + j exists and is not masked; the same value in every lane of the warp.
-template <int kBlockN>
-CUTE_DEVICE uint64_t key_valid_bits(const uint8_t* mask, int n0, int S) {
-  static_assert(kBlockN == 64, "one 64-bit word per key tile");
-  const int lane = threadIdx.x % 32;
-  const int j0 = n0 + lane, j1 = n0 + 32 + lane;
-  const bool v0 = j0 < S && (mask == nullptr || mask[j0] != 0);
-  const bool v1 = j1 < S && (mask == nullptr || mask[j1] != 0);
-  return uint64_t(__ballot_sync(0xffffffff, v0)) | (uint64_t(__ballot_sync(0xffffffff, v1)) << 32);
-}
+// The key mask of one key tile as 64 bits (bit j: key n0 + j exists and is not masked), built
+// in two halves so that the byte loads of the next tile are in flight while this one is
+// computed: fetch() issues them, bits() turns them into the word (the same in every lane).
+struct KeyMaskPrefetch {
+  uint8_t lo = 1, hi = 1;  // the bytes of keys n0 + lane and n0 + 32 + lane (0: masked or past S)
+
+  template <int kBlockN>
+  CUTE_DEVICE void fetch(const uint8_t* mask, int n0, int S) {
+    static_assert(kBlockN == 64, "one 64-bit word per key tile");
+    const int j0 = n0 + threadIdx.x % 32, j1 = j0 + 32;
+    lo = j0 < S ? (mask ? mask[j0] : uint8_t(1)) : uint8_t(0);
+    hi = j1 < S ? (mask ? mask[j1] : uint8_t(1)) : uint8_t(0);
+  }
+  CUTE_DEVICE uint64_t bits() const {
+    return uint64_t(__ballot_sync(0xffffffff, lo != 0)) |
+           (uint64_t(__ballot_sync(0xffffffff, hi != 0)) << 32);
+  }
+};
 
 // Shared tile of the bias: kBlockM rows of kBlockN keys, padded by 8 elements a row so that the
 // 8 rows a warp reads at once fall in different banks.
@@ -39,54 +47,54 @@ struct BiasTileLayout {
   static constexpr int kElems = kBlockM * kStride;
 };
 
-// Stages bias[m0 : m0 + kBlockM, n0 : n0 + kBlockN] (rows of S) in shared memory. 16-byte
-// cp.async when every row start is 16-byte aligned (S % 8 == 0), plain loads otherwise.
+// Stages bias[m0 : m0 + kBlockM, n0 : n0 + kBlockN] (rows of S) in shared memory.
 template <int kBlockM, int kBlockN, int kNThreads, typename Element>
 CUTE_DEVICE void load_bias_tile(Element* sbias, const Element* bias, int m0, int n0, int S, int tid) {
-  using Layout = BiasTileLayout<kBlockM, kBlockN>;
-  if (S % 8 == 0) {
-    constexpr int kChunksPerRow = kBlockN / 8;
-    using Copy = SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>;
-#pragma unroll
-    for (int c = tid; c < kBlockM * kChunksPerRow; c += kNThreads) {
-      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      const bool valid = m0 + r < S && n0 + col < S;
-      const Element* src = valid ? bias + int64_t(m0 + r) * S + n0 + col : bias;
-      Copy::copy(*reinterpret_cast<const uint128_t*>(src),
-                 *reinterpret_cast<uint128_t*>(sbias + r * Layout::kStride + col), valid);
-    }
-  } else {
-    for (int e = tid; e < kBlockM * kBlockN; e += kNThreads) {
-      const int r = e / kBlockN, col = e % kBlockN;
-      const bool valid = m0 + r < S && n0 + col < S;
-      sbias[r * Layout::kStride + col] = valid ? bias[int64_t(m0 + r) * S + n0 + col] : Element(0.f);
-    }
-  }
+  load_square_tile<kBlockM, kBlockN, BiasTileLayout<kBlockM, kBlockN>::kStride, kNThreads>(
+      sbias, bias, m0, n0, S, tid);
 }
 
-// s: the (rows, cols) view of the fp32 accumulator of Q K^T. sbias: the staged bias tile or
-// nullptr. valid: key_valid_bits of this tile.
-template <int kNWarps, typename Element, typename STensor>
-CUTE_DEVICE void logits_log2(STensor& s, AccCoords<kNWarps> const& at, float scale_log2,
+// s: the (rows, cols) view of the fp32 accumulator of Q K^T, replaced by the logits
+// scale * q.k + bias[q, k] (natural units), -inf where the key is masked or past S.
+// sbias: the staged bias tile (unused without kHasBias). valid: the KeyMaskPrefetch bits of
+// this tile. The callers exponentiate with one fused multiply-add: exp2(x log2(e) - m log2(e)).
+template <bool kHasBias, int kNWarps, typename Element, typename STensor>
+CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float scale,
                              const Element* sbias, uint64_t valid) {
   constexpr int kRows = decltype(size<0>(s))::value;
   constexpr int kCols = decltype(size<1>(s))::value;
   constexpr int kStride = kCols * 4 + 8;  // BiasTileLayout<., kBlockN>::kStride, kCols = kBlockN / 4
+  static_assert(kCols == 16, "a thread holds columns col0 + 8 j + {0, 1}, j < 8, of a 64-key tile");
+  // This thread's columns sit at bits 8 j + {0, 1} of `mine`: constant positions, one test each.
+  const uint64_t mine = valid >> at.col0;
+  const uint32_t mine_lo = static_cast<uint32_t>(mine), mine_hi = static_cast<uint32_t>(mine >> 32);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
 #pragma unroll
     for (int c = 0; c < kCols; c += 2) {
-      const int col = at.col(c);
-      float x0 = s(r, c) * scale_log2, x1 = s(r, c + 1) * scale_log2;
-      if (sbias) {
+      float x0 = s(r, c) * scale, x1 = s(r, c + 1) * scale;
+      if constexpr (kHasBias) {
         const auto pair = *reinterpret_cast<const cutlass::Array<Element, 2>*>(
-            sbias + at.row(r) * kStride + col);
-        x0 += static_cast<float>(pair[0]) * kLog2e;
-        x1 += static_cast<float>(pair[1]) * kLog2e;
+            sbias + at.row(r) * kStride + at.col(c));
+        x0 += static_cast<float>(pair[0]);
+        x1 += static_cast<float>(pair[1]);
       }
-      s(r, c) = (valid >> col) & 1 ? x0 : -INFINITY;
-      s(r, c + 1) = (valid >> (col + 1)) & 1 ? x1 : -INFINITY;
+      const int bit = (c >> 1) * 8;  // a compile-time constant once unrolled
+      const uint32_t word = bit < 32 ? mine_lo : mine_hi;
+      s(r, c) = (word >> (bit & 31)) & 1u ? x0 : -INFINITY;
+      s(r, c + 1) = (word >> ((bit + 1) & 31)) & 1u ? x1 : -INFINITY;
     }
+  }
+}
+
+// logits_tile with the bias branch taken once per tile (sbias == nullptr: no bias).
+template <int kNWarps, typename Element, typename STensor>
+CUTE_DEVICE void logits(STensor& s, AccCoords<kNWarps> const& at, float scale, const Element* sbias,
+                        uint64_t valid) {
+  if (sbias) {
+    logits_tile<true>(s, at, scale, sbias, valid);
+  } else {
+    logits_tile<false>(s, at, scale, sbias, valid);
   }
 }
 

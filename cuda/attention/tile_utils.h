@@ -17,22 +17,64 @@ constexpr float kLn2 = 0.6931471805599453f;
 // (swizzled) shared tile `smem` with 16-byte cp.async. Rows >= rows_valid and columns >=
 // cols_valid are zero-filled, so partial tiles and padded head dims need no special case later.
 // cols_valid must be a multiple of 8 and the source 16-byte aligned (checked by the handler).
+// The trip count is static and each thread keeps one column chunk, so the loop unrolls into
+// straight-line copies whose addresses differ by constants.
 template <int kNThreads, typename SmemTensor, typename Element>
 CUTE_DEVICE void load_tile_async(SmemTensor& smem, const Element* gmem, int64_t row_stride,
                                  int rows_valid, int cols_valid, int tid) {
   constexpr int kRows = decltype(size<0>(smem))::value;
   constexpr int kCols = decltype(size<1>(smem))::value;
   constexpr int kChunksPerRow = kCols / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(kNThreads % kChunksPerRow == 0 && (kRows * kChunksPerRow) % kNThreads == 0,
+                "every thread copies the same number of chunks of one column");
+  constexpr int kRowStep = kNThreads / kChunksPerRow;
   using Copy = SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>;
+  const int r0 = tid / kChunksPerRow;
+  const int col = (tid % kChunksPerRow) * 8;
+  const bool col_valid = col < cols_valid;
+  const Element* src0 = gmem + r0 * row_stride + col;
 #pragma unroll
-  for (int c = tid; c < kChunks; c += kNThreads) {
-    const int r = c / kChunksPerRow;
-    const int col = (c % kChunksPerRow) * 8;
-    const bool valid = r < rows_valid && col < cols_valid;
-    const Element* src = valid ? gmem + r * row_stride + col : gmem;
-    Copy::copy(*reinterpret_cast<const uint128_t*>(src),
+  for (int i = 0; i < kRows / kRowStep; ++i) {
+    const int r = r0 + i * kRowStep;
+    const bool valid = col_valid && r < rows_valid;
+    Copy::copy(*reinterpret_cast<const uint128_t*>(valid ? src0 + i * kRowStep * row_stride : gmem),
                *reinterpret_cast<uint128_t*>(&smem(r, col)), valid);
+  }
+}
+
+// Stages rows m0.. and columns n0.. of a row-major [S, S] matrix (bias or fp32 partial) into a
+// shared [kRows, kCols] tile whose rows are kStride elements apart; zeros outside the matrix.
+// 16-byte cp.async when every row start is 16-byte aligned, plain loads otherwise.
+template <int kRows, int kCols, int kStride, int kNThreads, typename T>
+CUTE_DEVICE void load_square_tile(T* staged, const T* src, int m0, int n0, int S, int tid) {
+  constexpr int kPerChunk = 16 / sizeof(T);
+  if (S % kPerChunk == 0) {
+    constexpr int kChunksPerRow = kCols / kPerChunk;
+    static_assert(kNThreads % kChunksPerRow == 0 && (kRows * kChunksPerRow) % kNThreads == 0,
+                  "every thread copies the same number of chunks of one column");
+    constexpr int kRowStep = kNThreads / kChunksPerRow;
+    using Copy = SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>;
+    const int r0 = tid / kChunksPerRow;
+    const int col = (tid % kChunksPerRow) * kPerChunk;
+    const bool col_valid = n0 + col < S;
+    const T* src0 = src + int64_t(m0 + r0) * S + n0 + col;
+#pragma unroll
+    for (int i = 0; i < kRows / kRowStep; ++i) {
+      const int r = r0 + i * kRowStep;
+      const bool valid = col_valid && m0 + r < S;
+      Copy::copy(*reinterpret_cast<const uint128_t*>(valid ? src0 + int64_t(i) * kRowStep * S : src),
+                 *reinterpret_cast<uint128_t*>(staged + r * kStride + col), valid);
+    }
+  } else {
+    static_assert(kNThreads % kCols == 0 && (kRows * kCols) % kNThreads == 0);
+    constexpr int kRowStep = kNThreads / kCols;
+    const int r0 = tid / kCols, col = tid % kCols;
+#pragma unroll 4
+    for (int i = 0; i < kRows / kRowStep; ++i) {
+      const int r = r0 + i * kRowStep;
+      const bool valid = m0 + r < S && n0 + col < S;
+      staged[r * kStride + col] = valid ? src[int64_t(m0 + r) * S + n0 + col] : T(0.f);
+    }
   }
 }
 

@@ -29,8 +29,10 @@ ffi::Error ReadShape(const ffi::AnyBuffer& q, AttentionShape* shape) {
     return ffi::Error::InvalidArgument("jevo attention: head dim must be a multiple of 8 and at "
                                        "most 128, got " + std::to_string(shape->head_dim));
   }
-  if (!FitsInt(shape->seq) || shape->batch * shape->n > std::numeric_limits<int32_t>::max() ||
-      shape->heads > 65535 || (shape->seq + 63) / 64 > 65535) {
+  // The kernels' one-dimensional grids have a CTA per (b * n, head, tile of 64).
+  const int64_t tiles = (shape->seq + 63) / 64;
+  if (!FitsInt(shape->seq) || shape->batch * shape->n * shape->heads * tiles >
+                                  std::numeric_limits<int32_t>::max()) {
     return ffi::Error::InvalidArgument("jevo attention: q shape " + DimsToString(d) +
                                        " exceeds the kernel's grid limits");
   }
