@@ -8,6 +8,7 @@ the step: parameters and inputs). An out-of-memory or any other failure is recor
 
     python benchmarks/evoformer_step.py                                  # both shapes, cuda + xla
     python benchmarks/evoformer_step.py --implementation xla_chunked --shapes 128x256
+    python benchmarks/evoformer_step.py --remat block offload --implementation cuda
     python benchmarks/evoformer_step.py --blocks 2 --shapes 8x16 --out /tmp/smoke   # CPU smoke
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import pathlib
@@ -40,7 +42,7 @@ def _error(err: BaseException) -> str:
   return text[:300]
 
 
-def worker(shape: tuple[int, int], implementation: str, blocks: int, repeats: int) -> dict:
+def worker(shape: tuple[int, int], implementation: str, remat: str, blocks: int, repeats: int) -> dict:
   """Runs in its own process; returns one result record."""
   import time
   import jax
@@ -50,9 +52,9 @@ def worker(shape: tuple[int, int], implementation: str, blocks: int, repeats: in
 
   n_seq, n_res = shape
   device = jax.devices()[0]
-  result = dict(n_seq=n_seq, n_res=n_res, implementation=implementation, blocks=blocks)
+  result = dict(n_seq=n_seq, n_res=n_res, implementation=implementation, remat=remat, blocks=blocks)
   try:
-    stack = EvoformerStack(blocks, dtype=jnp.bfloat16, remat="block",
+    stack = EvoformerStack(blocks, dtype=jnp.bfloat16, remat=remat,
                            implementation=implementation, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
     keys = jax.random.split(jax.random.key(1), 3)
@@ -95,15 +97,16 @@ def _status(r: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-  lines = ["| N_seq x N_res | implementation | median step | peak memory | compile | status |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| N_seq x N_res | implementation | remat | median step | peak memory | compile | status |",
+           "|---|---|---|---|---|---|---|"]
   for r in results:
     step = f"{r['step_ms']:.1f} ms" if "step_ms" in r else "-"
     peak = (f"{r['peak_gib']:.2f} GiB ({r['peak_over_inputs_gib']:.2f} over params+inputs)"
             if "peak_gib" in r else "-")
     compile_s = f"{r['compile_s']:.1f} s" if "compile_s" in r else "-"
     status = _status(r) + (f": {r['error']}".replace("|", "/") if "error" in r else "")
-    lines.append(f"| {r['n_seq']} x {r['n_res']} | {r['implementation']} | {step} | {peak} | "
+    lines.append(f"| {r['n_seq']} x {r['n_res']} | {r['implementation']} | {r.get('remat', 'block')} | "
+                 f"{step} | {peak} | "
                  f"{compile_s} | {status} |")
   return "\n".join(lines)
 
@@ -114,6 +117,8 @@ def main(argv=None) -> None:
                       choices=["cuda", "xla_chunked", "xla"])
   parser.add_argument("--shapes", nargs="+", type=parse_shape,
                       default=[parse_shape(s) for s in SHAPES], help="N_SEQxN_RES ...")
+  parser.add_argument("--remat", nargs="+", default=["block"], choices=["block", "offload"],
+                      help="block: recompute each block; offload: also keep block inputs on the host")
   parser.add_argument("--blocks", type=int, default=48)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
@@ -124,8 +129,8 @@ def main(argv=None) -> None:
   if args.blocks <= 0 or args.repeats <= 0:
     parser.error("--blocks and --repeats must be positive")
   if args.worker:
-    (shape,), (implementation,) = args.shapes, args.implementation
-    print(json.dumps(worker(shape, implementation, args.blocks, args.repeats)), flush=True)
+    (shape,), (implementation,), (remat,) = args.shapes, args.implementation, args.remat
+    print(json.dumps(worker(shape, implementation, remat, args.blocks, args.repeats)), flush=True)
     return
 
   env = os.environ.copy()
@@ -133,11 +138,12 @@ def main(argv=None) -> None:
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   results = []
   for n_seq, n_res in args.shapes:
-    for implementation in args.implementation:
+    for implementation, remat in itertools.product(args.implementation, args.remat):
       cmd = [sys.executable, __file__, "--worker", "--shapes", f"{n_seq}x{n_res}",
-             "--implementation", implementation, "--blocks", str(args.blocks),
+             "--implementation", implementation, "--remat", remat, "--blocks", str(args.blocks),
              "--repeats", str(args.repeats)]
-      record = dict(n_seq=n_seq, n_res=n_res, implementation=implementation, blocks=args.blocks)
+      record = dict(n_seq=n_seq, n_res=n_res, implementation=implementation, remat=remat,
+                    blocks=args.blocks)
       try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
         line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
@@ -154,13 +160,13 @@ def main(argv=None) -> None:
   import jax
   meta = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
               jax=jax.__version__, blocks=args.blocks, dtype="bfloat16 compute, float32 params",
-              remat="block", repeats=args.repeats,
+              remat=args.remat, repeats=args.repeats,
               command="python benchmarks/evoformer_step.py " + " ".join(sys.argv[1:]))
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
   header = (f"# Evoformer training step ({args.blocks} blocks) on {meta['device']}\n\n"
-            f"{meta['date']}, jax {meta['jax']}, {meta['dtype']}, remat per block, "
+            f"{meta['date']}, jax {meta['jax']}, {meta['dtype']}, "
             f"dropout on, median of {args.repeats} steps. `{meta['command']}`\n\n")
   out.with_suffix(".md").write_text(header + table(results) + "\n")
   print(table(results))

@@ -11,6 +11,7 @@ from flax import nnx
 import nn_reference as ref
 from nn_reference import full_precision_matmuls  # noqa: F401  (autouse fixture)
 from jevo.nn import EvoformerStack, ExtraMSAStack
+from jevo.nn.stack import BLOCK_INPUT_NAMES
 
 S = ref.TINY
 N_SEQ, N_RES = 4, 6
@@ -65,7 +66,7 @@ def test_remat_gives_the_same_loss_and_gradients():
   key = jax.random.key(3)  # dropout on: recomputation must redraw the same masks
   policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   results = {}
-  for remat in ("none", "block", policy):
+  for remat in ("none", "block", "offload", policy):
     stack = _stack(EvoformerStack, seed=4, remat=remat)
     graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
 
@@ -86,13 +87,34 @@ def test_remat_gives_the_same_loss_and_gradients():
     results[remat] = jax.jit(jax.value_and_grad(loss))(params)
   stack = _stack(EvoformerStack, seed=4)
   graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
-  (l0, g0), (l1, g1) = jax.jit(jax.value_and_grad(loss))(params), results["block"]
+  l0, g0 = jax.jit(jax.value_and_grad(loss))(params)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0))
   assert float(l0) > 0 and scale > 0
-  # Recomputation reorders float32 sums (differently again on GPUs); a remat bug is far larger.
-  np.testing.assert_allclose(l1, l0, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+  for remat in ("block", "offload"):
+    l1, g1 = results[remat]
+    # Recomputation reorders float32 sums (differently again on GPUs); a remat bug is far larger.
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_offload_names_each_block_input_for_the_policy():
+  m, z, mm, pm = _inputs()
+  stack = _stack(EvoformerStack, seed=4, remat="offload")
+  stack.eval()  # no dropout: the stack's RNG state is not written under tracing
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "name":
+        names.append(eqn.params["name"])
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", param)
+        if hasattr(inner, "eqns"):
+          walk(inner)
+
+  walk(jax.make_jaxpr(lambda m, z: stack(m, z, mm, pm))(m, z).jaxpr)
+  assert sorted(names) == sorted(BLOCK_INPUT_NAMES)
 
 
 def test_chunked_inference_equals_unchunked():

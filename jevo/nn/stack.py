@@ -12,13 +12,25 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jevo.nn import _common as c
 from jevo.nn.block import EvoformerBlock, ExtraMSABlock, RngsLike, check_block_inputs
 
 RematLike = str | Callable | None
 
-REMAT_CHOICES = ("none", "block")
+REMAT_CHOICES = ("none", "block", "offload")
+
+# Names of each block's inputs inside the scanned body, for jax.checkpoint policies.
+BLOCK_INPUT_NAMES = ("jevo_block_input_m", "jevo_block_input_z")
+
+
+def offload_block_inputs_policy():
+  """The policy of remat="offload": each block's inputs (m, z) go to pinned host memory during
+  the forward pass and come back for the block's recomputation; nothing else is kept."""
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[], names_which_can_be_offloaded=list(BLOCK_INPUT_NAMES),
+      offload_src="device", offload_dst="pinned_host")
 
 
 def _check_remat(remat: RematLike) -> RematLike:
@@ -57,6 +69,8 @@ class _Stack(nnx.Module):
       keys = jax.random.split(_one_key(rngs), self.num_blocks)
 
     def one_block(m, z, params_i, rest_i, key_i):
+      m = checkpoint_name(m, BLOCK_INPUT_NAMES[0])
+      z = checkpoint_name(z, BLOCK_INPUT_NAMES[1])
       block = nnx.merge(graphdef, params_i, rest_i)
       m, z = block(m, z, msa_mask, pair_mask, rngs=key_i, chunk_size=chunk_size)
       # Dropout RNG counters advance inside the block; they come back out of the scan.
@@ -64,6 +78,8 @@ class _Stack(nnx.Module):
 
     if self.remat == "block":
       one_block = jax.checkpoint(one_block, prevent_cse=False)
+    elif self.remat == "offload":
+      one_block = jax.checkpoint(one_block, policy=offload_block_inputs_policy(), prevent_cse=False)
     elif self.remat != "none":
       one_block = jax.checkpoint(one_block, policy=self.remat, prevent_cse=False)
 
@@ -95,7 +111,10 @@ class EvoformerStack(_Stack):
   """`num_blocks` Evoformer blocks, scanned; `(m, z) -> (m, z)`.
 
   `remat`: "none", "block" (recompute each block in the backward pass, keeping only its
-  inputs) or a `jax.checkpoint` policy such as `jax.checkpoint_policies.dots_saveable`.
+  inputs), "offload" (as "block", with those inputs held in pinned host memory between the
+  forward and the backward pass, so that device memory no longer grows with depth) or a
+  `jax.checkpoint` policy such as `jax.checkpoint_policies.dots_saveable` (the block inputs are
+  named `BLOCK_INPUT_NAMES` for policies that save or offload by name).
   Other keyword arguments (sizes, dropout, `implementation`, `dtype`, ...) go to
   `EvoformerBlock`. Call arguments as for `EvoformerBlock`; a call-time `rngs` gives each block
   its own dropout key.
