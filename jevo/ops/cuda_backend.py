@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jevo._cuda_lib import cuda_status
+from jevo.ops.varying import vary_like
 
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 128
@@ -115,11 +116,13 @@ def _backward_call(scale: float):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, mask, bias, scale):
   out, _ = _forward_call(scale)(q, k, v, mask, bias)
-  return out
+  return vary_like(out, q, k, v, mask, bias)
 
 
 def _attention_fwd(q, k, v, mask, bias, scale):
   out, lse = _forward_call(scale)(q, k, v, mask, bias)
+  # Inside shard_map the FFI call's results carry no varying axes; each device computed its own.
+  out, lse = (vary_like(x, q, k, v, mask, bias) for x in (out, lse))
   return out, (q, k, v, mask, bias, out, lse)
 
 
@@ -129,6 +132,8 @@ def _attention_bwd(scale, residuals, dout):
   # delta = rowsum(dO * O) in fp32, laid out [B, N, H, S] like the log-sum-exp.
   delta = jnp.einsum("bnshd,bnshd->bnhs", dout.astype(jnp.float32), out.astype(jnp.float32))
   dq, dk, dv, dbias = _backward_call(scale)(q, k, v, mask, bias, dout, lse, delta)
+  # custom_vjp wants each cotangent typed like its primal, varying axes included (shard_map).
+  dq, dk, dv, dbias = (vary_like(g, x) for g, x in ((dq, q), (dk, k), (dv, v), (dbias, bias)))
   return dq, dk, dv, None, (dbias if bias.size else None)
 
 
