@@ -92,7 +92,7 @@ def main(argv=None) -> list[float]:
   parser.add_argument("--n-res", type=int, help="override N_res")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                       help="compute dtype (default: float32 tiny, bfloat16 --alphafold)")
-  parser.add_argument("--remat", choices=["none", "block"],
+  parser.add_argument("--remat", choices=["none", "block", "offload"],
                       help="rematerialisation (default: none tiny, block --alphafold)")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--lr", type=float, default=1e-3)
