@@ -177,3 +177,20 @@ def test_empty_inputs_give_empty_or_zero_outputs(shape, implementation):
   (_, out), (dq, dbias) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(q, bias)
   assert out.shape == shape and dq.shape == shape and dbias.shape == bias.shape
   assert not np.any(np.asarray(dbias))
+
+
+def test_cuda_is_not_chosen_for_computation_placed_off_the_gpu(monkeypatch):
+  """With the kernels available, inputs on the CPU (or a CPU default device) still go to a
+  backend that runs there, and an explicit "cuda" says why it cannot."""
+  from jevo._cuda_lib import CudaStatus
+  from jevo.ops import cuda_backend
+  monkeypatch.setattr(cuda_backend, "cuda_status",
+                      lambda: CudaStatus(available=True, reason="pretend"))
+  cpu = jax.devices("cpu")[0]
+  q, k, v = (jax.device_put(x, cpu) for x in _qkv(jnp.bfloat16))
+  assert resolve_implementation(q, k, v) == "xla_chunked"
+  with pytest.raises(ValueError, match="inputs live on cpu"):
+    jevo.evoformer_attention(q, k, v, implementation="cuda")
+  with jax.default_device(cpu):
+    traced = jax.jit(lambda q, k, v: jnp.asarray(resolve_implementation(q, k, v) == "xla_chunked"))
+    assert bool(traced(q, k, v))

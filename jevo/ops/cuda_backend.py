@@ -21,11 +21,30 @@ KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 128
 
 
+def _placement_reason(*arrays):
+  """Why the computation will not run on a CUDA device, as far as can be told before it runs:
+  concrete inputs that live elsewhere, or a default device (`jax.default_device`) that is not
+  a GPU. Traced inputs under `jax.jit` have no placement yet; XLA places them."""
+  for x in arrays:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      platforms = sorted({d.platform for d in x.devices()})
+      if platforms and platforms != ["gpu"]:
+        return f"the inputs live on {', '.join(platforms)}, not on a CUDA device"
+  default = jax.config.jax_default_device
+  platform = default if isinstance(default, str) else getattr(default, "platform", None)
+  if platform is not None and platform not in ("gpu", "cuda"):
+    return f"the default device (jax.default_device) is {default}, not a CUDA device"
+  return None
+
+
 def unsupported_reason(q, k, v, mask, bias):
   """Why the kernels cannot run these inputs, or None when they can."""
   status = cuda_status()
   if not status.available:
     return status.reason
+  placement = _placement_reason(q, k, v, mask, bias)
+  if placement is not None:
+    return placement
   if q.dtype not in KERNEL_DTYPES:
     return (f"the CUDA kernels take bfloat16 or float16 inputs, got {q.dtype} "
             "(float32 runs on implementation='xla_chunked')")
