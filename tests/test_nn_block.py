@@ -52,7 +52,7 @@ def _block_with_one_active_module(name: str, seed: int) -> EvoformerBlock:
 def test_dropout_is_shared_along_rows_or_columns(name, rate, shared_axis):
   block = _block_with_one_active_module(name, seed=11)
   m, z, mm, pm = (jnp.asarray(x) for x in ref.random_inputs(
-      np.random.default_rng(), N_SEQ, N_RES, S.c_m, S.c_z))
+      np.random.default_rng(5), N_SEQ, N_RES, S.c_m, S.c_z))
   residual = 0 if name == "msa_row_attention" else 1
 
   def update(key):
@@ -67,7 +67,9 @@ def test_dropout_is_shared_along_rows_or_columns(name, rate, shared_axis):
   assert live.mean() > 0.5
   ratio = np.where(live, dropped / np.where(live, clean, 1.0), np.nan)
   keep = 1.0 - rate
-  kept = np.isclose(ratio, 1.0 / keep, rtol=1e-4)
+  # The update is read back as (x + u) - x in float32: with |x| up to ~4 and |u| down to 1e-3,
+  # that rounding alone moves the ratio by a few 1e-4.
+  kept = np.isclose(ratio, 1.0 / keep, rtol=2e-3)
   assert np.all(kept | np.isclose(ratio, 0.0, atol=1e-5) | ~live)
   assert 0.3 < kept[live].mean() < 0.95  # some dropped, most kept, roughly 1 - rate
   # The same mask along the shared axis: wherever two entries on it are live, kept agrees.
