@@ -112,6 +112,11 @@ def main(argv=None) -> list[float]:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adamw(args.lr, weight_decay=1e-4)
   opt_state = tx.init(params)
+  # Commit the state to device memory as the step returns it: otherwise a step whose residuals
+  # live in host memory (remat="offload") returns state typed with an explicit memory kind and
+  # the second step compiles again.
+  on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+  params, opt_state, rest = jax.device_put((params, opt_state, rest), on_device)
   train_step = make_train_step(graphdef, tx)
   batch = synthetic_batch(jax.random.fold_in(key, 0), n_seq, n_res, stack_kwargs["c_m"],
                           stack_kwargs["c_z"], dtype)

@@ -112,7 +112,9 @@ class EvoformerStack(_Stack):
 
   `remat`: "none", "block" (recompute each block in the backward pass, keeping only its
   inputs), "offload" (as "block", with those inputs held in pinned host memory between the
-  forward and the backward pass, so that device memory no longer grows with depth) or a
+  forward and the backward pass, so that device memory no longer grows with depth; a jitted
+  step then returns arrays typed with memory kind "device", so put its first inputs there too,
+  as `examples/train_step.py` does, or its second call compiles again) or a
   `jax.checkpoint` policy such as `jax.checkpoint_policies.dots_saveable` (the block inputs are
   named `BLOCK_INPUT_NAMES` for policies that save or offload by name).
   Other keyword arguments (sizes, dropout, `implementation`, `dtype`, ...) go to
