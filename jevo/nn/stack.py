@@ -33,6 +33,30 @@ def offload_block_inputs_policy():
       offload_src="device", offload_dst="pinned_host")
 
 
+def checkpointed_block(one_block: Callable, remat: RematLike) -> Callable:
+  """`one_block(m, z, *rest)` with m and z named `BLOCK_INPUT_NAMES` and wrapped as `remat`
+  asks; the scan of every stack (on one device or with DAP) applies its blocks through this."""
+  def named(m, z, *rest):
+    return one_block(checkpoint_name(m, BLOCK_INPUT_NAMES[0]),
+                     checkpoint_name(z, BLOCK_INPUT_NAMES[1]), *rest)
+
+  if remat == "none":
+    return named
+  if remat == "block":
+    return jax.checkpoint(named, prevent_cse=False)
+  policy = offload_block_inputs_policy() if remat == "offload" else remat
+  return jax.checkpoint(named, policy=policy, prevent_cse=False)
+
+
+def one_key(rngs: RngsLike) -> jax.Array:
+  """One key from a call-time `rngs` (Rngs, RngStream or key), to be split per block."""
+  if isinstance(rngs, nnx.Rngs):
+    return rngs.dropout()
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  return rngs
+
+
 def _check_remat(remat: RematLike) -> RematLike:
   if remat is None or remat in REMAT_CHOICES or (callable(remat) and not isinstance(remat, str)):
     return "none" if remat is None else remat
@@ -66,22 +90,15 @@ class _Stack(nnx.Module):
     graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
     keys = None
     if rngs is not None:
-      keys = jax.random.split(_one_key(rngs), self.num_blocks)
+      keys = jax.random.split(one_key(rngs), self.num_blocks)
 
     def one_block(m, z, params_i, rest_i, key_i):
-      m = checkpoint_name(m, BLOCK_INPUT_NAMES[0])
-      z = checkpoint_name(z, BLOCK_INPUT_NAMES[1])
       block = nnx.merge(graphdef, params_i, rest_i)
       m, z = block(m, z, msa_mask, pair_mask, rngs=key_i, chunk_size=chunk_size)
       # Dropout RNG counters advance inside the block; they come back out of the scan.
       return m, z, nnx.split(block, nnx.Param, ...)[2]
 
-    if self.remat == "block":
-      one_block = jax.checkpoint(one_block, prevent_cse=False)
-    elif self.remat == "offload":
-      one_block = jax.checkpoint(one_block, policy=offload_block_inputs_policy(), prevent_cse=False)
-    elif self.remat != "none":
-      one_block = jax.checkpoint(one_block, policy=self.remat, prevent_cse=False)
+    one_block = checkpointed_block(one_block, self.remat)
 
     def step(carry, xs):
       m, z, rest_i = one_block(*carry, *xs)
@@ -97,14 +114,6 @@ class _Stack(nnx.Module):
     # rngs is given, so a frozen (e.g. closed-over) state is never written to otherwise.
     return any(isinstance(node, nnx.Dropout) and not node.deterministic and node.rate > 0
                for _, node in nnx.iter_graph(self.blocks))
-
-
-def _one_key(rngs: RngsLike) -> jax.Array:
-  if isinstance(rngs, nnx.Rngs):
-    return rngs.dropout()
-  if isinstance(rngs, nnx.RngStream):
-    return rngs()
-  return rngs
 
 
 class EvoformerStack(_Stack):

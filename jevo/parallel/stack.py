@@ -12,7 +12,7 @@ import jax
 from flax import nnx
 
 from jevo.nn.block import NUM_DROPOUT_KEYS, check_block_inputs, dropout_keys
-from jevo.nn.stack import EvoformerStack, ExtraMSAStack
+from jevo.nn.stack import EvoformerStack, ExtraMSAStack, checkpointed_block, one_key
 from jevo.parallel import mesh as mesh_lib
 from jevo.parallel.block import RngsLike, block_on_shard, draws_from_own_streams
 from jevo.parallel.layout import DapAxis
@@ -20,22 +20,6 @@ from jevo.parallel.sharded import Masks, Sizes, run_sharded
 from jevo.parallel.validation import check_chunk_size, check_module
 
 StackLike = EvoformerStack | ExtraMSAStack
-
-
-def _one_key(rngs: RngsLike) -> jax.Array:
-  if isinstance(rngs, nnx.Rngs):
-    return rngs.dropout()
-  if isinstance(rngs, nnx.RngStream):
-    return rngs()
-  return rngs
-
-
-def _with_remat(fn, remat):
-  if remat == "block":
-    return jax.checkpoint(fn, prevent_cse=False)
-  if remat != "none":
-    return jax.checkpoint(fn, policy=remat, prevent_cse=False)
-  return fn
 
 
 def stack_on_shard(stack: StackLike, m: jax.Array, z: jax.Array, masks: Masks,
@@ -54,7 +38,7 @@ def stack_on_shard(stack: StackLike, m: jax.Array, z: jax.Array, masks: Masks,
                           chunk_size=chunk_size)
     return m, z, nnx.split(block, nnx.Param, ...)[2]
 
-  one_block = _with_remat(one_block, stack.remat)
+  one_block = checkpointed_block(one_block, stack.remat)
 
   def step(carry, xs):
     m, z, rest_i = one_block(*carry, *xs)
@@ -88,7 +72,7 @@ def dap_evoformer_stack(stack: StackLike, m: jax.Array, z: jax.Array,
   check_module("stack", stack, (EvoformerStack, ExtraMSAStack))
   check_block_inputs(m, z, msa_mask, pair_mask, stack.c_m, stack.c_z)
   check_chunk_size(chunk_size)
-  keys = None if rngs is None else jax.random.split(_one_key(rngs), stack.num_blocks)
+  keys = None if rngs is None else jax.random.split(one_key(rngs), stack.num_blocks)
 
   def body(stack, m, z, masks, keys, ax, sizes):
     return stack_on_shard(stack, m, z, masks, keys, ax, sizes, chunk_size=chunk_size)
