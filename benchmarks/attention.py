@@ -16,10 +16,9 @@ import datetime
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
-from common import median_ms  # benchmarks/ is the script's directory
+from common import median_ms, run_worker, write_results  # benchmarks/ is the script's directory
 
 # name: (B, N, S, H, D), bias kind, forward only
 CASES = {
@@ -181,23 +180,17 @@ def main():
   for case in args.cases:
     for backend in args.backends:
       cmd = [sys.executable, __file__, "--worker", case, backend, "--repeats", str(args.repeats)]
-      proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-      line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
-      if line is None:
-        r = dict(case=case, backend=backend, fwd_error=f"crashed: {proc.stderr.strip()[-300:]}")
-      else:
-        r = json.loads(line)
+      r = run_worker(cmd, os.environ.copy())
+      if "error" in r:
+        r = dict(case=case, backend=backend, fwd_error=r["error"])
       results.append(r)
       print(json.dumps(r), flush=True)
 
   import jax
   meta = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
               jax=jax.__version__, command="python benchmarks/attention.py " + " ".join(sys.argv[1:]))
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
   md = f"# Evoformer attention on {meta['device']}\n\n{meta['date']}, jax {meta['jax']}, `{meta['command']}`\n\n"
-  out.with_suffix(".md").write_text(md + table(results) + "\n")
+  out = write_results(args.out, meta, results, md + table(results) + "\n")
   try:
     plot(results, out.with_suffix(".png"))
   except ImportError:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
+import subprocess
 import time
 
 
@@ -32,3 +35,27 @@ def parse_shape(text: str) -> tuple[int, int]:
   if n_seq <= 0 or n_res <= 0:
     raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
   return n_seq, n_res
+
+
+def run_worker(cmd: list[str], env: dict | None = None, timeout: int | None = None) -> dict:
+  """Runs one benchmark configuration in a fresh process and returns the JSON record it printed
+  last, or {"error": ...} when it timed out, crashed or was killed (e.g. out of host memory)."""
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return dict(error=f"timed out after {timeout} s")
+  line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
+  if line is None:
+    tail = (proc.stderr.strip() or proc.stdout.strip())[-300:]
+    return dict(error=f"worker exited with {proc.returncode}: {tail}")
+  return json.loads(line)
+
+
+def write_results(out: str | pathlib.Path, meta: dict, results: list[dict],
+                  markdown: str) -> pathlib.Path:
+  """Writes OUT.json (meta and results) and OUT.md (the given text); returns OUT as a path."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+  out.with_suffix(".md").write_text(markdown)
+  return out

@@ -27,10 +27,9 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
-from common import median_ms, parse_shape  # benchmarks/ is the script's directory
+from common import median_ms, parse_shape, run_worker, write_results  # benchmarks/ is the script's directory
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 WORKLOADS = {"train": "512x384", "infer": "128x2048"}  # N_seq x N_res
@@ -129,18 +128,6 @@ def _probe() -> dict:
               cuda_kernels=bool(jevo.cuda_status().available))
 
 
-def _run_child(cmd: list[str], env: dict, timeout: int) -> dict:
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return dict(error=f"timed out after {timeout} s")
-  line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
-  if line is None:  # killed (e.g. by the host's OOM killer) or crashed
-    tail = (proc.stderr.strip() or proc.stdout.strip())[-300:]
-    return dict(error=f"worker exited with {proc.returncode}: {tail}")
-  return json.loads(line)
-
-
 def add_speedups(results: list[dict]) -> None:
   """speedup = time on 1 device / time on n devices, per workload."""
   base = {r["workload"]: r["ms"] for r in results if r["devices"] == 1 and "ms" in r}
@@ -212,7 +199,7 @@ def main(argv=None) -> None:
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
                         f"--xla_force_host_platform_device_count={args.cpu_devices}").strip()
-  probe = _run_child([sys.executable, __file__, "--probe"], env, 600)
+  probe = run_worker([sys.executable, __file__, "--probe"], env, 600)
   if "error" in probe:
     sys.exit(f"could not start JAX: {probe['error']}")
   devices = args.devices or [n for n in (1, 2, 4, 8) if n <= probe["count"]]
@@ -230,7 +217,7 @@ def main(argv=None) -> None:
     for n in devices:
       record = dict(workload=workload, devices=n, n_seq=shape[0], n_res=shape[1],
                     blocks=args.blocks)
-      record.update(_run_child([sys.executable, __file__, "--worker", f"{workload}:{n}",
+      record.update(run_worker([sys.executable, __file__, "--worker", f"{workload}:{n}",
                                 *passthrough], env, args.timeout))
       results.append(record)
       print(json.dumps(record), flush=True)
@@ -242,15 +229,13 @@ def main(argv=None) -> None:
               command="python benchmarks/dap.py " + " ".join(sys.argv[1:]))
   slug = re.sub(r"[^a-z0-9]+", "_", probe["kind"].lower()).strip("_")
   out = pathlib.Path(args.out or RESULTS / f"dap_{slug}_x{probe['count']}")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
   header = (f"# Evoformer stack with DAP ({args.blocks} blocks) on {probe['count']} x "
             f"{probe['kind']}\n\n{meta['date']}, jax {probe['jax']}, {meta['dtype']}, "
             f"attention: {meta['implementation']} (CUDA kernels "
             f"{'available' if probe['cuda_kernels'] else 'unavailable'}), median of "
             f"{args.repeats}. train: forward + backward, remat per block, dropout on; infer: "
             f"forward, eval mode. `{meta['command']}`\n\n")
-  out.with_suffix(".md").write_text(header + table(results) + "\n")
+  write_results(out, meta, results, header + table(results) + "\n")
   print(table(results))
 
 

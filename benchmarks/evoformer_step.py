@@ -20,10 +20,9 @@ import itertools
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
-from common import median_ms, parse_shape  # benchmarks/ is the script's directory
+from common import median_ms, parse_shape, run_worker, write_results  # benchmarks/ is the script's directory
 
 SHAPES = ("128x256", "512x384")  # N_seq x N_res: AlphaFold's initial and fine-tuning crops
 IMPLEMENTATIONS = ("cuda", "xla")
@@ -144,16 +143,7 @@ def main(argv=None) -> None:
              "--repeats", str(args.repeats)]
       record = dict(n_seq=n_seq, n_res=n_res, implementation=implementation, remat=remat,
                     blocks=args.blocks)
-      try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-        line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
-        if line is None:  # killed (e.g. by the host's OOM killer) or crashed
-          tail = (proc.stderr.strip() or proc.stdout.strip())[-300:]
-          record["error"] = f"worker exited with {proc.returncode}: {tail}"
-        else:
-          record = json.loads(line)
-      except subprocess.TimeoutExpired:
-        record["error"] = f"timed out after {args.timeout} s"
+      record.update(run_worker(cmd, env, args.timeout))
       results.append(record)
       print(json.dumps(record), flush=True)
 
@@ -162,13 +152,10 @@ def main(argv=None) -> None:
               jax=jax.__version__, blocks=args.blocks, dtype="bfloat16 compute, float32 params",
               remat=args.remat, repeats=args.repeats,
               command="python benchmarks/evoformer_step.py " + " ".join(sys.argv[1:]))
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
   header = (f"# Evoformer training step ({args.blocks} blocks) on {meta['device']}\n\n"
             f"{meta['date']}, jax {meta['jax']}, {meta['dtype']}, "
             f"dropout on, median of {args.repeats} steps. `{meta['command']}`\n\n")
-  out.with_suffix(".md").write_text(header + table(results) + "\n")
+  write_results(args.out, meta, results, header + table(results) + "\n")
   print(table(results))
 
 
