@@ -41,7 +41,8 @@ def _error(err: BaseException) -> str:
   return text[:300]
 
 
-def worker(shape: tuple[int, int], implementation: str, remat: str, blocks: int, repeats: int) -> dict:
+def worker(shape: tuple[int, int], implementation: str, remat: str, blocks: int, repeats: int,
+           trace: str | None = None) -> dict:
   """Runs in its own process; returns one result record."""
   import time
   import jax
@@ -83,6 +84,13 @@ def worker(shape: tuple[int, int], implementation: str, remat: str, blocks: int,
       result["peak_over_inputs_gib"] = (stats["peak_bytes_in_use"] - before) / 2**30
     result["loss"] = float(loss)
     result["step_ms"] = median_ms(compiled, args, repeats)
+    if trace:  # a profile of two steps and the optimised HLO, for summarize_profile.py
+      name = f"stack{blocks}_{n_seq}x{n_res}_{remat}"
+      pathlib.Path(trace).mkdir(parents=True, exist_ok=True)
+      (pathlib.Path(trace) / f"{name}.hlo.txt").write_text(compiled.as_text())
+      with jax.profiler.trace(str(pathlib.Path(trace) / f"trace_{name}")):
+        for _ in range(2):
+          jax.block_until_ready(compiled(*args))
   except Exception as err:  # out of memory, unsupported backend, ...: recorded, not fatal
     result["error"] = _error(err)
   return result
@@ -123,24 +131,30 @@ def main(argv=None) -> None:
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
   parser.add_argument("--out", default=str(RESULTS / "evoformer_step"),
                       help="output path without suffix (.json and .md are written)")
+  parser.add_argument("--trace", default=None,
+                      help="also write a profile of 2 steps and the HLO of each configuration "
+                           "here (see summarize_profile.py)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.blocks <= 0 or args.repeats <= 0:
     parser.error("--blocks and --repeats must be positive")
   if args.worker:
     (shape,), (implementation,), (remat,) = args.shapes, args.implementation, args.remat
-    print(json.dumps(worker(shape, implementation, remat, args.blocks, args.repeats)), flush=True)
+    print(json.dumps(worker(shape, implementation, remat, args.blocks, args.repeats, args.trace)),
+          flush=True)
     return
 
   env = os.environ.copy()
   # Let one configuration use the whole device (JAX's default cap is 75% of its memory).
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  if args.trace:  # without command buffers each kernel is attributed to its HLO operation
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   results = []
   for n_seq, n_res in args.shapes:
     for implementation, remat in itertools.product(args.implementation, args.remat):
       cmd = [sys.executable, __file__, "--worker", "--shapes", f"{n_seq}x{n_res}",
              "--implementation", implementation, "--remat", remat, "--blocks", str(args.blocks),
-             "--repeats", str(args.repeats)]
+             "--repeats", str(args.repeats)] + (["--trace", args.trace] if args.trace else [])
       record = dict(n_seq=n_seq, n_res=n_res, implementation=implementation, remat=remat,
                     blocks=args.blocks)
       record.update(run_worker(cmd, env, args.timeout))

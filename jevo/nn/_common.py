@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jevo.nn.layer_norm import LayerNorm
+
 Initializer = Any  # a jax.nn.initializers-style callable: (key, shape, dtype) -> array
 
 LAYER_NORM_EPS = 1e-5
@@ -21,10 +23,9 @@ glorot_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 final_init = nnx.initializers.zeros
 
 
-def layer_norm(num_features: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(num_features: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> LayerNorm:
   # The two-pass variance: residual streams can carry large means, where E[x^2] - E[x]^2 cancels.
-  return nnx.LayerNorm(num_features, epsilon=eps, use_fast_variance=False, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+  return LayerNorm(num_features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def linear(in_features: int, out_features: int, *, use_bias: bool = True,

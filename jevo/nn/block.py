@@ -98,24 +98,32 @@ class EvoformerBlock(nnx.Module):
     cs = dict(chunk_size=chunk_size)
     k = dropout_keys(rngs, NUM_DROPOUT_KEYS)
 
-    def add(x, update, dropout=None, key=None):
-      if dropout is not None:
-        update = dropout(update, rngs=key)
-      return x + update.astype(x.dtype)
+    def add(x, name, update_fn, dropout=None, key=None):
+      # Each update runs under a named scope, so that profiles and HLO name the sub-module.
+      with jax.named_scope(name):
+        update = update_fn()
+        if dropout is not None:
+          update = dropout(update, rngs=key)
+        return x + update.astype(x.dtype)
 
-    m = add(m, self.msa_row_attention(m, z, msa_mask, **cs), self.msa_dropout, k[0])
-    m = add(m, self.msa_column_attention(m, msa_mask, **cs))
-    m = add(m, self.msa_transition(m, msa_mask, **cs))
-    z = add(z, self.outer_product_mean(m, msa_mask, **cs))
-    z = add(z, self.triangle_multiplication_outgoing(z, pair_mask, **cs),
+    m = add(m, "msa_row_attention", lambda: self.msa_row_attention(m, z, msa_mask, **cs),
+            self.msa_dropout, k[0])
+    m = add(m, "msa_column_attention", lambda: self.msa_column_attention(m, msa_mask, **cs))
+    m = add(m, "msa_transition", lambda: self.msa_transition(m, msa_mask, **cs))
+    z = add(z, "outer_product_mean", lambda: self.outer_product_mean(m, msa_mask, **cs))
+    z = add(z, "triangle_multiplication_outgoing",
+            lambda: self.triangle_multiplication_outgoing(z, pair_mask, **cs),
             self.pair_dropout_rowwise, k[1])
-    z = add(z, self.triangle_multiplication_incoming(z, pair_mask, **cs),
+    z = add(z, "triangle_multiplication_incoming",
+            lambda: self.triangle_multiplication_incoming(z, pair_mask, **cs),
             self.pair_dropout_rowwise, k[2])
-    z = add(z, self.triangle_attention_starting_node(z, pair_mask, **cs),
+    z = add(z, "triangle_attention_starting_node",
+            lambda: self.triangle_attention_starting_node(z, pair_mask, **cs),
             self.pair_dropout_rowwise, k[3])
-    z = add(z, self.triangle_attention_ending_node(z, pair_mask, **cs),
+    z = add(z, "triangle_attention_ending_node",
+            lambda: self.triangle_attention_ending_node(z, pair_mask, **cs),
             self.pair_dropout_columnwise, k[4])
-    z = add(z, self.pair_transition(z, pair_mask, **cs))
+    z = add(z, "pair_transition", lambda: self.pair_transition(z, pair_mask, **cs))
     return m, z
 
 

@@ -10,6 +10,25 @@ from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
 
 
+@jax.custom_vjp
+def relu(x: jax.Array) -> jax.Array:
+  """max(x, 0), whose backward pass reads the mask from its output: the next layer keeps that
+  output anyway, so no separate [*, 4 c] boolean mask is kept for the backward pass."""
+  return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+  y = jnp.maximum(x, 0)
+  return y, y
+
+
+def _relu_bwd(y, g):
+  return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
+
+
 class Transition(nnx.Module):
   """`Linear(relu(Linear(LayerNorm(x))))` with hidden width `factor * c_in`; returns the update.
 
@@ -42,7 +61,7 @@ class Transition(nnx.Module):
     mask = None if mask is None else c.check_mask("mask", mask, x.shape[:-1])[..., None]
 
     def positions(x_p, mask_p):
-      out = self.linear_2(jax.nn.relu(self.linear_1(self.layer_norm(x_p))))
+      out = self.linear_2(relu(self.linear_1(self.layer_norm(x_p))))
       return out if mask_p is None else out * mask_p.astype(out.dtype)
 
     return chunked(positions, (x, mask), (-2, -2), out_axis=-2, chunk_size=chunk_size)

@@ -1,0 +1,176 @@
+"""Summarises a trace written by `benchmarks/profile_block.py`: device time per sub-module and
+phase (forward, forward recomputed under remat, backward), per kind of operation, and the most
+expensive operations, using the optimised HLO to name what each kernel belongs to.
+
+Needs only the standard library (the trace is Chrome-trace JSON).
+
+    python benchmarks/summarize_profile.py /tmp/prof            # every trace in the directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
+
+SUBMODULES = (
+    "msa_row_attention", "msa_column_attention", "msa_transition", "outer_product_mean",
+    "triangle_multiplication_outgoing", "triangle_multiplication_incoming",
+    "triangle_attention_starting_node", "triangle_attention_ending_node", "pair_transition",
+)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s([a-z][\w\-]*)\(")
+
+
+def parse_hlo(text: str) -> dict[str, dict]:
+  """Instruction name -> {opcode, kind, target, op_name} for every instruction in the module."""
+  table = {}
+  for line in text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, rest = match.groups()
+    # The opcode is the first "word(" after the result type (which may hold "(" in tuples).
+    opcode = next((m.group(1) for m in _OPCODE.finditer(" " + rest)
+                   if not m.group(1).startswith(("bf16", "f32", "f16", "s32", "u32", "pred"))),
+                  "?")
+    kind = re.search(r"kind=(k\w+)", rest)
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    table[name] = dict(opcode=opcode, kind=kind.group(1) if kind else "",
+                       target=target.group(1) if target else "",
+                       op_name=op_name.group(1) if op_name else "")
+  return table
+
+
+def module_of(op_name: str) -> str:
+  hits = [(op_name.find(s), s) for s in SUBMODULES if s in op_name]
+  return min(hits)[1] if hits else "(between modules)"
+
+
+def phase_of(op_name: str) -> str:
+  if "rematted_computation" in op_name:
+    return "recompute"
+  if "transpose(" in op_name:
+    return "backward"
+  return "forward"
+
+
+def kind_of(info: dict, kernel: str) -> str:
+  if info.get("target", "").startswith("jevo"):
+    return "jevo attention kernel"
+  if "gemm" in info.get("target", "") or "gemm" in kernel.lower() or "cutlass" in kernel.lower():
+    return "matmul"
+  if info.get("kind") == "kCustom":
+    return "matmul"  # fusions XLA emits through Triton are matrix products here
+  if info.get("opcode") == "fusion":
+    return {"kLoop": "elementwise fusion", "kInput": "reduction fusion",
+            "kOutput": "output fusion"}.get(info.get("kind"), "fusion")
+  return info.get("opcode") or "other"
+
+
+def device_events(trace: dict) -> list[dict]:
+  """Kernel and copy events on the first GPU's streams (not the derived 'XLA Ops' lines), each
+  with its stream's name under "stream"."""
+  names, threads = {}, {}
+  for e in trace["traceEvents"]:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      names[e["pid"]] = e["args"]["name"]
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e["tid"])] = e["args"]["name"]
+  events = []
+  for e in trace["traceEvents"]:
+    stream = threads.get((e.get("pid"), e.get("tid")), "")
+    if (e.get("ph") == "X" and names.get(e.get("pid"), "") == "/device:GPU:0"
+        and stream.startswith("Stream")):
+      events.append(dict(e, stream=stream))
+  return events
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+  """Length of the union of [start, end) intervals (microseconds in, milliseconds out)."""
+  total, end = 0.0, float("-inf")
+  for start, stop in sorted(intervals):
+    if stop > end:
+      total += stop - max(start, end)
+      end = stop
+  return total / 1e3
+
+
+def timeline(events: list[dict], steps: int) -> list[str]:
+  """Per stream: busy time; overall: span, time with any stream busy, copies hidden under
+  kernels (a copy overlapped by compute costs nothing)."""
+  span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / 1e3
+  lines = ["| stream | events / step | busy ms / step |", "|---|---|---|"]
+  streams = collections.defaultdict(list)
+  for e in events:
+    streams[e["stream"]].append((e["ts"], e["ts"] + e["dur"]))
+  for stream, spans in sorted(streams.items()):
+    lines.append(f"| {stream} | {len(spans) // steps} | {_union_ms(spans) / steps:.3f} |")
+  is_copy = lambda e: "memcpy" in e["name"].lower()
+  kernels = [(e["ts"], e["ts"] + e["dur"]) for e in events if not is_copy(e)]
+  copies = [(e["ts"], e["ts"] + e["dur"]) for e in events if is_copy(e)]
+  busy = _union_ms(kernels + copies)
+  copy_only = busy - _union_ms(kernels)
+  lines += ["", f"Span {span / steps:.2f} ms / step; some stream busy {busy / steps:.2f} ms; "
+            f"kernels {_union_ms(kernels) / steps:.2f} ms; copies {_union_ms(copies) / steps:.2f} "
+            f"ms, of which {copy_only / steps:.2f} ms with no kernel running.", ""]
+  return lines
+
+
+def summarize(trace_dir: pathlib.Path, hlo_path: pathlib.Path, steps: int) -> str:
+  trace_file = sorted(trace_dir.rglob("*.trace.json.gz"))[-1]
+  trace = json.load(gzip.open(trace_file))
+  hlo = parse_hlo(hlo_path.read_text()) if hlo_path.exists() else {}
+  events = device_events(trace)
+  if not events:
+    return f"{trace_dir.name}: no GPU events in {trace_file.name}\n"
+  by_module = collections.defaultdict(float)
+  by_kind = collections.defaultdict(float)
+  by_op = collections.defaultdict(float)
+  count = collections.Counter()
+  info_of = {}
+  for e in events:
+    op = e.get("args", {}).get("hlo_op") or e["name"]
+    info = hlo.get(op, {})
+    info_of[op] = (info, e["name"])
+    ms = e["dur"] / 1e3 / steps
+    by_module[(module_of(info.get("op_name", "")), phase_of(info.get("op_name", "")))] += ms
+    by_kind[kind_of(info, e["name"])] += ms
+    by_op[op] += ms
+    count[op] += 1
+  total = sum(by_op.values())
+  lines = [f"## {trace_dir.name}: {total:.2f} ms of device time per step, "
+           f"{sum(count.values()) / steps:.0f} kernels per step", ""] + timeline(events, steps) + [
+           "| sub-module | forward | recompute | backward | total |", "|---|---|---|---|---|"]
+  for module in SUBMODULES + ("(between modules)",):
+    row = [by_module.get((module, p), 0.0) for p in ("forward", "recompute", "backward")]
+    lines.append(f"| {module} | " + " | ".join(f"{x:.3f}" for x in row) + f" | {sum(row):.3f} |")
+  lines += ["", "| kind | ms | share |", "|---|---|---|"]
+  for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    lines.append(f"| {kind} | {ms:.3f} | {100 * ms / total:.0f}% |")
+  lines += ["", "| operation | kind | calls | ms | sub-module / phase | op_name (tail) |",
+            "|---|---|---|---|---|---|"]
+  for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:40]:
+    info, kernel = info_of[op]
+    op_name = info.get("op_name", "")
+    lines.append(f"| {op} | {kind_of(info, kernel)} | {count[op] // steps} | {ms:.3f} | "
+                 f"{module_of(op_name)} / {phase_of(op_name)} | {op_name[-70:]} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("directory", type=pathlib.Path)
+  parser.add_argument("--steps", type=int, default=2, help="steps in each trace")
+  args = parser.parse_args(argv)
+  for trace_dir in sorted(args.directory.glob("trace_*")):
+    name = trace_dir.name.removeprefix("trace_")
+    print(summarize(trace_dir, args.directory / f"{name}.hlo.txt", args.steps))
+
+
+if __name__ == "__main__":
+  main()
