@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -48,7 +49,7 @@ def worker(shape: tuple[int, int], implementation: str, remat: str, blocks: int,
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from jevo.nn import EvoformerStack
+  from jevo.nn import OFFLOAD_COMPILER_OPTIONS, EvoformerStack
 
   n_seq, n_res = shape
   device = jax.devices()[0]
@@ -63,7 +64,9 @@ def worker(shape: tuple[int, int], implementation: str, remat: str, blocks: int,
     msa_mask = jnp.ones((n_seq, n_res), bool)
     pair_mask = jnp.ones((n_res, n_res), bool)
 
-    @jax.jit
+    options = OFFLOAD_COMPILER_OPTIONS if remat == "offload" else None
+
+    @functools.partial(jax.jit, compiler_options=options)
     def step(params, m, z, key):
       def loss(params):
         out_m, out_z = nnx.merge(graphdef, params, rest)(m, z, msa_mask, pair_mask, rngs=key)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jevo.nn import EvoformerStack
+from jevo.nn import OFFLOAD_COMPILER_OPTIONS, EvoformerStack
 
 NUM_BINS = 64
 
@@ -65,10 +65,11 @@ def synthetic_batch(key: jax.Array, n_seq: int, n_res: int, c_m: int, c_z: int, 
               bins=jnp.minimum(bins, bins.T))
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    compiler_options: dict | None = None):
   """The compiled step: (params, opt_state, rest, batch, key) -> (params, opt_state, loss)."""
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=compiler_options)
   def train_step(params, opt_state, rest, batch, key):
     def loss_of(params):
       return loss_fn(nnx.merge(graphdef, params, rest), batch, key)
@@ -117,7 +118,8 @@ def main(argv=None) -> list[float]:
   # the second step compiles again.
   on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
   params, opt_state, rest = jax.device_put((params, opt_state, rest), on_device)
-  train_step = make_train_step(graphdef, tx)
+  train_step = make_train_step(
+      graphdef, tx, OFFLOAD_COMPILER_OPTIONS if stack_kwargs["remat"] == "offload" else None)
   batch = synthetic_batch(jax.random.fold_in(key, 0), n_seq, n_res, stack_kwargs["c_m"],
                           stack_kwargs["c_z"], dtype)
   num_params = sum(x.size for x in jax.tree.leaves(params))

@@ -76,10 +76,12 @@ def test_remat_gives_the_same_loss_and_gradients():
           jnp.where(pm[..., None], out_z, 0) ** 2)
 
     checkpoints = list(_checkpoints(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
-    if remat == "none":
+    if remat in ("none", "offload"):  # offload recomputes in its own backward scan
       assert not checkpoints
-      continue
-    assert checkpoints and all(eqn.params["prevent_cse"] is False for eqn in checkpoints)
+      if remat == "none":
+        continue
+    else:
+      assert checkpoints and all(eqn.params["prevent_cse"] is False for eqn in checkpoints)
     if remat is policy:
       # A custom policy is handed to jax.checkpoint as given (its numerics are JAX's).
       assert all(eqn.params["policy"] is policy for eqn in checkpoints)
@@ -98,23 +100,44 @@ def test_remat_gives_the_same_loss_and_gradients():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_offload_names_each_block_input_for_the_policy():
+def _walk(jaxpr):
+  """Every equation anywhere in a jaxpr, sub-jaxprs included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from _walk(inner)
+
+
+def test_block_inputs_are_named_for_policies():
+  m, z, mm, pm = _inputs()
+  stack = _stack(EvoformerStack, seed=4, remat="block")
+  stack.eval()  # no dropout: the stack's RNG state is not written under tracing
+  jaxpr = jax.make_jaxpr(lambda m, z: stack(m, z, mm, pm))(m, z).jaxpr
+  names = [eqn.params["name"] for eqn in _walk(jaxpr) if eqn.primitive.name == "name"]
+  assert sorted(names) == sorted(BLOCK_INPUT_NAMES)
+
+
+def test_offload_moves_each_block_input_to_the_host_and_back():
   m, z, mm, pm = _inputs()
   stack = _stack(EvoformerStack, seed=4, remat="offload")
-  stack.eval()  # no dropout: the stack's RNG state is not written under tracing
-  names = []
+  graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
 
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "name":
-        names.append(eqn.params["name"])
-      for param in eqn.params.values():
-        inner = getattr(param, "jaxpr", param)
-        if hasattr(inner, "eqns"):
-          walk(inner)
+  def loss(params):
+    out_m, out_z = nnx.merge(graphdef, params, rest)(m, z, mm, pm, rngs=jax.random.key(0))
+    return jnp.sum(out_m ** 2) + jnp.sum(out_z ** 2)
 
-  walk(jax.make_jaxpr(lambda m, z: stack(m, z, mm, pm))(m, z).jaxpr)
-  assert sorted(names) == sorted(BLOCK_INPUT_NAMES)
+  moves = [(eqn.params["devices"][0], eqn.outvars[0].aval.shape)
+           for eqn in _walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+           if eqn.primitive.name == "device_put"]
+  for shape in (m.shape, z.shape):
+    assert (jax.memory.Space.Host, shape) in moves     # saved in the forward scan
+    assert (jax.memory.Space.Device, shape) in moves   # fetched back in the backward scan
+  # Without differentiation, nothing goes to the host.
+  forward = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p, rest)(
+      m, z, mm, pm, rngs=jax.random.key(0)))(params).jaxpr
+  assert not any(eqn.primitive.name == "device_put" for eqn in _walk(forward))
 
 
 def test_chunked_inference_equals_unchunked():

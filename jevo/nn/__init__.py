@@ -14,7 +14,7 @@ from jevo.nn.attention import GatedAttention, MSAColumnAttention, MSARowAttentio
 from jevo.nn.block import EvoformerBlock, ExtraMSABlock
 from jevo.nn.global_attention import MSAColumnGlobalAttention
 from jevo.nn.outer_product_mean import OuterProductMean
-from jevo.nn.stack import EvoformerStack, ExtraMSAStack
+from jevo.nn.stack import OFFLOAD_COMPILER_OPTIONS, EvoformerStack, ExtraMSAStack
 from jevo.nn.transition import Transition
 from jevo.nn.triangle_attention import TriangleAttention
 from jevo.nn.triangle_multiplication import TriangleMultiplication
@@ -28,6 +28,7 @@ __all__ = [
     "MSAColumnAttention",
     "MSAColumnGlobalAttention",
     "MSARowAttentionWithPairBias",
+    "OFFLOAD_COMPILER_OPTIONS",
     "OuterProductMean",
     "Transition",
     "TriangleAttention",

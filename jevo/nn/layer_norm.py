@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jevo.ops.varying import match_varying_axes
+
 
 def _compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
@@ -85,5 +87,6 @@ class LayerNorm(nnx.LayerNorm):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale, bias = self.scale[...], self.bias[...]
     dtype = self.dtype or jnp.result_type(x, scale, bias)
-    x, scale, bias = (a.astype(dtype) for a in (x, scale, bias))
+    # Under shard_map a replicated scale must vary like x, so that its cotangent is summed.
+    x, scale, bias = match_varying_axes(*(a.astype(dtype) for a in (x, scale, bias)))
     return layer_norm(x, scale, bias, self.epsilon, dtype)
