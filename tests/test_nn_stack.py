@@ -50,15 +50,19 @@ def test_scan_equals_loop_of_blocks_with_dropout(cls):
   assert len(after) == 3 and all(np.all(b > a) for a, b in zip(counts, after))
 
 
-def _checkpoints(jaxpr):
-  """The `jax.checkpoint` equations anywhere in a jaxpr."""
+def _walk(jaxpr):
+  """Every equation anywhere in a jaxpr, sub-jaxprs included."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ("checkpoint", "remat", "remat2"):
-      yield eqn
+    yield eqn
     for param in eqn.params.values():
       inner = getattr(param, "jaxpr", param)
       if hasattr(inner, "eqns"):
-        yield from _checkpoints(inner)
+        yield from _walk(inner)
+
+
+def _checkpoints(jaxpr):
+  """The `jax.checkpoint` equations anywhere in a jaxpr."""
+  return [eqn for eqn in _walk(jaxpr) if eqn.primitive.name in ("checkpoint", "remat", "remat2")]
 
 
 def test_remat_gives_the_same_loss_and_gradients():
@@ -98,16 +102,6 @@ def test_remat_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
-
-
-def _walk(jaxpr):
-  """Every equation anywhere in a jaxpr, sub-jaxprs included."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", param)
-      if hasattr(inner, "eqns"):
-        yield from _walk(inner)
 
 
 def test_block_inputs_are_named_for_policies():
