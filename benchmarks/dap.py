@@ -47,7 +47,7 @@ def _memory(devices) -> list[dict]:
 
 
 def worker(workload: str, n: int, shape: tuple[int, int], blocks: int, repeats: int,
-           implementation: str | None, chunk_size: int | None) -> dict:
+           implementation: str | None, chunk_size: int | None, trace: str | None = None) -> dict:
   """Runs in its own process; returns one result record."""
   import time
   import jax
@@ -115,6 +115,13 @@ def worker(workload: str, n: int, shape: tuple[int, int], blocks: int, repeats: 
           a["peak_bytes_in_use"] - b.get("bytes_in_use", 0) for a, b in zip(after, before)
       ) / 2**30
     result["ms"] = median_ms(compiled, args, repeats)
+    if trace:  # a profile of two steps and the optimised HLO, for summarize_profile.py
+      name = f"dap{n}_{workload}_{blocks}blocks"
+      pathlib.Path(trace).mkdir(parents=True, exist_ok=True)
+      (pathlib.Path(trace) / f"{name}.hlo.txt").write_text(compiled.as_text())
+      with jax.profiler.trace(str(pathlib.Path(trace) / f"trace_{name}")):
+        for _ in range(2):
+          jax.block_until_ready(compiled(*args))
   except Exception as err:  # out of memory, unsupported backend, ...: recorded, not fatal
     result["error"] = _error(err)
   return result
@@ -175,6 +182,9 @@ def main(argv=None) -> None:
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
   parser.add_argument("--out", default=None, help="output path without suffix (.json and .md "
                       "are written); default benchmarks/results/dap_<device>_x<count>")
+  parser.add_argument("--trace", default=None,
+                      help="also write a profile of 2 steps and the HLO of each configuration "
+                           "here (see summarize_profile.py)")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -189,7 +199,7 @@ def main(argv=None) -> None:
     workload, n = args.worker.split(":")
     shape = args.train_shape if workload == "train" else args.infer_shape
     print(json.dumps(worker(workload, int(n), shape, args.blocks, args.repeats,
-                            args.implementation, args.chunk_size)), flush=True)
+                            args.implementation, args.chunk_size, args.trace)), flush=True)
     return
 
   env = os.environ.copy()
@@ -210,6 +220,9 @@ def main(argv=None) -> None:
     passthrough += ["--implementation", args.implementation]
   if args.chunk_size:
     passthrough += ["--chunk-size", str(args.chunk_size)]
+  if args.trace:  # without command buffers each kernel is attributed to its HLO operation
+    passthrough += ["--trace", args.trace]
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
   results = []
   for workload in args.workloads:

@@ -50,32 +50,43 @@ def block_on_shard(block: EvoformerBlock, m: jax.Array, z: jax.Array, masks: Mas
       update = shared_dropout(dropout, update, key, shape=shape, split_axis=split_axis, ax=ax)
     return x + update.astype(x.dtype)
 
-  m = add(m, msa_row_attention(block.msa_row_attention, m, z, masks.msa_rows, ax, **cs),
-          block.msa_dropout, keys[0], shape=msa_shape, split_axis=ROWS)
+  # Named scopes as in EvoformerBlock, so that profiles name each sub-module; the layout
+  # changes between them stay outside, where a profile shows them on their own.
+  with jax.named_scope("msa_row_attention"):
+    m = add(m, msa_row_attention(block.msa_row_attention, m, z, masks.msa_rows, ax, **cs),
+            block.msa_dropout, keys[0], shape=msa_shape, split_axis=ROWS)
   m = ax.to_columns(m)
-  m = add(m, block.msa_column_attention(m, masks.msa_cols, **cs))
-  m = add(m, block.msa_transition(m, masks.msa_cols, **cs))
-  z = add(z, outer_product_mean(block.outer_product_mean, m, masks.msa_cols, masks.msa, ax,
-                                **cs))
+  with jax.named_scope("msa_column_attention"):
+    m = add(m, block.msa_column_attention(m, masks.msa_cols, **cs))
+  with jax.named_scope("msa_transition"):
+    m = add(m, block.msa_transition(m, masks.msa_cols, **cs))
+  with jax.named_scope("outer_product_mean"):
+    z = add(z, outer_product_mean(block.outer_product_mean, m, masks.msa_cols, masks.msa, ax,
+                                  **cs))
   m = ax.to_rows(m)
 
   rowwise, columnwise = block.pair_dropout_rowwise, block.pair_dropout_columnwise
-  z = add(z, triangle_multiplication(block.triangle_multiplication_outgoing, z,
-                                     masks.pair_rows, ax, **cs),
-          rowwise, keys[1], shape=pair_shape, split_axis=ROWS)
+  with jax.named_scope("triangle_multiplication_outgoing"):
+    z = add(z, triangle_multiplication(block.triangle_multiplication_outgoing, z,
+                                       masks.pair_rows, ax, **cs),
+            rowwise, keys[1], shape=pair_shape, split_axis=ROWS)
   z = ax.to_columns(z)
-  z = add(z, triangle_multiplication(block.triangle_multiplication_incoming, z,
-                                     masks.pair_cols, ax, **cs),
-          rowwise, keys[2], shape=pair_shape, split_axis=COLUMNS)
+  with jax.named_scope("triangle_multiplication_incoming"):
+    z = add(z, triangle_multiplication(block.triangle_multiplication_incoming, z,
+                                       masks.pair_cols, ax, **cs),
+            rowwise, keys[2], shape=pair_shape, split_axis=COLUMNS)
   z = ax.to_rows(z)
-  z = add(z, triangle_attention(block.triangle_attention_starting_node, z, masks.pair_rows, ax,
-                                **cs),
-          rowwise, keys[3], shape=pair_shape, split_axis=ROWS)
+  with jax.named_scope("triangle_attention_starting_node"):
+    z = add(z, triangle_attention(block.triangle_attention_starting_node, z, masks.pair_rows,
+                                  ax, **cs),
+            rowwise, keys[3], shape=pair_shape, split_axis=ROWS)
   z = ax.to_columns(z)
-  z = add(z, triangle_attention(block.triangle_attention_ending_node, z, masks.pair_cols, ax,
-                                **cs),
-          columnwise, keys[4], shape=pair_shape, split_axis=COLUMNS)
-  z = add(z, block.pair_transition(z, masks.pair_cols, **cs))
+  with jax.named_scope("triangle_attention_ending_node"):
+    z = add(z, triangle_attention(block.triangle_attention_ending_node, z, masks.pair_cols,
+                                  ax, **cs),
+            columnwise, keys[4], shape=pair_shape, split_axis=COLUMNS)
+  with jax.named_scope("pair_transition"):
+    z = add(z, block.pair_transition(z, masks.pair_cols, **cs))
   return m, ax.to_rows(z)
 
 
