@@ -55,7 +55,9 @@ def worker(shape: tuple[int, int], implementation: str, remat: str, blocks: int,
   device = jax.devices()[0]
   result = dict(n_seq=n_seq, n_res=n_res, implementation=implementation, remat=remat, blocks=blocks)
   try:
-    stack = EvoformerStack(blocks, dtype=jnp.bfloat16, remat=remat,
+    # "dots": recompute each block but keep its matrix products' outputs (a jax policy).
+    policy = jax.checkpoint_policies.dots_saveable if remat == "dots" else remat
+    stack = EvoformerStack(blocks, dtype=jnp.bfloat16, remat=policy,
                            implementation=implementation, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
     keys = jax.random.split(jax.random.key(1), 3)
@@ -127,8 +129,10 @@ def main(argv=None) -> None:
                       choices=["cuda", "xla_chunked", "xla"])
   parser.add_argument("--shapes", nargs="+", type=parse_shape,
                       default=[parse_shape(s) for s in SHAPES], help="N_SEQxN_RES ...")
-  parser.add_argument("--remat", nargs="+", default=["block"], choices=["block", "offload"],
-                      help="block: recompute each block; offload: also keep block inputs on the host")
+  parser.add_argument("--remat", nargs="+", default=["block"],
+                      choices=["block", "offload", "dots", "none"],
+                      help="block: recompute each block; offload: also keep block inputs on the "
+                           "host; dots: recompute all but the matrix products; none: keep all")
   parser.add_argument("--blocks", type=int, default=48)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
