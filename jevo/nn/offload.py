@@ -58,15 +58,13 @@ def offloaded_scan(body: Callable, carry: Any, xs: Any, consts: Any) -> tuple[An
     is_diff = [_differentiable(leaf) for leaf in leaves]
     length = leaves[0].shape[0] if leaves else jax.tree.leaves(saved)[0].shape[0]
 
-    def fetch(i):
-      # Offsets affine in the loop counter (i - 1 clamps to 0 at the last step) let XLA turn
-      # the slice of host memory into a DMA copy instead of a kernel that holds SMs.
-      step_input = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(
-          a, i, keepdims=False, allow_negative_indices=False), saved)
-      return _to(jax.memory.Space.Device, step_input)
-
     def at(a, i):
+      # Offsets affine in the loop counter (i - 1 clamps to 0 at the last step) let XLA turn
+      # a slice of host memory into a DMA copy instead of a kernel that holds SMs.
       return jax.lax.dynamic_index_in_dim(a, i, keepdims=False, allow_negative_indices=False)
+
+    def fetch(i):
+      return _to(jax.memory.Space.Device, jax.tree.map(lambda a: at(a, i), saved))
 
     def step(j, state):
       d_c, c_in, d_acc = state
