@@ -51,6 +51,18 @@ def run_worker(cmd: list[str], env: dict | None = None, timeout: int | None = No
   return json.loads(line)
 
 
+def write_profile(directory: str | pathlib.Path, name: str, compiled, args, steps: int = 2) -> None:
+  """Writes DIR/NAME.hlo.txt (the optimised HLO) and DIR/trace_NAME (a jax.profiler trace of
+  `steps` calls of `compiled(*args)`), the pair that summarize_profile.py reads."""
+  import jax
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / f"{name}.hlo.txt").write_text(compiled.as_text())
+  with jax.profiler.trace(str(directory / f"trace_{name}")):
+    for _ in range(steps):
+      jax.block_until_ready(compiled(*args))
+
+
 def write_results(out: str | pathlib.Path, meta: dict, results: list[dict],
                   markdown: str) -> pathlib.Path:
   """Writes OUT.json (meta and results) and OUT.md (the given text); returns OUT as a path."""

@@ -29,7 +29,7 @@ import pathlib
 import re
 import sys
 
-from common import median_ms, parse_shape, run_worker, write_results  # benchmarks/ is the script's directory
+from common import median_ms, parse_shape, run_worker, write_profile, write_results  # benchmarks/ is the script's directory
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 WORKLOADS = {"train": "512x384", "infer": "128x2048"}  # N_seq x N_res
@@ -115,13 +115,8 @@ def worker(workload: str, n: int, shape: tuple[int, int], blocks: int, repeats: 
           a["peak_bytes_in_use"] - b.get("bytes_in_use", 0) for a, b in zip(after, before)
       ) / 2**30
     result["ms"] = median_ms(compiled, args, repeats)
-    if trace:  # a profile of two steps and the optimised HLO, for summarize_profile.py
-      name = f"dap{n}_{workload}_{blocks}blocks"
-      pathlib.Path(trace).mkdir(parents=True, exist_ok=True)
-      (pathlib.Path(trace) / f"{name}.hlo.txt").write_text(compiled.as_text())
-      with jax.profiler.trace(str(pathlib.Path(trace) / f"trace_{name}")):
-        for _ in range(2):
-          jax.block_until_ready(compiled(*args))
+    if trace:
+      write_profile(trace, f"dap{n}_{workload}_{blocks}blocks", compiled, args)
   except Exception as err:  # out of memory, unsupported backend, ...: recorded, not fatal
     result["error"] = _error(err)
   return result

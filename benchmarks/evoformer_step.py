@@ -23,7 +23,7 @@ import os
 import pathlib
 import sys
 
-from common import median_ms, parse_shape, run_worker, write_results  # benchmarks/ is the script's directory
+from common import median_ms, parse_shape, run_worker, write_profile, write_results  # benchmarks/ is the script's directory
 
 SHAPES = ("128x256", "512x384")  # N_seq x N_res: AlphaFold's initial and fine-tuning crops
 IMPLEMENTATIONS = ("cuda", "xla")
@@ -89,13 +89,8 @@ def worker(shape: tuple[int, int], implementation: str, remat: str, blocks: int,
       result["peak_over_inputs_gib"] = (stats["peak_bytes_in_use"] - before) / 2**30
     result["loss"] = float(loss)
     result["step_ms"] = median_ms(compiled, args, repeats)
-    if trace:  # a profile of two steps and the optimised HLO, for summarize_profile.py
-      name = f"stack{blocks}_{n_seq}x{n_res}_{remat}"
-      pathlib.Path(trace).mkdir(parents=True, exist_ok=True)
-      (pathlib.Path(trace) / f"{name}.hlo.txt").write_text(compiled.as_text())
-      with jax.profiler.trace(str(pathlib.Path(trace) / f"trace_{name}")):
-        for _ in range(2):
-          jax.block_until_ready(compiled(*args))
+    if trace:
+      write_profile(trace, f"stack{blocks}_{n_seq}x{n_res}_{remat}", compiled, args)
   except Exception as err:  # out of memory, unsupported backend, ...: recorded, not fatal
     result["error"] = _error(err)
   return result

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 
-from common import parse_shape  # benchmarks/ is the script's directory
+from common import parse_shape, write_profile  # benchmarks/ is the script's directory
 
 
 def main(argv=None) -> None:
@@ -57,16 +56,11 @@ def main(argv=None) -> None:
             + jnp.sum(jnp.square(z_out.astype(jnp.float32))))
 
   step = jax.jit(jax.grad(loss, argnums=(0, 2, 3)))
-  out_dir = pathlib.Path(args.out)
-  out_dir.mkdir(parents=True, exist_ok=True)
   compiled = step.lower(params, rest, m, z).compile()
-  (out_dir / f"block_{n_seq}x{n_res}.hlo.txt").write_text(compiled.as_text())
   for _ in range(2):
-    jax.block_until_ready(step(params, rest, m, z))
-  with jax.profiler.trace(str(out_dir / f"trace_block_{n_seq}x{n_res}")):
-    for _ in range(args.steps):
-      jax.block_until_ready(step(params, rest, m, z))
-  print(f"wrote {out_dir}")
+    jax.block_until_ready(compiled(params, rest, m, z))
+  write_profile(args.out, f"block_{n_seq}x{n_res}", compiled, (params, rest, m, z), args.steps)
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
