@@ -1,4 +1,5 @@
-"""Helpers the benchmark scripts share: timing and command-line shapes."""
+"""Helpers the benchmark scripts share: timing, command-line shapes, one Evoformer block at
+AlphaFold's sizes, results and profiles."""
 
 from __future__ import annotations
 
@@ -35,6 +36,37 @@ def parse_shape(text: str) -> tuple[int, int]:
   if n_seq <= 0 or n_res <= 0:
     raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
   return n_seq, n_res
+
+
+# EvoformerBlock's sub-modules, in the order the block applies them; also the names of the
+# named scopes it puts them under, which profiles show.
+BLOCK_SUBMODULES = (
+    "msa_row_attention", "msa_column_attention", "msa_transition", "outer_product_mean",
+    "triangle_multiplication_outgoing", "triangle_multiplication_incoming",
+    "triangle_attention_starting_node", "triangle_attention_ending_node", "pair_transition",
+)
+
+
+def without_command_buffers(xla_flags: str) -> str:
+  """XLA_FLAGS with command buffers off, so that a profile attributes each kernel to its own
+  HLO operation instead of to the command buffer that launched it."""
+  return f"{xla_flags} --xla_gpu_enable_command_buffer=".strip()
+
+
+def block_and_inputs(shape: tuple[int, int], implementation: str | None):
+  """An EvoformerBlock at AlphaFold's sizes in bf16 (fp32 parameters, dropout on) and random
+  bf16 inputs m, z with all-valid masks: (block, m, z, msa_mask, pair_mask)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jevo.nn import EvoformerBlock
+
+  n_seq, n_res = shape
+  block = EvoformerBlock(dtype=jnp.bfloat16, implementation=implementation, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(1), 2)
+  m = jax.random.normal(keys[0], (n_seq, n_res, block.c_m), jnp.bfloat16)
+  z = jax.random.normal(keys[1], (n_res, n_res, block.c_z), jnp.bfloat16)
+  return block, m, z, jnp.ones((n_seq, n_res), bool), jnp.ones((n_res, n_res), bool)
 
 
 def run_worker(cmd: list[str], env: dict | None = None, timeout: int | None = None) -> dict:

@@ -29,7 +29,8 @@ import pathlib
 import re
 import sys
 
-from common import median_ms, parse_shape, run_worker, write_profile, write_results  # benchmarks/ is the script's directory
+from common import (median_ms, parse_shape, run_worker,  # benchmarks/ is the script's directory
+                    without_command_buffers, write_profile, write_results)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 WORKLOADS = {"train": "512x384", "infer": "128x2048"}  # N_seq x N_res
@@ -217,7 +218,7 @@ def main(argv=None) -> None:
     passthrough += ["--chunk-size", str(args.chunk_size)]
   if args.trace:  # without command buffers each kernel is attributed to its HLO operation
     passthrough += ["--trace", args.trace]
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+    env["XLA_FLAGS"] = without_command_buffers(env.get("XLA_FLAGS", ""))
 
   results = []
   for workload in args.workloads:

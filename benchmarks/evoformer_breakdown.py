@@ -15,20 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import median_ms, parse_shape  # benchmarks/ is the script's directory
+from common import BLOCK_SUBMODULES, block_and_inputs, median_ms, parse_shape  # benchmarks/ is the script's directory
 
-# (module attribute, which representation it reads: "m", "mz" or "z")
-SUBMODULES = (
-    ("msa_row_attention", "mz"),
-    ("msa_column_attention", "m"),
-    ("msa_transition", "m"),
-    ("outer_product_mean", "m"),
-    ("triangle_multiplication_outgoing", "z"),
-    ("triangle_multiplication_incoming", "z"),
-    ("triangle_attention_starting_node", "z"),
-    ("triangle_attention_ending_node", "z"),
-    ("pair_transition", "z"),
-)
+# Which representations each sub-module reads ("m", "mz"); the others read only z.
+READS = {"msa_row_attention": "mz", "msa_column_attention": "m", "msa_transition": "m",
+         "outer_product_mean": "m"}
 
 
 def main(argv=None) -> None:
@@ -42,17 +33,10 @@ def main(argv=None) -> None:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from jevo.nn import EvoformerBlock
 
   n_seq, n_res = args.shape
-  block = EvoformerBlock(dtype=jnp.bfloat16, implementation=args.implementation,
-                         rngs=nnx.Rngs(0))
+  block, m, z, msa_mask, pair_mask = block_and_inputs(args.shape, args.implementation)
   block.eval()
-  keys = jax.random.split(jax.random.key(1), 2)
-  m = jax.random.normal(keys[0], (n_seq, n_res, 256), jnp.bfloat16)
-  z = jax.random.normal(keys[1], (n_res, n_res, 128), jnp.bfloat16)
-  msa_mask = jnp.ones((n_seq, n_res), bool)
-  pair_mask = jnp.ones((n_res, n_res), bool)
 
   def timed(module, call):
     """Median ms of forward + gradients (parameters and inputs) of call(module, m, z)."""
@@ -71,7 +55,8 @@ def main(argv=None) -> None:
       "mz": lambda mod, m, z: mod(m, z, msa_mask),
       "z": lambda mod, m, z: mod(z, pair_mask),
   }
-  rows = [(name, timed(getattr(block, name), calls[reads])) for name, reads in SUBMODULES]
+  rows = [(name, timed(getattr(block, name), calls[READS.get(name, "z")]))
+          for name in BLOCK_SUBMODULES]
   whole = timed(block, jax.checkpoint(lambda mod, m, z: mod(m, z, msa_mask, pair_mask)))
   total = sum(ms for _, ms in rows)
   rows.append(("rest (adds, dropout, glue; whole block under remat minus the sum)", whole - total))

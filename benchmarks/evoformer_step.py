@@ -23,7 +23,8 @@ import os
 import pathlib
 import sys
 
-from common import median_ms, parse_shape, run_worker, write_profile, write_results  # benchmarks/ is the script's directory
+from common import (median_ms, parse_shape, run_worker,  # benchmarks/ is the script's directory
+                    without_command_buffers, write_profile, write_results)
 
 SHAPES = ("128x256", "512x384")  # N_seq x N_res: AlphaFold's initial and fine-tuning crops
 IMPLEMENTATIONS = ("cuda", "xla")
@@ -150,7 +151,7 @@ def main(argv=None) -> None:
   # Let one configuration use the whole device (JAX's default cap is 75% of its memory).
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   if args.trace:  # without command buffers each kernel is attributed to its HLO operation
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+    env["XLA_FLAGS"] = without_command_buffers(env.get("XLA_FLAGS", ""))
   results = []
   for n_seq, n_res in args.shapes:
     for implementation, remat in itertools.product(args.implementation, args.remat):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from common import parse_shape, write_profile  # benchmarks/ is the script's directory
+from common import block_and_inputs, parse_shape, without_command_buffers, write_profile  # benchmarks/ is the script's directory
 
 
 def main(argv=None) -> None:
@@ -27,21 +27,13 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   # Without command buffers each kernel is attributed to its own HLO operation in the trace.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_gpu_enable_command_buffer=")
+  os.environ["XLA_FLAGS"] = without_command_buffers(os.environ.get("XLA_FLAGS", ""))
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from jevo.nn import EvoformerBlock
 
   n_seq, n_res = args.shape
-  block = EvoformerBlock(dtype=jnp.bfloat16, implementation=args.implementation,
-                         rngs=nnx.Rngs(0))
-  keys = jax.random.split(jax.random.key(1), 2)
-  m = jax.random.normal(keys[0], (n_seq, n_res, 256), jnp.bfloat16)
-  z = jax.random.normal(keys[1], (n_res, n_res, 128), jnp.bfloat16)
-  msa_mask = jnp.ones((n_seq, n_res), bool)
-  pair_mask = jnp.ones((n_res, n_res), bool)
+  block, m, z, msa_mask, pair_mask = block_and_inputs(args.shape, args.implementation)
   graphdef, params, rest = nnx.split(block, nnx.Param, ...)
 
   dropout_key = jax.random.key(2)

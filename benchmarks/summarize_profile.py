@@ -16,11 +16,8 @@ import json
 import pathlib
 import re
 
-SUBMODULES = (
-    "msa_row_attention", "msa_column_attention", "msa_transition", "outer_product_mean",
-    "triangle_multiplication_outgoing", "triangle_multiplication_incoming",
-    "triangle_attention_starting_node", "triangle_attention_ending_node", "pair_transition",
-)
+from common import BLOCK_SUBMODULES  # benchmarks/ is the script's directory; no jax needed
+
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s([a-z][\w\-]*)\(")
 
@@ -47,7 +44,7 @@ def parse_hlo(text: str) -> dict[str, dict]:
 
 
 def module_of(op_name: str) -> str:
-  hits = [(op_name.find(s), s) for s in SUBMODULES if s in op_name]
+  hits = [(op_name.find(s), s) for s in BLOCK_SUBMODULES if s in op_name]
   return min(hits)[1] if hits else "(between modules)"
 
 
@@ -146,7 +143,7 @@ def summarize(trace_dir: pathlib.Path, hlo_path: pathlib.Path, steps: int) -> st
   lines = [f"## {trace_dir.name}: {total:.2f} ms of device time per step, "
            f"{sum(count.values()) / steps:.0f} kernels per step", ""] + timeline(events, steps) + [
            "| sub-module | forward | recompute | backward | total |", "|---|---|---|---|---|"]
-  for module in SUBMODULES + ("(between modules)",):
+  for module in BLOCK_SUBMODULES + ("(between modules)",):
     row = [by_module.get((module, p), 0.0) for p in ("forward", "recompute", "backward")]
     lines.append(f"| {module} | " + " | ".join(f"{x:.3f}" for x in row) + f" | {sum(row):.3f} |")
   lines += ["", "| kind | ms | share |", "|---|---|---|"]
