@@ -40,9 +40,7 @@ def _normalized(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Arr
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
                out_dtype) -> jax.Array:
   """LayerNorm over the last axis of `x` with per-channel `scale` and `bias`."""
-  x_hat, _, _ = _normalized(x, eps)
-  ct = x_hat.dtype
-  return (x_hat * scale.astype(ct) + bias.astype(ct)).astype(out_dtype)
+  return _layer_norm_fwd(x, scale, bias, eps, out_dtype)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps, out_dtype):

@@ -4,7 +4,7 @@ memory, and fetches the next block's inputs while it differentiates the current 
 `jax.checkpoint` with an offloading policy keeps the same inputs on the host, but XLA copies
 each block's inputs back when the block's recomputation starts, so the whole copy (138 MB per
 block at N_seq 512 x N_res 384 in bf16, about 2.5 ms over PCIe) sits on the critical path of
-every block. Here the backward pass is a scan of our own: iteration i starts the copy of block
+every block. Here the backward pass is a loop of our own: iteration i starts the copy of block
 i-1's inputs, which nothing in iteration i waits for, and differentiates block i with inputs
 fetched during iteration i+1.
 """

@@ -35,8 +35,10 @@ BLOCK_INPUT_NAMES = ("jevo_block_input_m", "jevo_block_input_z")
 
 
 def offload_block_inputs_policy():
-  """The policy of remat="offload": each block's inputs (m, z) go to pinned host memory during
-  the forward pass and come back for the block's recomputation; nothing else is kept."""
+  """remat="offload" as a checkpoint policy, which DAP's stacks use: each block's inputs (m, z)
+  go to pinned host memory during the forward pass and come back when the block's
+  recomputation starts; nothing else is kept. The one-device stacks use `offloaded_scan`
+  instead, which fetches them one block ahead."""
   return jax.checkpoint_policies.save_and_offload_only_these_names(
       names_which_can_be_saved=[], names_which_can_be_offloaded=list(BLOCK_INPUT_NAMES),
       offload_src="device", offload_dst="pinned_host")
@@ -44,7 +46,8 @@ def offload_block_inputs_policy():
 
 def checkpointed_block(one_block: Callable, remat: RematLike) -> Callable:
   """`one_block(m, z, *rest)` with m and z named `BLOCK_INPUT_NAMES` and wrapped as `remat`
-  asks; the scan of every stack (on one device or with DAP) applies its blocks through this."""
+  asks; the scans of the stacks apply their blocks through this (on one device, all but
+  remat="offload", which goes through `offloaded_scan`)."""
   def named(m, z, *rest):
     return one_block(checkpoint_name(m, BLOCK_INPUT_NAMES[0]),
                      checkpoint_name(z, BLOCK_INPUT_NAMES[1]), *rest)
@@ -108,21 +111,20 @@ class _Stack(nnx.Module):
       return m, z, nnx.split(block, nnx.Param, ...)[2]
 
     masks = (msa_mask, pair_mask)
+
+    def scan_body(block_fn):
+      def body(carry, xs, masks):
+        m, z, rest_i = block_fn(*carry, *xs, masks)
+        return (m, z), rest_i
+      return body
+
+    xs = (params, rest, keys)
     if self.remat == "offload":
       # Block inputs on the host, fetched one block ahead in the backward pass.
-      def body(carry, xs, masks):
-        m, z, rest_i = one_block(*carry, *xs, masks)
-        return (m, z), rest_i
-
-      (m, z), new_rest = offloaded_scan(body, (m, z), (params, rest, keys), masks)
+      (m, z), new_rest = offloaded_scan(scan_body(one_block), (m, z), xs, masks)
     else:
-      one_block = checkpointed_block(one_block, self.remat)
-
-      def step(carry, xs):
-        m, z, rest_i = one_block(*carry, *xs, masks)
-        return (m, z), rest_i
-
-      (m, z), new_rest = jax.lax.scan(step, (m, z), (params, rest, keys))
+      body = scan_body(checkpointed_block(one_block, self.remat))
+      (m, z), new_rest = jax.lax.scan(lambda c, x: body(c, x, masks), (m, z), xs)
     if keys is None and self._draws_from_stored_streams():
       nnx.update(self.blocks, new_rest)
     return m, z
