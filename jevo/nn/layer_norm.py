@@ -3,9 +3,11 @@
 Flax's LayerNorm differentiates through its float32 arithmetic, so autodiff keeps `x - mean`
 and the normalised activations in float32 for the backward pass: three float32 copies of every
 normalised tensor, 576 MiB per MSA layer norm at N_seq 512 x N_res 384 in bf16, and an Evoformer
-block has 13 layer norms. Here the backward pass recomputes them from the input (which the
-block keeps anyway) and the float32 mean and reciprocal standard deviation of each row, in the
-same fused pass that forms the input gradient.
+block has 13 layer norms (as JAX lists them with `saved_residuals`). Here the backward pass
+recomputes them from the input (which the block keeps anyway) and the float32 mean and
+reciprocal standard deviation of each row, in the same fused pass that forms the input
+gradient. Measured on an H200 under remat="block", XLA had already avoided most of those
+copies: the step's peak memory and time did not change (BENCHMARKS.md).
 
 Numerics are those of `flax.nnx.LayerNorm(use_fast_variance=False)`: the input, scale and bias
 are cast to `dtype` first, statistics and normalisation run in at least float32, and the result
