@@ -61,8 +61,11 @@ def test_loaded_stack_matches_reference_blocks(tmp_path):
   for i in range(NUM_BLOCKS):
     exp_m, exp_z = ref.evoformer_block(ref.block_from_npz_dict(arrays, i, extra=False),
                                        exp_m, exp_z, mm, pm)
-  np.testing.assert_allclose(out_m, exp_m, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out_z, exp_z, rtol=1e-5, atol=1e-5)
+  # Two stacked blocks with random parameters compound float32 rounding: at 1e-5 about 3% of
+  # random draws failed (worst 3e-5), with Flax's LayerNorm as with jevo's. A wrongly loaded
+  # block is off by O(1).
+  np.testing.assert_allclose(out_m, exp_m, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out_z, exp_z, rtol=1e-4, atol=1e-4)
 
 
 def test_single_block_takes_the_indexed_block(tmp_path):
