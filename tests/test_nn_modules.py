@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import jevo.nn.attention as nn_attention
+from jevo.nn import _common as c
 import nn_reference as ref
 from nn_reference import full_precision_matmuls  # noqa: F401  (autouse fixture)
 from jevo.nn import (EvoformerBlock, MSAColumnAttention, MSAColumnGlobalAttention,
@@ -247,3 +248,41 @@ def test_bad_constructor_arguments_raise_value_error():
     MSAColumnAttention(S.c_m, num_heads=0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="msa_dropout"):
     EvoformerBlock(S.c_m, S.c_z, **S.block_kwargs(), msa_dropout=1.0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_project_equals_the_layers_applied_one_by_one(dtype):
+  rngs = nnx.Rngs(7)
+  layers = [nnx.Linear(6, 3, dtype=dtype, rngs=rngs),
+            nnx.Linear(6, 5, use_bias=False, dtype=dtype, rngs=rngs),
+            nnx.Linear(6, 2, dtype=dtype, bias_init=nnx.initializers.normal(1.0), rngs=rngs)]
+  x = jax.random.normal(jax.random.key(8), (4, 5, 6))
+  weights = [jax.random.normal(jax.random.key(9 + i), (4, 5, l.out_features))
+             for i, l in enumerate(layers)]
+
+  def loss(outs):  # the second output unused: its cotangent is zero
+    return sum(jnp.sum(w * jnp.sin(o.astype(jnp.float32)))
+               for i, (w, o) in enumerate(zip(weights, outs)) if i != 1)
+
+  together = c.project(x, *layers)
+  one_by_one = [layer(x) for layer in layers]
+  # One wider product may sum in another order than three narrow ones: float32 rounding.
+  value_tol = 1e-6 if dtype is None else 1e-2
+  for a, b in zip(together, one_by_one):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=value_tol, atol=value_tol)
+  grad_together = jax.grad(lambda x: loss(c.project(x, *layers)))(x)
+  grad_one_by_one = jax.grad(lambda x: loss([layer(x) for layer in layers]))(x)
+  tol = 1e-6 if dtype is None else 2e-2
+  np.testing.assert_allclose(grad_together, grad_one_by_one, rtol=tol, atol=tol)
+
+
+def test_project_applies_differing_layers_one_by_one():
+  rngs = nnx.Rngs(7)
+  layers = [nnx.Linear(6, 3, rngs=rngs), nnx.Linear(6, 4, dtype=jnp.bfloat16, rngs=rngs)]
+  x = jax.random.normal(jax.random.key(8), (2, 6))
+  outs = c.project(x, *layers)
+  assert [o.dtype for o in outs] == [jnp.float32, jnp.bfloat16]
+  np.testing.assert_array_equal(np.asarray(outs[1], np.float32),
+                                np.asarray(layers[1](x), np.float32))

@@ -45,8 +45,8 @@ class OuterProductMean(nnx.Module):
     c.check_chunk_size(chunk_size)
     mask = c.check_mask("msa_mask", msa_mask, m.shape[:-1])[..., None]
     x = self.layer_norm(m)
-    a = mask.astype(x.dtype) * self.left_projection(x)
-    b = mask.astype(x.dtype) * self.right_projection(x)
+    a, b = c.project(x, self.left_projection, self.right_projection)
+    a, b = mask.astype(x.dtype) * a, mask.astype(x.dtype) * b
 
     def rows(a_i):
       # [*B, S, i, c] x [*B, S, j, d] -> [*B, i, j, c*d]; only `chunk_size` rows i at a time.

@@ -54,31 +54,53 @@ class TriangleMultiplication(nnx.Module):
     c.check_chunk_size(chunk_size)
     mask = c.check_mask("pair_mask", pair_mask, z.shape[:-1])[..., None]
     x = self.layer_norm_in(z)
-
-    def left(xs, ms):
-      return ms.astype(xs.dtype) * self.left_projection(xs) * jax.nn.sigmoid(self.left_gate(xs))
-
-    def right(xs, ms):
-      return ms.astype(xs.dtype) * self.right_projection(xs) * jax.nn.sigmoid(self.right_gate(xs))
+    if chunk_size is None or chunk_size >= z.shape[-3]:
+      left, right, gate = self.projections(x, mask, output_gate=True)
+      return self.finish(self.combine(left, right), gate)
 
     # Output rows i are independent: one operand is projected whole, the other (and the output
     # gate) only for the rows in the chunk, which bounds memory to one [N_res, N_res, c_hidden].
     if self.outgoing:
-      other = right(x, mask)
+      other = self._gated(x, mask, self.right_projection, self.right_gate)
 
       def rows(x_i, m_i, x_gate):
-        return self._finish(jnp.einsum("...ikc,...jkc->...ijc", left(x_i, m_i), other), x_gate)
+        left = self._gated(x_i, m_i, self.left_projection, self.left_gate)
+        return self.finish(self.combine(left, other), self.output_gate(x_gate))
 
       args, axes = (x, mask, x), (-3, -3, -3)
     else:
-      other = left(x, mask)
+      other = self._gated(x, mask, self.left_projection, self.left_gate)
 
       def rows(x_i, m_i, x_gate):
-        return self._finish(jnp.einsum("...kjc,...kic->...ijc", other, right(x_i, m_i)), x_gate)
+        right = self._gated(x_i, m_i, self.right_projection, self.right_gate)
+        return self.finish(self.combine(other, right), self.output_gate(x_gate))
 
       args, axes = (x, mask, x), (-2, -2, -3)
     return chunked(rows, args, axes, out_axis=-3, chunk_size=chunk_size)
 
-  def _finish(self, act: jax.Array, x_gate: jax.Array) -> jax.Array:
+  def projections(self, x: jax.Array, mask: jax.Array, *, output_gate: bool
+                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The masked, gated `left` and `right` of `x = LayerNorm(z)` and, if asked, the output
+    gate's logits, from one matrix product (`mask` `[..., 1]`, 1 = valid)."""
+    layers = [self.left_projection, self.left_gate, self.right_projection, self.right_gate]
+    outs = c.project(x, *layers, *([self.output_gate] if output_gate else []))
+    m = mask.astype(x.dtype)
+    left = m * outs[0] * jax.nn.sigmoid(outs[1])
+    right = m * outs[2] * jax.nn.sigmoid(outs[3])
+    return left, right, (outs[4] if output_gate else None)
+
+  def combine(self, left: jax.Array, right: jax.Array) -> jax.Array:
+    """The triangle update's sum over k (rows i of `left`/columns i of `right` may be a chunk)."""
+    if self.outgoing:
+      return jnp.einsum("...ikc,...jkc->...ijc", left, right)
+    return jnp.einsum("...kjc,...kic->...ijc", left, right)
+
+  def finish(self, act: jax.Array, gate_logits: jax.Array) -> jax.Array:
+    """Center LayerNorm, output projection and the output gate."""
     act = self.output_projection(self.center_norm(act))
-    return act * jax.nn.sigmoid(self.output_gate(x_gate))
+    return act * jax.nn.sigmoid(gate_logits)
+
+  @staticmethod
+  def _gated(xs, ms, projection: nnx.Linear, gate: nnx.Linear) -> jax.Array:
+    p, g = c.project(xs, projection, gate)
+    return ms.astype(xs.dtype) * p * jax.nn.sigmoid(g)

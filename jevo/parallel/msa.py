@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jevo.nn import _common as c
 from jevo.nn.attention import MSARowAttentionWithPairBias, pair_to_bias
 from jevo.nn.chunking import chunked
 from jevo.nn.outer_product_mean import NORM_EPS, OuterProductMean
@@ -44,8 +45,9 @@ def outer_product_mean(module: OuterProductMean, m_cols: jax.Array, mask_cols: j
   """
   mask_cols = mask_cols[..., None]
   x = module.layer_norm(m_cols)
-  a = mask_cols.astype(x.dtype) * module.left_projection(x)
-  b = ax.gather(mask_cols.astype(x.dtype) * module.right_projection(x), axis=-2)
+  a, b = c.project(x, module.left_projection, module.right_projection)
+  a = mask_cols.astype(x.dtype) * a
+  b = ax.gather(mask_cols.astype(x.dtype) * b, axis=-2)
 
   def rows(a_i):
     outer = jnp.einsum("...sic,...sjd->...ijcd", a_i, b)

@@ -31,29 +31,28 @@ def triangle_multiplication(module: TriangleMultiplication, z_local: jax.Array,
   """
   mask = mask_local[..., None]
   x = module.layer_norm_in(z_local)
-  left = (mask.astype(x.dtype) * module.left_projection(x)
-          * jax.nn.sigmoid(module.left_gate(x)))
-  right = (mask.astype(x.dtype) * module.right_projection(x)
-           * jax.nn.sigmoid(module.right_gate(x)))
+  # Unchunked, the output gate joins the other four projections in one product; chunked, it is
+  # projected per chunk so that its [.., c_z] logits never exist whole.
+  left, right, gate = module.projections(x, mask, output_gate=chunk_size is None)
+  gate_source = x if gate is None else gate
 
-  def finish(act, x_gate):
-    act = module.output_projection(module.center_norm(act))
-    return act * jax.nn.sigmoid(module.output_gate(x_gate))
+  def finish(act, g):
+    return module.finish(act, module.output_gate(g) if gate is None else g)
 
   if module.outgoing:
     right = ax.gather(right, axis=-3)
 
-    def rows(left_i, x_i):
-      return finish(jnp.einsum("...ikc,...jkc->...ijc", left_i, right), x_i)
+    def rows(left_i, g_i):
+      return finish(module.combine(left_i, right), g_i)
 
-    return chunked(rows, (left, x), (-3, -3), out_axis=-3, chunk_size=chunk_size)
+    return chunked(rows, (left, gate_source), (-3, -3), out_axis=-3, chunk_size=chunk_size)
 
   right = ax.gather(right, axis=-2)
 
-  def rows(right_i, x_i):  # output rows i: all of them, for this device's columns j
-    return finish(jnp.einsum("...kjc,...kic->...ijc", left, right_i), x_i)
+  def rows(right_i, g_i):  # output rows i: all of them, for this device's columns j
+    return finish(module.combine(left, right_i), g_i)
 
-  return chunked(rows, (right, x), (-2, -3), out_axis=-3, chunk_size=chunk_size)
+  return chunked(rows, (right, gate_source), (-2, -3), out_axis=-3, chunk_size=chunk_size)
 
 
 def triangle_attention(module: TriangleAttention, z_local: jax.Array, mask_local: jax.Array,
