@@ -84,9 +84,7 @@ class TriangleMultiplication(nnx.Module):
     gate's logits, from one matrix product (`mask` `[..., 1]`, 1 = valid)."""
     layers = [self.left_projection, self.left_gate, self.right_projection, self.right_gate]
     outs = c.project(x, *layers, *([self.output_gate] if output_gate else []))
-    m = mask.astype(x.dtype)
-    left = m * outs[0] * jax.nn.sigmoid(outs[1])
-    right = m * outs[2] * jax.nn.sigmoid(outs[3])
+    left, right = _masked_gated(mask, *outs[0:2]), _masked_gated(mask, *outs[2:4])
     return left, right, (outs[4] if output_gate else None)
 
   def combine(self, left: jax.Array, right: jax.Array) -> jax.Array:
@@ -102,5 +100,8 @@ class TriangleMultiplication(nnx.Module):
 
   @staticmethod
   def _gated(xs, ms, projection: nnx.Linear, gate: nnx.Linear) -> jax.Array:
-    p, g = c.project(xs, projection, gate)
-    return ms.astype(xs.dtype) * p * jax.nn.sigmoid(g)
+    return _masked_gated(ms, *c.project(xs, projection, gate))
+
+
+def _masked_gated(mask: jax.Array, projected: jax.Array, gate_logits: jax.Array) -> jax.Array:
+  return mask.astype(projected.dtype) * projected * jax.nn.sigmoid(gate_logits)
