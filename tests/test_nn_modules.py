@@ -272,10 +272,39 @@ def test_project_equals_the_layers_applied_one_by_one(dtype):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=value_tol, atol=value_tol)
-  grad_together = jax.grad(lambda x: loss(c.project(x, *layers)))(x)
-  grad_one_by_one = jax.grad(lambda x: loss([layer(x) for layer in layers]))(x)
-  tol = 1e-6 if dtype is None else 2e-2
-  np.testing.assert_allclose(grad_together, grad_one_by_one, rtol=tol, atol=tol)
+  # Gradients for x and every kernel and bias, against nnx.Linear's own (autodiff) ones.
+  grad = nnx.grad(lambda layers, x: loss(c.project(x, *layers)), argnums=(0, 1))
+  grad_ref = nnx.grad(lambda layers, x: loss([nnx.Linear.__call__(l, x) for l in layers]),
+                      argnums=(0, 1))
+  tol = 1e-5 if dtype is None else 2e-2
+  got, want = grad(layers, x), grad_ref(layers, x)
+  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves) == 1 + 3 + 2  # x, three kernels, two biases
+  for a, b in zip(got_leaves, want_leaves):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    scale = float(jnp.max(jnp.abs(b)))
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_linear_is_nnx_linear_with_the_same_gradients(use_bias):
+  """c.Linear (every module's layer) computes nnx.Linear's values and gradients, in float32 on
+  leading batch dims, and has its parameters, so that parameter files load unchanged."""
+  rngs = nnx.Rngs(3)
+  ours = c.linear(5, 7, use_bias=use_bias, bias_init=nnx.initializers.normal(1.0),
+                  dtype=None, param_dtype=jnp.float32, rngs=rngs)
+  ref = nnx.Linear(5, 7, use_bias=use_bias, rngs=rngs)
+  nnx.update(ref, nnx.state(ours))
+  x = jax.random.normal(jax.random.key(4), (2, 3, 5))
+  w = jax.random.normal(jax.random.key(5), (2, 3, 7))
+  loss = lambda layer, x: jnp.sum(w * jnp.tanh(layer(x)))
+  np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+  got = nnx.grad(loss, argnums=(0, 1))(ours, x)
+  want = nnx.grad(loss, argnums=(0, 1))(ref, x)
+  assert jax.tree.structure(jax.tree.map(np.shape, nnx.state(ours))) == \
+      jax.tree.structure(jax.tree.map(np.shape, nnx.state(ref)))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_project_applies_differing_layers_one_by_one():

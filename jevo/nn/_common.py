@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jevo.nn.layer_norm import LayerNorm
+from jevo.ops.varying import match_varying_axes
 
 Initializer = Any  # a jax.nn.initializers-style callable: (key, shape, dtype) -> array
 
@@ -32,9 +33,21 @@ def layer_norm(num_features: int, *, eps: float, dtype, param_dtype, rngs: nnx.R
 
 def linear(in_features: int, out_features: int, *, use_bias: bool = True,
            kernel_init: Initializer = linear_init, bias_init: Initializer = nnx.initializers.zeros,
-           dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init,
-                    bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+           dtype, param_dtype, rngs: nnx.Rngs) -> "Linear":
+  return Linear(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init,
+                bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class Linear(nnx.Linear):
+  """`nnx.Linear` (same parameters, same numerics) whose gradient is computed by `dense`.
+
+  Example:
+    >>> Linear(4, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 4))).shape
+    (2, 3)
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return project(x, self)[0]
 
 
 def project(x: jax.Array, *layers: nnx.Linear) -> list[jax.Array]:
@@ -44,7 +57,8 @@ def project(x: jax.Array, *layers: nnx.Linear) -> list[jax.Array]:
   One product reads `x` once, and its transpose gives dx in one product too, instead of one per
   layer plus their sum. The numerics are nn.Linear's: inputs and kernels are promoted to the
   layers' dtype, and each layer's bias is added to its own slice. Layers that differ in input
-  size, dtype or precision are applied one by one.
+  size, dtype or precision, or that bring their own `dot_general`, are applied one by one by
+  `nnx.Linear` itself.
 
   Example:
     >>> rngs = nnx.Rngs(0)
@@ -54,20 +68,55 @@ def project(x: jax.Array, *layers: nnx.Linear) -> list[jax.Array]:
   """
   first = layers[0]
   same = all(l.in_features == first.in_features and l.dtype == first.dtype
-             and l.precision == first.precision and l.dot_general is first.dot_general
+             and l.precision == first.precision and l.dot_general is jax.lax.dot_general
              and getattr(l, "preferred_element_type", None) is None for l in layers)
-  if len(layers) == 1 or not same:
-    return [layer(x) for layer in layers]
+  if not same:
+    return [nnx.Linear.__call__(layer, x) for layer in layers]
   kernel = jnp.concatenate([l.kernel[...] for l in layers], axis=-1)
-  x, kernel = first.promote_dtype((x, kernel), dtype=first.dtype)
-  y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision)
-  outs = []
-  for layer, part in zip(layers, _split_last(y, tuple(l.out_features for l in layers))):
-    if layer.bias is not None:
-      (bias,) = layer.promote_dtype((layer.bias[...],), dtype=layer.dtype)
-      part = part + bias
-    outs.append(part)
-  return outs
+  bias = None
+  if any(l.bias is not None for l in layers):
+    # A layer without a bias gets zeros in its slice: a constant, whose gradient is dropped.
+    bias = jnp.concatenate([l.bias[...] if l.bias is not None
+                            else jnp.zeros((l.out_features,), l.param_dtype) for l in layers])
+  x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
+  # Inside shard_map a replicated kernel meets a sharded x: the custom VJP needs them to vary
+  # alike, and the transpose of that cast sums the kernel's gradient over the devices.
+  x, kernel, bias = match_varying_axes(x, kernel, bias)
+  y = dense(x, kernel, bias, first.precision)
+  return [y] if len(layers) == 1 else list(_split_last(y, tuple(l.out_features for l in layers)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+          precision: jax.lax.PrecisionLike = None) -> jax.Array:
+  """`x @ kernel + bias` over the last axis of x, as `nnx.Linear` computes it.
+
+  Its gradient computes the output's cotangent once and reads that one array for dx, dkernel
+  and dbias. (Left to autodiff, XLA fused each bias gradient's reduction with a recomputation
+  of the elementwise backward that produced the cotangent, in fusions of many outputs that
+  ran at a tenth of the memory bandwidth: 0.6 ms of one Evoformer block's 8.5 ms at
+  128 x 256 on an H200.)
+  """
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return y if bias is None else y + bias
+
+
+def _dense_fwd(x, kernel, bias, precision):
+  return dense(x, kernel, bias, precision), (x, kernel, bias is not None)
+
+
+def _dense_bwd(precision, residuals, g):
+  x, kernel, has_bias = residuals
+  # The barrier keeps XLA from fusing the cotangent's producer into each of its readers.
+  g = jax.lax.optimization_barrier(g)
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dkernel = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), precision=precision)
+  dbias = jnp.sum(g2, axis=0, dtype=jnp.float32).astype(g.dtype) if has_bias else None
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
