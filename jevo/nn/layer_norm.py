@@ -55,11 +55,16 @@ def _layer_norm_fwd(x, scale, bias, eps, out_dtype):
 def _layer_norm_bwd(eps, out_dtype, residuals, g):
   x, mean, rstd, scale, bias = residuals
   ct = mean.dtype
+  rows = tuple(range(x.ndim - 1))
+  # The parameter gradients (sums over rows) read their own copies of the inputs. Sharing them,
+  # XLA fused those sums with dx's sums over channels into one fusion, laid out channel-major
+  # with float32 transposes of the whole tensor.
+  g_p, x_p, mean_p, rstd_p = jax.lax.optimization_barrier((g, x, mean, rstd))
+  g_p = g_p.astype(ct)
+  d_scale = jnp.sum(g_p * ((x_p.astype(ct) - mean_p) * rstd_p), axis=rows).astype(scale.dtype)
+  d_bias = jnp.sum(g_p, axis=rows).astype(bias.dtype)
   x_hat = (x.astype(ct) - mean) * rstd
   g = g.astype(ct)
-  rows = tuple(range(x.ndim - 1))
-  d_scale = jnp.sum(g * x_hat, axis=rows).astype(scale.dtype)
-  d_bias = jnp.sum(g, axis=rows).astype(bias.dtype)
   g_hat = g * scale.astype(ct)
   dx = rstd * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
                - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))
