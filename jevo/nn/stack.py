@@ -148,7 +148,10 @@ class EvoformerStack(_Stack):
   so put its first inputs there too, as `examples/train_step.py` does, or its second call
   compiles again) or a
   `jax.checkpoint` policy such as `jax.checkpoint_policies.dots_saveable` (the block inputs are
-  named `BLOCK_INPUT_NAMES` for policies that save or offload by name).
+  named `BLOCK_INPUT_NAMES` for policies that save or offload by name). The modules' linear
+  layers compute their products inside a custom VJP (`jevo.nn._common.dense`), which a policy
+  sees as one call, not as a `dot_general`: `dots_saveable` keeps only the other products
+  (such as the triangle multiplications' and the outer product mean's contractions).
   Other keyword arguments (sizes, dropout, `implementation`, `dtype`, ...) go to
   `EvoformerBlock`. Call arguments as for `EvoformerBlock`; a call-time `rngs` gives each block
   its own dropout key.
