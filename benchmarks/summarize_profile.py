@@ -2,7 +2,9 @@
 phase (forward, forward recomputed under remat, backward), per kind of operation, and the most
 expensive operations, using the optimised HLO to name what each kernel belongs to.
 
-Needs only the standard library (the trace is Chrome-trace JSON).
+Needs only the standard library (the trace is Chrome-trace JSON). Traces taken with XLA's
+command buffers on work too: a fusion's kernel is found by its name, and the kernels that are
+not fusions (cuBLAS, jevo's attention) are listed by kernel name as "(not attributed)".
 
     python benchmarks/summarize_profile.py /tmp/prof            # every trace in the directory
 """
@@ -56,10 +58,23 @@ def phase_of(op_name: str) -> str:
   return "forward"
 
 
+# Where events with no HLO instruction go: copies, and kernels other than fusions launched from
+# command buffers.
+UNATTRIBUTED = ("(not attributed)", "-")
+
+
+def place_of(info: dict) -> tuple[str, str]:
+  """(sub-module, phase) of an HLO instruction's info, or UNATTRIBUTED without one."""
+  if not info:
+    return UNATTRIBUTED
+  return module_of(info.get("op_name", "")), phase_of(info.get("op_name", ""))
+
+
 def kind_of(info: dict, kernel: str) -> str:
-  if info.get("target", "").startswith("jevo"):
+  if info.get("target", "").startswith("jevo") or kernel.startswith("void jevo::attention"):
     return "jevo attention kernel"
-  if "gemm" in info.get("target", "") or "gemm" in kernel.lower() or "cutlass" in kernel.lower():
+  if "gemm" in info.get("target", "") or any(
+      word in kernel.lower() for word in ("gemm", "cutlass", "nvjet")):
     return "matmul"
   if info.get("kind") == "kCustom":
     return "matmul"  # fusions XLA emits through Triton are matrix products here
@@ -67,6 +82,23 @@ def kind_of(info: dict, kernel: str) -> str:
     return {"kLoop": "elementwise fusion", "kInput": "reduction fusion",
             "kOutput": "output fusion"}.get(info.get("kind"), "fusion")
   return info.get("opcode") or "other"
+
+
+def hlo_op_of(event: dict, hlo: dict[str, dict]) -> str:
+  """The HLO instruction that launched a kernel event. Kernels launched from an XLA command
+  buffer (a CUDA graph) carry the command buffer's name instead of their own; a fusion's kernel
+  is named after the fusion, with "_N" for ".N", so such kernels are looked up by name. Other
+  kernels inside a command buffer (cuBLAS, custom calls) are keyed by their kernel name, which
+  says their kind but not their sub-module."""
+  name = event["name"]
+  op = event.get("args", {}).get("hlo_op") or name
+  in_command_buffer = op.startswith("command_buffer")
+  if op in hlo and not in_command_buffer:
+    return op
+  for candidate in (name, re.sub(r"_(\d+)$", r".\1", name)):
+    if candidate in hlo:
+      return candidate
+  return name if in_command_buffer else op
 
 
 def device_events(trace: dict) -> list[dict]:
@@ -131,11 +163,11 @@ def summarize(trace_dir: pathlib.Path, hlo_path: pathlib.Path, steps: int) -> st
   count = collections.Counter()
   info_of = {}
   for e in events:
-    op = e.get("args", {}).get("hlo_op") or e["name"]
+    op = hlo_op_of(e, hlo)
     info = hlo.get(op, {})
     info_of[op] = (info, e["name"])
     ms = e["dur"] / 1e3 / steps
-    by_module[(module_of(info.get("op_name", "")), phase_of(info.get("op_name", "")))] += ms
+    by_module[place_of(info)] += ms
     by_kind[kind_of(info, e["name"])] += ms
     by_op[op] += ms
     count[op] += 1
@@ -146,6 +178,8 @@ def summarize(trace_dir: pathlib.Path, hlo_path: pathlib.Path, steps: int) -> st
   for module in BLOCK_SUBMODULES + ("(between modules)",):
     row = [by_module.get((module, p), 0.0) for p in ("forward", "recompute", "backward")]
     lines.append(f"| {module} | " + " | ".join(f"{x:.3f}" for x in row) + f" | {sum(row):.3f} |")
+  if UNATTRIBUTED in by_module:
+    lines.append(f"| {UNATTRIBUTED[0]} | - | - | - | {by_module[UNATTRIBUTED]:.3f} |")
   lines += ["", "| kind | ms | share |", "|---|---|---|"]
   for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
     lines.append(f"| {kind} | {ms:.3f} | {100 * ms / total:.0f}% |")
@@ -154,8 +188,8 @@ def summarize(trace_dir: pathlib.Path, hlo_path: pathlib.Path, steps: int) -> st
   for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:40]:
     info, kernel = info_of[op]
     op_name = info.get("op_name", "")
-    lines.append(f"| {op} | {kind_of(info, kernel)} | {count[op] // steps} | {ms:.3f} | "
-                 f"{module_of(op_name)} / {phase_of(op_name)} | {op_name[-70:]} |")
+    lines.append(f"| {op[:60]} | {kind_of(info, kernel)} | {count[op] // steps} | {ms:.3f} | "
+                 f"{' / '.join(place_of(info))} | {op_name[-70:]} |")
   return "\n".join(lines) + "\n"
 
 

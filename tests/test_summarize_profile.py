@@ -86,3 +86,30 @@ def test_parse_hlo_reads_opcode_kind_target_and_name():
   assert table["custom-call.3"]["opcode"] == "custom-call"
   assert table["custom-call.3"]["target"] == "__cublas$gemm"
   assert table["fusion.4"]["op_name"].endswith("pair_transition/reduce_sum")
+
+
+def test_kernels_launched_from_command_buffers(tmp_path):
+  """With XLA's command buffers on, every kernel carries the command buffer's name: a fusion's
+  kernel is found by its own name ("fusion_1" for %fusion.1); cuBLAS and jevo kernels get their
+  kind from the kernel name and are counted as not attributed."""
+  events = [
+      *[_event(7, s * 2000, 100, "command_buffer_9", name="fusion_1") for s in range(2)],
+      *[_event(7, 100 + s * 2000, 300, "command_buffer_9", name="nvjet_sm90_tst_128x128")
+        for s in range(2)],
+      *[_event(7, 400 + s * 2000, 500, "command_buffer_9",
+               name="void jevo::attention_fwd_kernel<T>(jevo::FwdParams)") for s in range(2)],
+  ]
+  trace_dir = tmp_path / "trace_stack_test" / "plugins" / "profile" / "run"
+  trace_dir.mkdir(parents=True)
+  with gzip.open(trace_dir / "host.trace.json.gz", "wt") as f:
+    json.dump(_trace(events), f)
+  hlo = HLO.replace("ROOT %fusion.4", "%command_buffer_9 = () custom-call(), custom_call_target=\"x\"\n  ROOT %fusion.4")
+  (tmp_path / "stack_test.hlo.txt").write_text(hlo)
+  text = sp.summarize(tmp_path / "trace_stack_test", tmp_path / "stack_test.hlo.txt", steps=2)
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+          for line in text.splitlines() if line.startswith("| ")}
+  assert rows["msa_transition"] == ["0.100", "0.000", "0.000", "0.100"]
+  assert rows["(not attributed)"] == ["-", "-", "-", "0.800"]
+  assert rows["matmul"][0] == "0.300"
+  assert rows["jevo attention kernel"][0] == "0.500"
+  assert rows["elementwise fusion"][0] == "0.100"
