@@ -137,6 +137,9 @@ def main(argv=None) -> None:
   parser.add_argument("--trace", default=None,
                       help="also write a profile of 2 steps and the HLO of each configuration "
                            "here (see summarize_profile.py)")
+  parser.add_argument("--keep-command-buffers", action="store_true",
+                      help="with --trace: keep XLA's command buffers on, as in the timed step "
+                           "(summarize_profile.py then names fusion kernels by kernel name)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.blocks <= 0 or args.repeats <= 0:
@@ -150,7 +153,8 @@ def main(argv=None) -> None:
   env = os.environ.copy()
   # Let one configuration use the whole device (JAX's default cap is 75% of its memory).
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-  if args.trace:  # without command buffers each kernel is attributed to its HLO operation
+  if args.trace and not args.keep_command_buffers:
+    # without command buffers each kernel is attributed to its HLO operation
     env["XLA_FLAGS"] = without_command_buffers(env.get("XLA_FLAGS", ""))
   results = []
   for n_seq, n_res in args.shapes:
