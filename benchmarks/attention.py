@@ -28,6 +28,10 @@ CASES = {
     "tri_768": ((1, 768, 768, 4, 32), "pair", False),
     "extra_msa_row": ((1, 5120, 384, 8, 8), "pair", False),
     "tri_2048": ((1, 2048, 2048, 4, 32), "pair", True),
+    # The four attentions of one Evoformer block at AlphaFold's initial-training size (128 x 256).
+    "msa_row_256": ((1, 128, 256, 8, 32), "pair", False),
+    "msa_col_128": ((1, 256, 128, 8, 32), None, False),
+    "tri_256": ((1, 256, 256, 4, 32), "pair", False),
 }
 BACKENDS = ("cuda", "cudnn", "xla_chunked", "xla")
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -59,11 +59,14 @@ struct AttentionTraits {
 
   // CTAs per SM the register allocation must allow (launch bounds): more resident warps hide
   // the latency of the softmax and the loads; large head dims need the registers instead.
-  static constexpr int kMinBlocksFwd = kHeadDim <= 64 ? 3 : 1;
+  // Four for head dims up to 32 (128 registers, no spills).
+  static constexpr int kMinBlocksFwd = kHeadDim <= 32 ? 4 : (kHeadDim <= 64 ? 3 : 1);
   // Stages of the forward's (K, V, bias) ring: three keep two tiles in flight with one barrier a
   // tile; two (with a second barrier) keep the shared memory of three resident CTAs in bounds.
   static constexpr int kStagesFwd = kHeadDim <= 32 ? 3 : 2;
-  static constexpr int kMinBlocksDkdv = kHeadDim <= 64 ? 2 : 1;
+  // Three resident CTAs for head dims up to 32 (168 registers, no spills of note): the dK/dV
+  // loop is short at AlphaFold's sequence lengths, so more warps to switch between pay.
+  static constexpr int kMinBlocksDkdv = kHeadDim <= 32 ? 3 : (kHeadDim <= 64 ? 2 : 1);
   // n processed together by the dQ / bias-gradient kernel (their dQ accumulators in registers).
   static constexpr int kDqGroup = kHeadDim <= 64 ? 2 : 1;
 
