@@ -84,13 +84,18 @@ def _vmap_rule(call, axis_size, in_batched, *args):
   return split, tuple(o.size != 0 for o in outs)
 
 
+# The XLA FFI targets of the kernels (registered by jevo._cuda_lib at import).
+FORWARD_TARGET = "jevo_attention_fwd"
+BACKWARD_TARGET = "jevo_attention_bwd"
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_call(scale: float):
   @jax.custom_batching.custom_vmap
   def forward(q, k, v, mask, bias):
     b, n, s, h, _ = q.shape
     call = jax.ffi.ffi_call(
-        "jevo_attention_fwd",
+        FORWARD_TARGET,
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h, s), jnp.float32)))
     return tuple(call(q, k, v, mask, bias, scale=np.float32(scale)))
 
@@ -121,7 +126,7 @@ def _backward_call(scale: float):
     outs.append(jax.ShapeDtypeStruct(bias.shape, q.dtype))
     # fp32 partials of the bias gradient, one per chunk of N; XLA allocates and frees them.
     outs.append(jax.ShapeDtypeStruct((chunks, b, h, s, s) if chunks else (0,), jnp.float32))
-    call = jax.ffi.ffi_call("jevo_attention_bwd", tuple(outs))
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, tuple(outs))
     return tuple(call(q, k, v, mask, bias, dout, lse, delta, scale=np.float32(scale),
                       n_chunks=np.int64(max(chunks, 1)))[:4])
 

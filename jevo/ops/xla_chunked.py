@@ -35,6 +35,9 @@ QUERY_CHUNK_SIZE: int | None = None
 LOGITS_BLOCK_BYTES = 64 * 2**20
 # Smaller chunks would make the loop's per-iteration overhead dominate.
 MIN_QUERY_CHUNK = 16
+# The chunk when the batch dims are symbolic (jax.export with shape polymorphism), so that the
+# size of a logits block cannot be computed when tracing.
+SYMBOLIC_QUERY_CHUNK = 64
 
 
 def unsupported_reason(q, k, v, mask, bias):
@@ -50,10 +53,17 @@ def choose_query_chunk(batch: int, n: int, heads: int, seq: int,
   `LOGITS_BLOCK_BYTES`) is a target; the chunk returned is the smallest size that covers `seq`
   in the same number of chunks, so that padding of the last chunk stays small.
   """
+  if not isinstance(seq, int):
+    raise ValueError(f"xla_chunked cuts the attended axis S into chunks, so S must be a "
+                     f"concrete size, got the symbolic S = {seq} (jax.export shape "
+                     f"polymorphism); export with a concrete S, or use implementation='xla'")
   target = requested if requested is not None else QUERY_CHUNK_SIZE
   if target is None:
-    row_bytes = max(1, batch * n * heads * seq * 4)
-    target = max(MIN_QUERY_CHUNK, LOGITS_BLOCK_BYTES // row_bytes // 8 * 8)
+    row_elems = batch * n * heads * seq
+    if isinstance(row_elems, int):
+      target = max(MIN_QUERY_CHUNK, LOGITS_BLOCK_BYTES // max(1, row_elems * 4) // 8 * 8)
+    else:  # symbolic batch dims (jax.export): the memory of a row is not known when tracing
+      target = SYMBOLIC_QUERY_CHUNK
   if isinstance(target, bool) or not isinstance(target, int) or target < 1:
     raise ValueError(f"query chunk size must be a positive int, got {target!r}")
   target = min(target, max(seq, 1))
