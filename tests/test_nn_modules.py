@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jevo
 import jevo.nn.attention as nn_attention
 from jevo.nn import _common as c
 import nn_reference as ref
@@ -336,3 +337,28 @@ def test_checkpoint_policies_see_the_linear_layer_as_one_call(capsys):
   assert saved(ours) == []
   assert len(saved(plain)) == 1
   np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-6, atol=1e-6)
+
+
+def test_checkpoint_policies_save_linear_outputs_by_name(capsys):
+  """Every linear layer's output is named LINEAR_OUTPUT_NAME, as EvoformerStack's docstring
+  says, so a policy can keep it by name: one layer, and projections of one input together."""
+  rngs = nnx.Rngs(0)
+  layers = [c.linear(8, n, dtype=None, param_dtype=jnp.float32, rngs=rngs) for n in (16, 3, 5)]
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  by_name = jax.checkpoint_policies.save_only_these_names(jevo.nn.LINEAR_OUTPUT_NAME)
+
+  def saved(fn, policy):
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(fn, policy=policy), x)
+    return [line.split(" named ")[0] for line in capsys.readouterr().out.splitlines()
+            if f"named '{jevo.nn.LINEAR_OUTPUT_NAME}'" in line]
+
+  one = lambda x: jnp.sum(jnp.tanh(layers[0](x)))
+
+  def both(x):
+    a, b = c.project(x, layers[1], layers[2])
+    return jnp.sum(jnp.tanh(a)) + jnp.sum(jnp.sin(b))
+
+  assert saved(one, by_name) == ["f32[4,16]"]
+  assert saved(both, by_name) == ["f32[4,8]"]  # the two projections, as one product
+  assert saved(one, jax.checkpoint_policies.nothing_saveable) == []

@@ -10,6 +10,7 @@ Example:
   >>> m, z = stack(jnp.ones((3, 5, 32)), jnp.ones((5, 5, 16)))
 """
 
+from jevo.nn._common import LINEAR_OUTPUT_NAME
 from jevo.nn.attention import GatedAttention, MSAColumnAttention, MSARowAttentionWithPairBias
 from jevo.nn.block import EvoformerBlock, ExtraMSABlock
 from jevo.nn.global_attention import MSAColumnGlobalAttention
@@ -25,6 +26,7 @@ __all__ = [
     "ExtraMSABlock",
     "ExtraMSAStack",
     "GatedAttention",
+    "LINEAR_OUTPUT_NAME",
     "MSAColumnAttention",
     "MSAColumnGlobalAttention",
     "MSARowAttentionWithPairBias",

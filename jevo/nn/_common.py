@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jevo.nn.layer_norm import LayerNorm
 from jevo.ops.varying import match_varying_axes
@@ -16,6 +17,10 @@ from jevo.ops.varying import match_varying_axes
 Initializer = Any  # a jax.nn.initializers-style callable: (key, shape, dtype) -> array
 
 LAYER_NORM_EPS = 1e-5
+
+# The name of every linear layer's output, for jax.checkpoint policies that save by name
+# (`jax.checkpoint_policies.save_only_these_names(LINEAR_OUTPUT_NAME)`).
+LINEAR_OUTPUT_NAME = "jevo_linear_output"
 
 # AlphaFold's initializers (supplement 1.11.4): "linear" (LeCun, truncated normal), "relu" (He),
 # Glorot-uniform for attention projections, "final" (zeros) for layers that write into a
@@ -71,7 +76,7 @@ def project(x: jax.Array, *layers: nnx.Linear) -> list[jax.Array]:
              and l.precision == first.precision and l.dot_general is jax.lax.dot_general
              and getattr(l, "preferred_element_type", None) is None for l in layers)
   if not same:
-    return [nnx.Linear.__call__(layer, x) for layer in layers]
+    return [checkpoint_name(nnx.Linear.__call__(layer, x), LINEAR_OUTPUT_NAME) for layer in layers]
   kernel = jnp.concatenate([l.kernel[...] for l in layers], axis=-1)
   bias = None
   if any(l.bias is not None for l in layers):
@@ -82,7 +87,7 @@ def project(x: jax.Array, *layers: nnx.Linear) -> list[jax.Array]:
   # Inside shard_map a replicated kernel meets a sharded x: the custom VJP needs them to vary
   # alike, and the transpose of that cast sums the kernel's gradient over the devices.
   x, kernel, bias = match_varying_axes(x, kernel, bias)
-  y = dense(x, kernel, bias, first.precision)
+  y = checkpoint_name(dense(x, kernel, bias, first.precision), LINEAR_OUTPUT_NAME)
   return [y] if len(layers) == 1 else list(_split_last(y, tuple(l.out_features for l in layers)))
 
 
@@ -98,7 +103,8 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
   128 x 256 on an H200.)
 
   `jax.checkpoint` policies see this call as one custom VJP, not as a `dot_general`, so
-  `dots_saveable` does not keep its output.
+  `dots_saveable` does not keep its output; `project` names it `LINEAR_OUTPUT_NAME`, which
+  `jax.checkpoint_policies.save_only_these_names` can keep instead.
   """
   y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
   return y if bias is None else y + bias

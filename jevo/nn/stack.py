@@ -151,7 +151,10 @@ class EvoformerStack(_Stack):
   named `BLOCK_INPUT_NAMES` for policies that save or offload by name). The modules' linear
   layers compute their products inside a custom VJP (`jevo.nn._common.dense`), which a policy
   sees as one call, not as a `dot_general`: `dots_saveable` keeps only the other products
-  (such as the triangle multiplications' and the outer product mean's contractions).
+  (such as the triangle multiplications' and the outer product mean's contractions). Their
+  outputs are named `jevo.nn.LINEAR_OUTPUT_NAME`, so
+  `jax.checkpoint_policies.save_from_both_policies(dots_saveable,
+  save_only_these_names(LINEAR_OUTPUT_NAME))` keeps every product.
   Other keyword arguments (sizes, dropout, `implementation`, `dtype`, ...) go to
   `EvoformerBlock`. Call arguments as for `EvoformerBlock`; a call-time `rngs` gives each block
   its own dropout key.
