@@ -5,13 +5,18 @@ From benchmarks/:
         python benchmarks/profile_kernels.py msa_row
 """
 
+import os
 import sys
 
-import jax
-import jax.numpy as jnp
+# No XLA command buffers: each kernel is launched on its own, so that ncu can replay it (inside
+# a CUDA graph ncu failed to profile the forward kernel, 2026-11-21).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
-import jevo
-from attention import CASES, _inputs  # benchmarks/ is the script's directory
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
+
+import jevo  # noqa: E402
+from attention import CASES, _inputs  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def main(case="msa_row"):
