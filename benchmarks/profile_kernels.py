@@ -8,9 +8,11 @@ From benchmarks/:
 import os
 import sys
 
+from common import without_command_buffers  # benchmarks/ is the script's directory
+
 # No XLA command buffers: each kernel is launched on its own, so that ncu can replay it (inside
 # a CUDA graph ncu failed to profile the forward kernel, 2026-11-21).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+os.environ["XLA_FLAGS"] = without_command_buffers(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402

@@ -15,6 +15,10 @@ import jax
 # A library built elsewhere (for example by Bazel) can be named explicitly; read once, at import.
 LIBRARY_ENV = "JEVO_CUDA_LIBRARY"
 
+# The XLA FFI targets of the attention kernels, as cuda/binding.cc registers them.
+FORWARD_TARGET = "jevo_attention_fwd"
+BACKWARD_TARGET = "jevo_attention_bwd"
+
 
 @dataclasses.dataclass(frozen=True)
 class CudaStatus:

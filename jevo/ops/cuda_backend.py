@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jevo._cuda_lib import cuda_status
+from jevo._cuda_lib import BACKWARD_TARGET, FORWARD_TARGET, cuda_status
 from jevo.ops.varying import vary_like
 
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -82,11 +82,6 @@ def _vmap_rule(call, axis_size, in_batched, *args):
   outs = call(*folded)
   split = tuple(o if o.size == 0 else o.reshape((axis_size, -1) + o.shape[1:]) for o in outs)
   return split, tuple(o.size != 0 for o in outs)
-
-
-# The XLA FFI targets of the kernels (registered by jevo._cuda_lib at import).
-FORWARD_TARGET = "jevo_attention_fwd"
-BACKWARD_TARGET = "jevo_attention_bwd"
 
 
 @functools.lru_cache(maxsize=None)

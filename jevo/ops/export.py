@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import jax
 
-from jevo.ops.cuda_backend import BACKWARD_TARGET, FORWARD_TARGET
+# From _cuda_lib, not cuda_backend: backends are imported on first use, keeping `import jevo` light.
+from jevo._cuda_lib import BACKWARD_TARGET, FORWARD_TARGET
 
 
 def export_disabled_checks() -> list:
