@@ -186,15 +186,24 @@ def test_compiled_step_communicates_shards_and_small_tensors(n):
   ops = {c.op for c in found if c.in_shard_map}
   assert {"all-to-all", "all-gather", "reduce-scatter"} <= ops, ops
   # Layout switches move one device's shard of m or z (forward and backward).
-  moved = {c.bytes for c in found if c.op == "all-to-all" and c.in_shard_map}
-  assert moved == {whole_m // n, whole_z // n}, moved
-  # Gathered: biases [H, R, R], the outer product mean's right projection, triangle
-  # projections; never a whole MSA or pair representation.
+  moved = [c.bytes for c in found if c.op == "all-to-all" and c.in_shard_map]
+  assert set(moved) == {whole_m // n, whole_z // n}, moved
+  # Two switches of m and two of z per block (the incoming triangle multiplication works in
+  # rows layout), in the forward, the recomputation and the backward: at most 12 in the step
+  # (one scan body). Switching z to columns layout and back around that multiplication
+  # too would add two a block to each pass.
+  assert len(moved) <= 12, len(moved)
+  # Gathered: biases [H, R, R], the outer product mean's right projection, the outgoing
+  # triangle projection; never a whole MSA or pair representation.
   largest = f32 * max(S.heads_msa * res_p ** 2, S.heads_pair * res_p ** 2,
                       seq_p * res_p * S.c_opm, res_p ** 2 * S.c_mul)
   assert largest < min(whole_m, whole_z)
   gathered = [c.bytes for c in found if c.op == "all-gather" and c.in_shard_map]
   assert len(gathered) >= 6 and max(gathered) <= largest, gathered
+  # Reduce-scattered: the incoming triangle multiplication's partial products and the
+  # gradients of what the forward gathered; no larger than what is gathered.
+  scattered = [c.bytes for c in found if c.op == "reduce-scatter" and c.in_shard_map]
+  assert scattered and max(scattered) <= largest, scattered
   if (seq_p, res_p) == (n_seq, n_res):
     # No padding to cut off: nothing large is gathered outside the blocks either.
     others = [c for c in found if c.op == "all-gather" and not c.in_shard_map]

@@ -17,16 +17,19 @@ for the same key) spread over the devices of one mesh axis:
 
 How: inside `jax.shard_map`, the MSA `m` is split along sequences for row-wise work (MSA row
 attention) and along residues for column-wise work (column attention, transition, outer product
-mean); the pair `z` along its rows (outgoing triangle multiplication, starting-node attention)
-or its columns (incoming multiplication, ending-node attention, transition). `all_to_all`
-switches layouts; `all_gather` brings only what every device needs whole: attention biases
-`[H, N_res, N_res]` and low-channel projections. Backward communication is JAX's transpose of
-these (all_to_all, reduce-scatter). Each shard calls `jevo.evoformer_attention` on its rows.
+mean); the pair `z` along its rows (both triangle multiplications, starting-node attention) or its
+columns (ending-node attention, transition). `all_to_all` switches layouts; `all_gather` brings
+only what every device needs whole: attention biases `[H, N_res, N_res]` and low-channel
+projections. The incoming triangle multiplication sums over the pair rows, so each device sums
+over its own and a reduce-scatter adds the partial sums. Backward communication is JAX's
+transpose of these (all_to_all, reduce-scatter, all_gather). Each shard calls
+`jevo.evoformer_attention` on its rows.
 
-Per block and device, with n devices: two all_to_alls of the MSA shard, four of the pair
-shard, all_gathers of 3 attention biases, the outer product mean's right projection and the
-two triangle multiplications' projections. Memory per device: 1/n of m and z and of every
-activation, plus those gathered tensors.
+Per block and device, with n devices: two all_to_alls of the MSA shard, two of the pair shard,
+all_gathers of 3 attention biases, the outer product mean's right projection and the outgoing
+triangle multiplication's projection, and a reduce-scatter of the incoming one's partial
+products. Memory per device: 1/n of m and z and of every activation, plus those gathered
+tensors and partial products.
 
 Across hosts: call `jax.distributed.initialize()` on every process first; `make_dap_mesh()`
 then spans the devices of all processes and the same call runs unchanged. Inputs are global

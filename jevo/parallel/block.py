@@ -7,14 +7,17 @@ Per block, with n devices on the axis (each step on 1/n of the data):
                                   outer product mean     <- right projection, gathered
     m -> rows (all_to_all)
     z rows layout (by row):       triangle multiplication, outgoing  <- projection, gathered
-    z -> columns (all_to_all):    triangle multiplication, incoming  <- projection, gathered
-    z -> rows (all_to_all):       triangle attention, starting node  <- bias, gathered
+                                  triangle multiplication, incoming  -> partial sums, reduce-scattered
+                                  triangle attention, starting node  <- bias, gathered
     z -> columns (all_to_all):    triangle attention, ending node    <- bias, gathered
                                   pair transition
     z -> rows (all_to_all)
 
 The outer product mean of the pair rows i that a device holds needs its own MSA columns i and
-all columns j, so it runs in the MSA's columns layout and writes z's rows layout directly.
+all columns j, so it runs in the MSA's columns layout and writes z's rows layout directly. The
+incoming triangle multiplication sums over the pair rows k: each device sums over its own and
+a reduce-scatter adds the partial sums, so the pair stays in rows layout until the ending-node
+attention.
 """
 
 from __future__ import annotations
@@ -70,12 +73,10 @@ def block_on_shard(block: EvoformerBlock, m: jax.Array, z: jax.Array, masks: Mas
     z = add(z, triangle_multiplication(block.triangle_multiplication_outgoing, z,
                                        masks.pair_rows, ax, **cs),
             rowwise, keys[1], shape=pair_shape, split_axis=ROWS)
-  z = ax.to_columns(z)
   with jax.named_scope("triangle_multiplication_incoming"):
     z = add(z, triangle_multiplication(block.triangle_multiplication_incoming, z,
-                                       masks.pair_cols, ax, **cs),
-            rowwise, keys[2], shape=pair_shape, split_axis=COLUMNS)
-  z = ax.to_rows(z)
+                                       masks.pair_rows, ax, **cs),
+            rowwise, keys[2], shape=pair_shape, split_axis=ROWS)
   with jax.named_scope("triangle_attention_starting_node"):
     z = add(z, triangle_attention(block.triangle_attention_starting_node, z, masks.pair_rows,
                                   ax, **cs),

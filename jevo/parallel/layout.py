@@ -47,6 +47,11 @@ class DapAxis:
     """
     return jax.lax.all_gather(x, self.name, axis=axis % x.ndim, tiled=True)
 
+  def sum_scatter(self, x: jax.Array, axis: int) -> jax.Array:
+    """The sum over devices of `x`, of which each keeps its own entry along `axis` (size n,
+    removed): a reduce-scatter, whose gradient is an all_gather."""
+    return jax.lax.psum_scatter(x, self.name, scatter_dimension=axis % x.ndim, tiled=False)
+
   def local(self, x: jax.Array, axis: int) -> jax.Array:
     """This device's block of `x` (the same on every device) along `axis`."""
     n = x.shape[axis] // self.size

@@ -1,10 +1,11 @@
 """The pair-side modules of a block on one DAP shard, with the modules' own parameters.
 
-Outgoing triangle multiplication and starting-node attention work on pair rows (rows layout);
-incoming multiplication and ending-node attention on pair columns (columns layout). Each
-gathers only what every device needs whole: one gated projection `[*B, N_res, N_res, c_hidden]`
-of the triangle multiplication, the triangle bias `[*B, 1, H, N_res, N_res]` of attention.
-The transition works on each position alone, so its module is called on the shard as it is.
+Both triangle multiplications and starting-node attention work on pair rows (rows layout);
+ending-node attention on pair columns (columns layout). Each gathers only what every device
+needs whole: the outgoing multiplication's gated projection `[*B, N_res, N_res, c_hidden]`, the
+triangle bias `[*B, 1, H, N_res, N_res]` of attention. The incoming multiplication instead sums
+partial products over the devices with a reduce-scatter of the same size. The transition works
+on each position alone, so its module is called on the shard as it is.
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ from jevo.nn.triangle_attention import TriangleAttention
 from jevo.nn.triangle_multiplication import TriangleMultiplication
 from jevo.parallel.layout import DapAxis
 
+# Pieces of the incoming triangle multiplication's rows whose partial products are
+# reduce-scattered separately when not chunking: independent, so that the scheduler may send one
+# piece while the next is multiplied.
+SCATTER_PIECES = 1
+
 
 def triangle_multiplication(module: TriangleMultiplication, z_local: jax.Array,
                             mask_local: jax.Array, ax: DapAxis, *,
                             chunk_size: int | None) -> jax.Array:
-  """The update of this device's shard of `z`.
+  """The update of this device's shard of `z`, both in rows layout `[*B, N_res/n, N_res, c_z]`
+  (mask_local: the pair mask's shard, `[*B, N_res/n, N_res]`).
 
-  Outgoing: z_local `[*B, N_res/n, N_res, c_z]` (rows layout), `z_ij <- sum_k l_ik r_jk` with
-  `r` gathered over rows. Incoming: z_local `[*B, N_res, N_res/n, c_z]` (columns layout),
-  `z_ij <- sum_k l_kj r_ki` with `r` gathered over columns. mask_local: the pair mask's shard
-  in the same layout. The result has z_local's layout.
+  Outgoing: `z_ij <- sum_k l_ik r_jk`, with `r` gathered over rows so that every j is here.
+  Incoming: `z_ij <- sum_k l_kj r_ki`. The rows this device holds are the k of the sum, so it
+  forms the partial sum over its k for every (i, j), and a reduce-scatter adds the devices'
+  partials and leaves each its rows i. That keeps the pair in rows layout, where the
+  starting-node attention after it works, and saves the all_to_alls to columns layout and back.
+  The partials are in the computation's dtype.
   """
   mask = mask_local[..., None]
   x = module.layer_norm_in(z_local)
@@ -47,11 +56,20 @@ def triangle_multiplication(module: TriangleMultiplication, z_local: jax.Array,
 
     return chunked(rows, (left, gate_source), (-3, -3), out_axis=-3, chunk_size=chunk_size)
 
-  right = ax.gather(right, axis=-2)
+  # right's residue axis i, [*B, k, N_res, c] -> [*B, k, n, N_res/n, c]: block d holds the rows
+  # i of device d, so chunking along N_res/n takes the same rows of every device's block.
+  n = ax.size
+  right = right.reshape(right.shape[:-2] + (n, right.shape[-2] // n, right.shape[-1]))
 
-  def rows(right_i, g_i):  # output rows i: all of them, for this device's columns j
-    return finish(module.combine(left, right_i), g_i)
+  def rows(right_i, g_i):  # right_i: [*B, k, n, chunk, c]; g_i: this device's rows of the chunk
+    partial = jnp.einsum("...kjc,...kdic->...dijc", left, right_i)
+    return finish(ax.sum_scatter(partial, axis=-4), g_i)
 
+  if chunk_size is None and SCATTER_PIECES > 1:
+    size = right.shape[-2]
+    bounds = [size * piece // SCATTER_PIECES for piece in range(SCATTER_PIECES + 1)]
+    return jnp.concatenate([rows(right[..., a:b, :], gate_source[..., a:b, :, :])
+                            for a, b in zip(bounds, bounds[1:]) if b > a], axis=-3)
   return chunked(rows, (right, gate_source), (-2, -3), out_axis=-3, chunk_size=chunk_size)
 
 
