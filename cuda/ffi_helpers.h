@@ -6,7 +6,6 @@
 
 #include <cstdint>
 #include <limits>
-#include <sstream>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
@@ -23,12 +22,19 @@ inline ffi::Error CudaError(cudaError_t status, const char* what) {
 // The error of the last launch on this thread, if any.
 inline ffi::Error LastLaunchError(const char* kernel) { return CudaError(cudaGetLastError(), kernel); }
 
-inline std::string DimsToString(ffi::Span<const int64_t> dims) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < dims.size(); ++i) out << (i ? ", " : "") << dims[i];
-  out << "]";
-  return out.str();
+// Messages are built with std::string and std::to_string only. With jax 0.11.2 on an H200, every
+// handler error whose message went through std::ostringstream ended the process with a
+// segmentation fault, while the errors built this way became Python exceptions (the cause inside
+// the C++ runtime was not found; tests/test_cuda_attention.py covers the three kinds of check).
+template <typename Ints>
+std::string DimsToString(const Ints& dims) {
+  std::string out = "[";
+  bool first = true;
+  for (int64_t d : dims) {
+    out += (first ? "" : ", ") + std::to_string(d);
+    first = false;
+  }
+  return out + "]";
 }
 
 // Checks that `buffer` has rank `rank`; its name goes into the message.
@@ -50,12 +56,8 @@ ffi::Error CheckDims(const Buffer& buffer, std::initializer_list<int64_t> expect
     ok = dims[i++] == e;
   }
   if (ok) return ffi::Error::Success();
-  std::ostringstream out;
-  out << "jevo: " << name << " must have shape [";
-  i = 0;
-  for (int64_t e : expected) out << (i++ ? ", " : "") << e;
-  out << "], got " << DimsToString(dims);
-  return ffi::Error::InvalidArgument(out.str());
+  return ffi::Error::InvalidArgument(std::string("jevo: ") + name + " must have shape " +
+                                     DimsToString(expected) + ", got " + DimsToString(dims));
 }
 
 // Narrows a 64-bit size to int, failing instead of wrapping.

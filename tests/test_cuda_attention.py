@@ -3,6 +3,10 @@ reduction over many N, 64-bit offsets and errors from the FFI handlers. Needs a 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +84,44 @@ def test_handler_errors_are_exceptions_and_the_process_goes_on():
   q = jax.random.normal(jax.random.key(0), (1, 2, 16, 2, 32), jnp.bfloat16)
   out = jevo.evoformer_attention(q, q, q, implementation="cuda")
   assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
+_BAD_DIRECT_CALLS = """
+import jax, jax.numpy as jnp, numpy as np
+import jevo
+from jevo._cuda_lib import FORWARD_TARGET
+
+bf = jnp.bfloat16
+q = jnp.ones((1, 2, 16, 2, 32), bf)
+none, no_bias = jnp.zeros((0,), jnp.bool_), jnp.zeros((0,), bf)
+for q_in, k_in, lse_shape in [(q[0], q[0], (1, 2, 2, 16)),                     # rank 4
+                              (q, jnp.ones((1, 2, 24, 2, 32), bf), (1, 2, 2, 16)),  # k's S
+                              (q, q, (1, 2, 2, 17))]:                              # lse's shape
+  call = jax.ffi.ffi_call(FORWARD_TARGET, (jax.ShapeDtypeStruct(q_in.shape, bf),
+                                           jax.ShapeDtypeStruct(lse_shape, jnp.float32)))
+  try:
+    jax.block_until_ready(call(q_in, k_in, k_in, none, no_bias, scale=np.float32(0.1)))
+    print("no error")
+  except Exception as e:
+    print("raised:", e)
+out = jevo.evoformer_attention(q, q, q, implementation="cuda")
+print("finite after:", bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))))
+"""
+
+
+def test_direct_kernel_calls_with_bad_shapes_raise_and_the_process_goes_on():
+  """The handlers' own shape checks, reached by calling the FFI target without the Python API's
+  checks. In a child process, so that a crash fails this test instead of ending the run."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(jevo.__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  run = subprocess.run([sys.executable, "-c", _BAD_DIRECT_CALLS], capture_output=True, text=True,
+                       env=env, timeout=600)
+  assert run.returncode == 0, f"exit code {run.returncode}; stderr tail:\n{run.stderr[-3000:]}"
+  assert "q must have rank 5, got shape [2, 16, 2, 32]" in run.stdout
+  assert "k must have q's shape [1, 2, 16, 2, 32], got [1, 2, 24, 2, 32]" in run.stdout
+  assert "lse must have shape [1, 2, 2, 16], got [1, 2, 2, 17]" in run.stdout
+  assert "no error" not in run.stdout
+  assert "finite after: True" in run.stdout
 
 
 def test_tensors_over_two_to_the_31_elements():
