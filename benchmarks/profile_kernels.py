@@ -10,8 +10,10 @@ import sys
 
 from common import without_command_buffers  # benchmarks/ is the script's directory
 
-# No XLA command buffers: each kernel is launched on its own, so that ncu can replay it (inside
-# a CUDA graph ncu failed to profile the forward kernel, 2026-11-21).
+# No XLA command buffers: each kernel is launched on its own, outside CUDA graphs, as kernel
+# replay needs. Even so, ncu 2026-11-21 on an H200 (jax 0.11.2) stopped at the first profiled
+# kernel ("Failed to profile", application error code 9), with or without command buffers; its
+# memory save and restore around a replay is one suspect (try --replay-mode application).
 os.environ["XLA_FLAGS"] = without_command_buffers(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
