@@ -57,7 +57,11 @@ def triangle_multiplication(module: TriangleMultiplication, z_local: jax.Array,
   right = right.reshape(right.shape[:-2] + (n, right.shape[-2] // n, right.shape[-1]))
 
   def rows(right_i, g_i):  # right_i: [*B, k, n, chunk, c]; g_i: this device's rows of the chunk
-    partial = jnp.einsum("...kjc,...kdic->...dijc", left, right_i)
+    # The module's own sum over k, for the rows (d, i) of every device d: [*B, n * chunk, N_res,
+    # c], then split by device for the reduce-scatter.
+    merged = right_i.reshape(right_i.shape[:-3] + (-1, right_i.shape[-1]))
+    partial = module.combine(left, merged)
+    partial = partial.reshape(right_i.shape[:-4] + right_i.shape[-3:-1] + partial.shape[-2:])
     return finish(ax.sum_scatter(partial, axis=-4), g_i)
 
   # Splitting this reduce-scatter into independent pieces, so that sending one could overlap
