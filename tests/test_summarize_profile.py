@@ -1,4 +1,4 @@
-"""benchmarks/summarize_profile.py on a small hand-made trace and HLO: device time lands on the
+"""jevo.bench.profile_summary on a small hand-made trace and HLO: device time lands on the
 right sub-module, phase and kind, and copies hidden under kernels are told from exposed ones."""
 
 import gzip
@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import summarize_profile as sp  # noqa: E402
+from jevo.bench import profile_summary as sp
 
 HLO = """
 HloModule jit_step

@@ -1,0 +1,5 @@
+import sys
+
+from jevo.bench.cli import main
+
+sys.exit(main())

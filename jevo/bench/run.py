@@ -1,0 +1,185 @@
+"""Runs a preset: a probe of the machine, then every (case, implementation) in a fresh process
+(so that each peak of device memory is its own), then a trace of the block; returns the records
+that `jevo.bench.report` turns into tables, JSON and plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from jevo.bench import floor, implementations
+from jevo.bench.progress import Progress
+from jevo.bench.trace import without_command_buffers
+
+WORKER = [sys.executable, "-m", "jevo.bench.worker"]
+
+
+@dataclasses.dataclass
+class Options:
+  preset: object                 # presets.Preset
+  backends: tuple[str, ...]      # attention implementations to run (block: jevo's among them)
+  cases: tuple[str, ...] | None  # None: every case of the preset
+  repeats: int | None            # None: 20 on a GPU, 5 on a CPU
+  out: pathlib.Path
+  trace: bool = True
+  timeout_s: int = 900
+
+
+def run_worker(spec: dict, progress: Progress | None = None, env: dict | None = None,
+               timeout_s: int = 900) -> dict:
+  """Runs one worker; passes its "@stage" lines to `progress`; returns its last JSON line, or a
+  record of why there was none (crash, out of host memory, timeout)."""
+  with tempfile.TemporaryFile("w+") as stderr:
+    proc = subprocess.Popen(WORKER + [json.dumps(spec)], stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, env=env)
+    record = None
+    try:
+      for line in proc.stdout:
+        if line.startswith("@stage ") and progress is not None:
+          progress.update(line.removeprefix("@stage ").strip())
+        elif line.startswith("{"):
+          record = json.loads(line)
+      proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      return dict(status="error", reason=f"timed out after {timeout_s} s")
+    if record is None:
+      stderr.seek(0)
+      tail = stderr.read().strip()[-400:]
+      return dict(status="error", reason=f"worker exited with code {proc.returncode}: {tail}")
+    return record
+
+
+def _pass_records(base: dict, worker_record: dict, passes: tuple[str, ...]) -> list[dict]:
+  """One record per pass from a worker's record ({"fwd": {...}, "fwdbwd": {...}})."""
+  out = []
+  for key in passes:
+    if key in worker_record:
+      out.append(dict(base, **{"pass": key}, **worker_record[key]))
+    elif "status" in worker_record and worker_record["status"] != "ok":
+      out.append(dict(base, **{"pass": key}, status=worker_record["status"],
+                      reason=worker_record.get("reason", "")))
+    else:  # an earlier pass failed, so this one did not run
+      out.append(dict(base, **{"pass": key}, status="skipped",
+                      reason="not run: the forward failed"))
+  return out
+
+
+def _passes(case) -> tuple[str, ...]:
+  return ("fwd",) if case.forward_only else ("fwd", "fwdbwd")
+
+
+def run(options: Options) -> dict:
+  preset = options.preset
+  progress = Progress(1)
+  progress.begin("probe the machine and the implementations")
+  meta = run_worker(dict(mode="probe", preset=preset.name), progress)
+  if meta.get("status") == "error":
+    raise RuntimeError(f"the probe worker failed: {meta['reason']}")
+  progress.finish(f"{meta['device_kind']} ({meta['platform']})")
+  on_gpu = meta["platform"] == "gpu"
+  repeats = options.repeats or (20 if on_gpu else 5)
+  batch = 5 if on_gpu else 1
+  cases = [c for c in preset.attention if options.cases is None or c.name in options.cases]
+  run_block = options.cases is None or preset.block.name in options.cases or "block" in options.cases
+  jobs = []
+  for case in cases:
+    for name in options.backends:
+      impl = implementations.get(name)
+      base = dict(kind="attention", case=case.name, variant=case.variant, shape=case.shape,
+                  bias=case.bias, backend=name, label=impl.label, jevo=impl.jevo)
+      jobs.append((case, base, dict(mode="attention", case=case.name, backend=name),
+                   meta["unavailable"].get(f"{case.name}/{name}")))
+  block_backends = [b for b in implementations.BLOCK_BACKENDS if b in options.backends]
+  if run_block:
+    block = preset.block
+    for name in block_backends:
+      base = dict(kind="block", case=block.name, variant="one Evoformer block" +
+                  (" (extra MSA)" if block.extra_msa else ""), shape=(block.n_seq, block.n_res),
+                  backend=name, label=f"jevo modules, {name} attention", jevo=True,
+                  chunk_size=block.chunk_size)
+      reason = meta["cuda_status"]["reason"] if name == "cuda" and not meta["cuda_status"]["available"] else None
+      jobs.append((block, base, dict(mode="block", backend=name), reason))
+  trace_backend = next((b for b in ("cuda", "xla_chunked", "xla") if b in block_backends and
+                        (b != "cuda" or meta["cuda_status"]["available"])), None)
+  do_trace = options.trace and run_block and trace_backend is not None
+
+  progress = Progress(len(jobs) + do_trace)
+  records = []
+  for case, base, spec, reason in jobs:
+    label = f"{base['case']} / {base['backend']}"
+    progress.begin(label)
+    if reason is not None:
+      records += [dict(base, **{"pass": p}, status="unavailable", reason=reason)
+                  for p in _passes(case)]
+      progress.finish(f"unavailable: {reason[:60]}")
+      continue
+    spec = dict(spec, preset=preset.name, repeats=repeats, batch=batch)
+    worker_record = run_worker(spec, progress, timeout_s=options.timeout_s)
+    new = _pass_records(base, worker_record, _passes(case))
+    records += new
+    progress.finish(", ".join(f"{r['pass']} {r['ms']:.3g} ms" if r["status"] == "ok"
+                              else f"{r['pass']} {r['status']}" for r in new))
+
+  profile = None
+  if do_trace:
+    progress.begin(f"trace the block ({trace_backend})")
+    trace_dir = options.out / "trace"
+    env = dict(os.environ, XLA_FLAGS=without_command_buffers(os.environ.get("XLA_FLAGS", "")))
+    spec = dict(mode="block", backend=trace_backend, preset=preset.name, repeats=1, batch=1,
+                trace_dir=str(trace_dir), trace_only=True)
+    traced = run_worker(spec, progress, env=env, timeout_s=options.timeout_s)
+    profile = _profile(traced, trace_backend)
+    progress.finish("written" if profile.get("summary") else f"failed: {profile.get('reason')}")
+  progress.close()
+  add_derived(records, meta)
+  return dict(meta=meta, records=records, profile=profile, repeats=repeats, batch=batch)
+
+
+def _profile(traced: dict, backend: str) -> dict:
+  from jevo.bench import profile_summary
+  trace = traced.get("trace")
+  if not trace:
+    reason = traced.get("reason") or (traced.get("fwdbwd") or traced.get("fwd") or {}).get("reason")
+    return dict(backend=backend, reason=reason or "no trace was written")
+  summary = profile_summary.analyse(pathlib.Path(trace["trace_dir"]), pathlib.Path(trace["hlo"]),
+                                    trace["steps"])
+  return dict(backend=backend, trace_dir=trace["trace_dir"], hlo=trace["hlo"],
+              pass_traced=trace.get("pass"), summary=summary)
+
+
+def add_derived(records: list[dict], meta: dict) -> None:
+  """Effective TFLOP/s and the floor (attention), and each row's speed against the best other
+  implementation of the same case and pass."""
+  from jevo.bench import presets
+  rates = floor.device_rates(meta.get("device_kind", "")) if meta.get("platform") == "gpu" else None
+  for r in records:
+    if r["kind"] != "attention" or r["status"] != "ok":
+      continue
+    case = presets.AttentionCase(r["case"], r["variant"], tuple(r["shape"]), r["bias"])
+    backward = r["pass"] == "fwdbwd"
+    r["tflops"] = floor.attention_flops(case, backward) / (r["ms"] * 1e-3) / 1e12
+    if rates is not None:
+      r["floor_ms"] = floor.attention_floor_ms(case, backward, rates)
+      r["x_floor"] = r["ms"] / r["floor_ms"]
+  for r in records:
+    if r["status"] != "ok":
+      continue
+    others = [o["ms"] for o in records if o is not r and o["status"] == "ok" and
+              o["case"] == r["case"] and o["pass"] == r["pass"] and o["kind"] == r["kind"]]
+    if others:
+      r["best_other_ms"] = min(others)
+      r["speedup_vs_best_other"] = min(others) / r["ms"]
+
+
+def choose_default(gpu_default: str) -> str:
+  """The preset to run when none is named: `gpu_default` when JAX sees a GPU, else the CPU
+  preset. Asked of a worker, so that this process never claims device memory."""
+  from jevo.bench import presets
+  meta = run_worker(dict(mode="platform"))
+  return gpu_default if meta.get("platform") == "gpu" else presets.CPU_DEFAULT

@@ -1,0 +1,182 @@
+"""One measurement in its own process, so that its peak device memory is its own:
+
+    python -m jevo.bench.worker '{"mode": "attention", "preset": "cpu-small", ...}'
+
+Prints progress lines ("@stage ...") while it works and one JSON record as its last line.
+The parent (`jevo.bench.run`) reads both. Modes: "probe" (the machine, versions, and which
+implementation can run which case), "attention" (one case and implementation), "block".
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import traceback
+
+
+def stage(text: str) -> None:
+  print(f"@stage {text}", flush=True)
+
+
+def _error_text(err: BaseException) -> str:
+  lines = [l for l in str(err).splitlines() if l.strip()]
+  return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def is_out_of_memory(text: str) -> bool:
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _versions() -> dict:
+  from importlib.metadata import PackageNotFoundError, version
+  out = {"python": platform.python_version()}
+  for dist in ("jax", "jaxlib", "jevo", "flax", "numpy", "cuequivariance-jax",
+               "cuequivariance-ops-jax-cu13", "cuequivariance-ops-jax-cu12", "colabfold-kernels"):
+    try:
+      out[dist] = version(dist)
+    except PackageNotFoundError:
+      pass
+  return out
+
+
+def probe(spec: dict) -> dict:
+  import jax
+  from jevo.bench import implementations, presets
+  device = jax.devices()[0]
+  preset = presets.resolve(spec["preset"])
+  available = {}
+  for case in preset.attention:
+    for name, impl in implementations.ATTENTION_IMPLEMENTATIONS.items():
+      try:
+        available[f"{case.name}/{name}"] = impl.unavailable_reason(case, device.platform)
+      except Exception as err:  # a peer that fails while being asked
+        available[f"{case.name}/{name}"] = f"failed to load: {_error_text(err)}"
+  import jevo
+  status = jevo.cuda_status()
+  return dict(platform=device.platform, device_kind=device.device_kind,
+              device_count=jax.device_count(), host=platform.node(),
+              processor=platform.processor() or platform.machine(), versions=_versions(),
+              cuda_status=dict(available=status.available, reason=status.reason),
+              unavailable=available,
+              memory_bytes=(device.memory_stats() or {}).get("bytes_limit"))
+
+
+def _vjp_fn(forward, args, diff_argnums):
+  """forward+backward: the vjp of `forward` with respect to `args[i]`, i in diff_argnums, for a
+  given output cotangent (an input of the timed function, like the others)."""
+  import jax
+
+  def forward_backward(*all_args):
+    *args_, d_out = all_args
+
+    def of_diff(*diff):
+      full = list(args_)
+      for i, x in zip(diff_argnums, diff):
+        full[i] = x
+      return forward(*full)
+
+    _, vjp = jax.vjp(of_diff, *(args_[i] for i in diff_argnums))
+    return vjp(d_out)
+
+  return forward_backward
+
+
+def _run_pass(record, key, fn, args, spec, memory):
+  from jevo.bench.measure import measure
+  stage(f"compile and time {key}")
+  try:
+    record[key] = measure(fn, args, repeats=spec["repeats"], batch=spec.get("batch", 1),
+                          memory=memory)
+  except Exception as err:  # out of memory or unsupported: recorded, not fatal
+    text = _error_text(err)
+    record[key] = dict(status="oom" if is_out_of_memory(text) else "error", reason=text)
+    return False
+  record[key]["status"] = "ok"
+  return True
+
+
+def attention(spec: dict) -> dict:
+  import jax
+  from jevo.bench import implementations, presets
+  from jevo.bench.measure import DeviceMemory
+  case = presets.resolve(spec["preset"]).attention_case(spec["case"])
+  impl = implementations.get(spec["backend"])
+  device = jax.devices()[0]
+  memory = DeviceMemory(device)
+  record = dict(case=case.name, backend=impl.name)
+  stage("make inputs")
+  setup = impl.setup(case, jax.random.key(spec.get("seed", 0)))
+  jax.block_until_ready(setup.args)
+  if not _run_pass(record, "fwd", setup.forward, setup.args, spec, memory):
+    return record
+  if case.forward_only:
+    return record
+  # The output's cotangent exists before the measured window, as the inputs do.
+  out_shape = jax.eval_shape(setup.forward, *setup.args)
+  d_out = jax.random.normal(jax.random.key(7), out_shape.shape, out_shape.dtype)
+  fn = _vjp_fn(setup.forward, setup.args, setup.diff_argnums)
+  _run_pass(record, "fwdbwd", fn, setup.args + (d_out,), spec, memory)
+  return record
+
+
+def block(spec: dict) -> dict:
+  import jax
+  from jevo.bench import block_case, presets
+  from jevo.bench.measure import DeviceMemory
+  case = presets.resolve(spec["preset"]).block
+  memory = DeviceMemory(jax.devices()[0])
+  record = dict(case=case.name, backend=spec["backend"])
+  stage("build the block")
+  blk, inputs = block_case.make_block(case, spec["backend"])
+  jax.block_until_ready(inputs)
+  if spec.get("trace_only"):
+    return _trace_block(record, case, blk, inputs, spec["trace_dir"])
+  fwd, head = block_case.forward_fn(case, blk)
+  if not _run_pass(record, "fwd", fwd, head + inputs, spec, memory):
+    return record
+  if not case.forward_only:
+    step, head = block_case.training_step_fn(blk)
+    _run_pass(record, "fwdbwd", step, head + inputs, spec, memory)
+  return record
+
+
+def _trace_block(record, case, blk, inputs, trace_dir):
+  """Traces the training step (the forward alone for a forward-only case)."""
+  import jax
+  from jevo.bench import block_case
+  from jevo.bench.trace import write_trace
+  if case.forward_only:
+    fn, head = block_case.forward_fn(case, blk)
+  else:
+    fn, head = block_case.training_step_fn(blk)
+  stage("compile the traced step")
+  compiled = jax.jit(fn).lower(*head, *inputs).compile()
+  stage("trace")
+  record["trace"] = dict(write_trace(trace_dir, "block", compiled, head + inputs),
+                         **{"pass": "fwd" if case.forward_only else "fwdbwd"})
+  record["status"] = "ok"
+  return record
+
+
+def platform_of(spec: dict) -> dict:
+  import jax
+  return dict(platform=jax.devices()[0].platform)
+
+
+MODES = dict(platform=platform_of, probe=probe, attention=attention, block=block)
+
+
+def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  spec = json.loads(argv[0])
+  try:
+    record = MODES[spec["mode"]](spec)
+  except Exception as err:
+    traceback.print_exc()
+    record = dict(status="error", reason=_error_text(err))
+  print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+  main()
