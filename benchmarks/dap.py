@@ -13,8 +13,8 @@ and parameters replicated. Reported: median time, speedup over 1 device, peak de
 (`peak_bytes_in_use`, the largest over the devices; also minus what was in use before the step:
 parameters and inputs) and compile time. A failure (e.g. out of memory) is recorded, not fatal.
 
-    python benchmarks/dap.py                                   # both workloads, 1, 2, 4 GPUs
-    python benchmarks/dap.py --workloads train --devices 1 2
+    python benchmarks/dap.py --out /tmp/dap                    # both workloads, 1, 2, 4 GPUs
+    python benchmarks/dap.py --workloads train --devices 1 2 --out /tmp/dap2
     python benchmarks/dap.py --cpu-devices 4 --blocks 2 --train-shape 8x12 \\
         --infer-shape 4x24 --out /tmp/dap_cpu                  # CPU smoke test, 4 host devices
 """
@@ -26,13 +26,11 @@ import datetime
 import json
 import os
 import pathlib
-import re
 import sys
 
 from common import (median_ms, parse_shape, run_worker,  # benchmarks/ is the script's directory
                     without_command_buffers, write_profile, write_results)
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 WORKLOADS = {"train": "512x384", "infer": "128x2048"}  # N_seq x N_res
 
 
@@ -177,13 +175,15 @@ def main(argv=None) -> None:
                       help="run on CPU with this many host devices (a smoke test)")
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
   parser.add_argument("--out", default=None, help="output path without suffix (.json and .md "
-                      "are written); default benchmarks/results/dap_<device>_x<count>")
+                      "are written)")
   parser.add_argument("--trace", default=None,
                       help="also write a profile of 2 steps and the HLO of each configuration "
                            "here (see summarize_profile.py)")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.out is None and not (args.worker or args.probe):
+    parser.error("--out is required: the output path without suffix (.json and .md)")
   for name in ("blocks", "repeats", "chunk_size", "cpu_devices"):
     value = getattr(args, name)
     if value is not None and value <= 0:
@@ -236,8 +236,7 @@ def main(argv=None) -> None:
               dtype="bfloat16 compute, float32 params", repeats=args.repeats,
               implementation=args.implementation or "default", chunk_size=args.chunk_size,
               command="python benchmarks/dap.py " + " ".join(sys.argv[1:]))
-  slug = re.sub(r"[^a-z0-9]+", "_", probe["kind"].lower()).strip("_")
-  out = pathlib.Path(args.out or RESULTS / f"dap_{slug}_x{probe['count']}")
+  out = pathlib.Path(args.out)
   header = (f"# Evoformer stack with DAP ({args.blocks} blocks) on {probe['count']} x "
             f"{probe['kind']}\n\n{meta['date']}, jax {probe['jax']}, {meta['dtype']}, "
             f"attention: {meta['implementation']} (CUDA kernels "

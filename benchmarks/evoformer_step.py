@@ -6,9 +6,9 @@ runs in a fresh process so that its peak device memory is its own. Reported: med
 compile time, and peak device memory (`peak_bytes_in_use`; also minus what was in use before
 the step: parameters and inputs). An out-of-memory or any other failure is recorded, not fatal.
 
-    python benchmarks/evoformer_step.py                                  # both shapes, cuda + xla
-    python benchmarks/evoformer_step.py --implementation xla_chunked --shapes 128x256
-    python benchmarks/evoformer_step.py --remat block offload --implementation cuda
+    python benchmarks/evoformer_step.py --out /tmp/step                  # both shapes, cuda + xla
+    python benchmarks/evoformer_step.py --implementation xla_chunked --shapes 128x256 --out /tmp/s
+    python benchmarks/evoformer_step.py --remat block offload --implementation cuda --out /tmp/s
     python benchmarks/evoformer_step.py --blocks 2 --shapes 8x16 --out /tmp/smoke   # CPU smoke
 """
 
@@ -20,7 +20,6 @@ import functools
 import itertools
 import json
 import os
-import pathlib
 import sys
 
 from common import (median_ms, parse_shape, run_worker,  # benchmarks/ is the script's directory
@@ -28,7 +27,6 @@ from common import (median_ms, parse_shape, run_worker,  # benchmarks/ is the sc
 
 SHAPES = ("128x256", "512x384")  # N_seq x N_res: AlphaFold's initial and fine-tuning crops
 IMPLEMENTATIONS = ("cuda", "xla")
-RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 
@@ -132,7 +130,7 @@ def main(argv=None) -> None:
   parser.add_argument("--blocks", type=int, default=48)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
-  parser.add_argument("--out", default=str(RESULTS / "evoformer_step"),
+  parser.add_argument("--out", default=None,
                       help="output path without suffix (.json and .md are written)")
   parser.add_argument("--trace", default=None,
                       help="also write a profile of 2 steps and the HLO of each configuration "
@@ -142,6 +140,8 @@ def main(argv=None) -> None:
                            "(summarize_profile.py then names fusion kernels by kernel name)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.out is None and not (args.worker):
+    parser.error("--out is required: the output path without suffix (.json and .md)")
   if args.blocks <= 0 or args.repeats <= 0:
     parser.error("--blocks and --repeats must be positive")
   if args.worker:

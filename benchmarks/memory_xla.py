@@ -107,8 +107,8 @@ def main(argv=None):
   parser.add_argument("--shape", type=int, nargs=5, default=(1, 512, 384, 8, 32),
                       metavar=("B", "N", "S", "H", "D"))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path(__file__).resolve().parent / "results")
+  parser.add_argument("--out", type=pathlib.Path, required=True,
+                      help="directory for memory_xla_<platform>.md and .json")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)

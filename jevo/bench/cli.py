@@ -84,7 +84,8 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   cases = None
   if args.cases:
-    known = [c.name for c in preset.attention] + ["block", preset.block.name]
+    known = [c.name for c in preset.attention] + (
+        ["block", preset.block.name] if preset.block is not None else [])
     unknown = [c for c in args.cases if c not in known]
     if unknown:
       p.error(f"--cases: {unknown} not in preset {preset.name!r}, which has {known}")

@@ -137,7 +137,7 @@ class CuEquivariance(Implementation):
 
     def forward(q, k, v, mask, bias):
       out = cuex.triangle_attention(q, k, v, bias, mask, scale)
-      return out[0] if isinstance(out, tuple) else out
+      return out[0] if isinstance(out, (tuple, list)) else out
 
     return Setup(forward, (q, k, v, mask, bias), _diff(case))
 

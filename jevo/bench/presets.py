@@ -50,7 +50,7 @@ class Preset:
   name: str
   description: str
   attention: tuple[AttentionCase, ...]
-  block: BlockCase
+  block: BlockCase | None
   notes: tuple[str, ...] = ()
 
   def attention_case(self, name: str) -> AttentionCase:
@@ -110,6 +110,19 @@ PRESETS = {
         _evoformer_attention_cases(128, 2048, forward_only=True),
         BlockCase("evoformer_block", 128, 2048, chunk_size=128, forward_only=True)),
 }
+# The attention kernels' reference cases (AlphaFold 2's shapes, one process each), without a
+# block: what a change to the kernels is measured with.
+PRESETS["kernels"] = Preset(
+    "kernels", "the attention kernels' reference cases: MSA row / column at 512 x 384, triangle "
+    "attention at 384, 768 and 2048 (forward only), extra-MSA row attention; no block",
+    (AttentionCase("msa_row", "MSA row attention with pair bias", (1, 512, 384, 8, 32), True),
+     AttentionCase("msa_col", "MSA column attention (mask only)", (1, 384, 512, 8, 32), False),
+     AttentionCase("tri_384", "triangle attention", (1, 384, 384, 4, 32), True),
+     AttentionCase("tri_768", "triangle attention", (1, 768, 768, 4, 32), True),
+     AttentionCase("extra_msa_row", "extra-MSA row attention with pair bias",
+                   (1, 5120, 384, 8, 8), True),
+     AttentionCase("tri_2048", "triangle attention", (1, 2048, 2048, 4, 32), True, True)),
+    None)
 GPU_DEFAULT = "af2-finetune"
 CPU_DEFAULT = "cpu-small"
 

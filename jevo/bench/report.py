@@ -11,6 +11,9 @@ from jevo.bench.floor import FLOOR_FORMULA, device_rates
 SCHEMA = "jevo.bench/1"
 PASS_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward"}
 GIB = 2 ** 30
+SHORT_NAMES = {"cuda": "jevo cuda", "xla_chunked": "jevo xla_chunked", "xla": "jevo xla",
+               "cudnn": "cuDNN", "cuequivariance": "cuEquivariance",
+               "colabfold": "colabfold-kernels"}
 
 
 def _num(x, fmt):
@@ -67,6 +70,36 @@ def block_table(records: list[dict]) -> str:
   return "### Whole block\n\n" + markdown_table(header, rows) if rows else ""
 
 
+def side_by_side(records: list[dict]) -> str:
+  """One row per case, one column per implementation: forward / forward+backward ms (and, for
+  jevo's CUDA kernels, the ratio to the floor), the compact view of a run."""
+  names = list(dict.fromkeys(r["backend"] for r in records if r["status"] != "unavailable"))
+  cases = list(dict.fromkeys((r["kind"], r["case"]) for r in records))
+  rows = []
+  for kind, case in cases:
+    mine = [r for r in records if r["kind"] == kind and r["case"] == case]
+    shape = "x".join(str(s) for s in mine[0]["shape"])
+    row = [f"{case} ({shape})"]
+    for name in names:
+      cells = []
+      for p in PASS_TITLES:
+        r = next((r for r in mine if r["backend"] == name and r["pass"] == p), None)
+        if r is None:
+          continue
+        if r["status"] != "ok":
+          cells.append({"unavailable": "n/a"}.get(r["status"], r["status"]))
+        else:
+          cells.append(f"{r['ms']:.3g}" + (f" ({r['x_floor']:.1f}x)" if "x_floor" in r and
+                                           r["jevo"] else ""))
+      row.append(" / ".join(cells) if cells else "")
+    rows.append(row)
+  if not rows:
+    return ""
+  return ("### Side by side: forward / forward+backward ms (jevo's ratio to the floor; the "
+          "block runs jevo's modules with each of jevo's attention backends)\n\n" +
+          markdown_table(["case"] + [SHORT_NAMES.get(n, n) for n in names], rows))
+
+
 def reasons(records: list[dict]) -> str:
   """Why the rows that did not run did not, each (implementation, reason) once."""
   seen = {}
@@ -121,7 +154,8 @@ def header_text(results: dict) -> str:
 
 
 def markdown_report(results: dict) -> str:
-  parts = [header_text(results), attention_tables(results["records"]),
+  parts = [header_text(results), side_by_side(results["records"]),
+           attention_tables(results["records"]),
            block_table(results["records"]), profile_table(results.get("profile")),
            reasons(results["records"])]
   notes = results.get("notes") or []

@@ -86,7 +86,8 @@ def run(options: Options) -> dict:
   repeats = options.repeats or (20 if on_gpu else 5)
   batch = 5 if on_gpu else 1
   cases = [c for c in preset.attention if options.cases is None or c.name in options.cases]
-  run_block = options.cases is None or preset.block.name in options.cases or "block" in options.cases
+  run_block = preset.block is not None and (
+      options.cases is None or preset.block.name in options.cases or "block" in options.cases)
   jobs = []
   for case in cases:
     for name in options.backends:
