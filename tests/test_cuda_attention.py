@@ -104,6 +104,15 @@ for q_in, k_in, lse_shape in [(q[0], q[0], (1, 2, 2, 16)),                     #
     print("no error")
   except Exception as e:
     print("raised:", e)
+lse = jax.ShapeDtypeStruct((1, 2, 2, 16), jnp.float32)
+for residual in [jax.ShapeDtypeStruct(q.shape, jnp.float32),           # residual's dtype
+                 jax.ShapeDtypeStruct((1, 2, 16, 2, 24), bf)]:          # residual's shape
+  call = jax.ffi.ffi_call(FORWARD_TARGET, (jax.ShapeDtypeStruct(q.shape, bf), lse, residual))
+  try:
+    jax.block_until_ready(call(q, q, q, none, no_bias, scale=np.float32(0.1)))
+    print("no error")
+  except Exception as e:
+    print("raised:", e)
 out = jevo.evoformer_attention(q, q, q, implementation="cuda")
 print("finite after:", bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))))
 """
@@ -120,6 +129,8 @@ def test_direct_kernel_calls_with_bad_shapes_raise_and_the_process_goes_on():
   assert "q must have rank 5, got shape [2, 16, 2, 32]" in run.stdout
   assert "k must have q's shape [1, 2, 16, 2, 32], got [1, 2, 24, 2, 32]" in run.stdout
   assert "lse must have shape [1, 2, 2, 16], got [1, 2, 2, 17]" in run.stdout
+  assert "o_residual must be bfloat16" in run.stdout
+  assert "o_residual must have q's shape [1, 2, 16, 2, 32], got [1, 2, 16, 2, 24]" in run.stdout
   assert "no error" not in run.stdout
   assert "finite after: True" in run.stdout
 

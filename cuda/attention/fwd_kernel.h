@@ -1,6 +1,8 @@
 // Forward Evoformer attention: for each (b, n, h) and tile of 64 queries, stream the keys in
 // tiles of 64, add the pair bias and the key mask inside the tile, keep an online softmax in
 // fp32 and write O and the log-sum-exp. Nothing of size S x S leaves the chip.
+// kWriteResidual (the forward under differentiation) also writes the fp32 O's rounding residual
+// in bf16, the rest of O that the backward's delta needs; inference runs without it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,7 +15,7 @@
 
 namespace jevo {
 
-template <typename Traits>
+template <typename Traits, bool kWriteResidual>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) attention_fwd_kernel(const FwdParams p) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -163,10 +165,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
     }
   }
 
-  // Normalise, write O and the log-sum-exp. A fully masked row has sum 0: output 0, LSE +inf
-  // (so that the backward's exp(s - LSE) is 0 there, never NaN).
+  // Normalise, write O (and its residual) and the log-sum-exp. A fully masked row has sum 0:
+  // output 0 (residual 0), LSE +inf (so that the backward's exp(s - LSE) is 0 there, never NaN).
   Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
   float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
+  using Residual = cutlass::bfloat16_t;
+  Residual* o_res = kWriteResidual ? static_cast<Residual*>(p.o_residual) + base : nullptr;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const float sum = quad_sum(row_sum[r]);
@@ -177,10 +181,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
       for (int c = 0; c < size<1>(o_rc); c += 2) {
         const int d = at.col(c);  // d and d + 1, both < D or both >= D (D % 8 == 0)
         if (d < D) {
+          const float o0 = o_rc(r, c) * inv, o1 = o_rc(r, c + 1) * inv;
           cutlass::Array<Element, 2> pair;
-          pair[0] = static_cast<Element>(o_rc(r, c) * inv);
-          pair[1] = static_cast<Element>(o_rc(r, c + 1) * inv);
+          pair[0] = static_cast<Element>(o0);
+          pair[1] = static_cast<Element>(o1);
           *reinterpret_cast<cutlass::Array<Element, 2>*>(o + int64_t(qi) * row_stride + d) = pair;
+          if constexpr (kWriteResidual) {
+            // Exact in fp32 (Sterbenz): the rounding is within a factor of two of o0.
+            cutlass::Array<Residual, 2> res;
+            res[0] = static_cast<Residual>(o0 - static_cast<float>(pair[0]));
+            res[1] = static_cast<Residual>(o1 - static_cast<float>(pair[1]));
+            *reinterpret_cast<cutlass::Array<Residual, 2>*>(o_res + int64_t(qi) * row_stride + d) = res;
+          }
         }
       }
       if ((tid & 3) == 0) lse[qi] = sum > 0.f ? row_max[r] + __logf(sum) : INFINITY;
@@ -188,13 +200,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
   }
 }
 
-template <typename Traits>
-cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
+template <typename Traits, bool kWriteResidual>
+cudaError_t launch_attention_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
   constexpr int kStageElems =
       2 * Traits::kTileElemsKV + BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
   constexpr int kSmem =
       (Traits::kTileElemsQ + Traits::kStagesFwd * kStageElems) * sizeof(typename Traits::Element);
-  auto kernel = attention_fwd_kernel<Traits>;
+  auto kernel = attention_fwd_kernel<Traits, kWriteResidual>;
   if (kSmem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
@@ -203,6 +215,13 @@ cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
   kernel<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads, kSmem,
            stream>>>(p);
   return cudaGetLastError();
+}
+
+// The residual output is a compile-time choice of the kernel, made here from p.o_residual.
+template <typename Traits>
+cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
+  return p.o_residual != nullptr ? launch_attention_fwd_kernel<Traits, true>(p, stream)
+                                 : launch_attention_fwd_kernel<Traits, false>(p, stream);
 }
 
 }  // namespace jevo

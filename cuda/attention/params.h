@@ -27,6 +27,10 @@ struct FwdParams {
   void* o;
   float* lse;           // [B, N, H, S] natural-log sum of exp of the scaled, biased logits
   float scale;
+  // [B, N, S, H, D] bfloat16, or nullptr: the fp32 output minus o (its rounding to the element
+  // type). Written under differentiation only, so that the backward's delta = rowsum(dO * O) sees
+  // O with 8 more significant bits than the element type holds.
+  void* o_residual;
 };
 
 struct BwdParams {

@@ -6,6 +6,8 @@
 //   mask: [B, N, S] bool (True = attend), or an empty array when there is no mask
 //   bias, dbias: [B, H, S, S] in the element type, or empty arrays when there is no bias
 //   lse, delta: [B, N, H, S] f32
+//   o_residual: an optional third result of the forward, [B, N, S, H, D] bf16 (the fp32 output
+//     minus o), which the custom_vjp's forward asks for and the inference forward does not
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -94,9 +96,39 @@ cudaError_t DispatchBwd(const BwdParams& p, cudaStream_t stream) {
   return run_attention_bwd<Element, 128>(p, stream);
 }
 
+// The forward's optional residual result (none, or one bf16 buffer of q's shape); *residual stays
+// nullptr when there is none.
+ffi::Error ReadResidual(const ffi::AnyBuffer& q, const ffi::RemainingRets& extra, void** residual) {
+  *residual = nullptr;
+  if (extra.size() == 0) return ffi::Error::Success();
+  if (extra.size() > 1) {
+    return ffi::Error::InvalidArgument("jevo attention: the forward takes o, lse and at most one "
+                                       "more result (o_residual), got " +
+                                       std::to_string(2 + extra.size()) + " results");
+  }
+  ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> res = extra.get<ffi::AnyBuffer>(0);
+  if (res.has_error()) return res.error();
+  ffi::AnyBuffer& buffer = **res;
+  if (buffer.element_type() != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument("jevo attention: o_residual must be bfloat16");
+  }
+  auto a = q.dimensions();
+  auto b = buffer.dimensions();
+  if (a.size() != b.size() || !std::equal(a.begin(), a.end(), b.begin())) {
+    return ffi::Error::InvalidArgument("jevo attention: o_residual must have q's shape " +
+                                       DimsToString(a) + ", got " + DimsToString(b));
+  }
+  if (!Aligned16(buffer.untyped_data())) {
+    return ffi::Error::InvalidArgument("jevo attention: o_residual is not 16-byte aligned");
+  }
+  *residual = buffer.untyped_data();
+  return ffi::Error::Success();
+}
+
 ffi::Error AttentionFwdImpl(cudaStream_t stream, float scale, ffi::AnyBuffer q, ffi::AnyBuffer k,
                             ffi::AnyBuffer v, ffi::AnyBuffer mask, ffi::AnyBuffer bias,
-                            ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse) {
+                            ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                            ffi::RemainingRets extra) {
   AttentionShape sh;
   JEVO_RETURN_IF_ERROR(ReadShape(q, &sh));
   JEVO_RETURN_IF_ERROR(CheckLike(q, q, "q"));
@@ -106,6 +138,8 @@ ffi::Error AttentionFwdImpl(cudaStream_t stream, float scale, ffi::AnyBuffer q, 
   bool has_mask, has_bias;
   JEVO_RETURN_IF_ERROR(CheckMaskBias(sh, q, mask, bias, &has_mask, &has_bias));
   JEVO_RETURN_IF_ERROR(CheckDims(*lse, {sh.batch, sh.n, sh.heads, sh.seq}, "lse"));
+  void* residual;
+  JEVO_RETURN_IF_ERROR(ReadResidual(q, extra, &residual));
   if (sh.batch * sh.n * sh.seq * sh.heads == 0) return ffi::Error::Success();
 
   FwdParams p{sh,
@@ -116,7 +150,8 @@ ffi::Error AttentionFwdImpl(cudaStream_t stream, float scale, ffi::AnyBuffer q, 
               has_bias ? bias.untyped_data() : nullptr,
               o->untyped_data(),
               lse->typed_data(),
-              scale};
+              scale,
+              residual};
   cudaError_t err;
   switch (q.element_type()) {
     case ffi::DataType::BF16: err = DispatchFwd<cutlass::bfloat16_t>(p, stream); break;
@@ -200,7 +235,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JevoAttentionFwd, AttentionFwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // mask
                                   .Arg<ffi::AnyBuffer>()  // bias
                                   .Ret<ffi::AnyBuffer>()  // o
-                                  .Ret<ffi::Buffer<ffi::F32>>(),  // lse
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .RemainingRets(),  // o_residual, optional
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JevoAttentionBwd, AttentionBwdImpl,

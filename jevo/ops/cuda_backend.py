@@ -1,9 +1,10 @@
 """The "cuda" backend: jevo's fused CUDA kernels behind `jax.custom_vjp`.
 
-The forward saves only the output and the fp32 log-sum-exp; the backward recomputes the
-logits tile by tile. Each FFI call carries an explicit `vmap` rule (`custom_vmap`) that folds
-the mapped axis into the batch axis the kernels already have. The kernels are deterministic:
-the bias gradient is reduced over N without atomics, so `deterministic=True` costs nothing.
+The forward saves only the output, the fp32 log-sum-exp and, under differentiation, the output's
+rounding residual (see `_attention_fwd`); the backward recomputes the logits tile by tile. Each
+FFI call carries an explicit `vmap` rule (`custom_vmap`) that folds the mapped axis into the
+batch axis the kernels already have. The kernels are deterministic: the bias gradient is reduced
+over N without atomics, so `deterministic=True` costs nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from jevo.ops.varying import vary_like
 
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 128
+# The forward's optional third result, the fp32 output minus the output, is bf16 whatever the
+# element type (the handler checks it): bf16 keeps fp32's exponent range, so the small residuals
+# of fp16 outputs stay normal numbers.
+RESIDUAL_DTYPE = jnp.bfloat16
 
 
 def _placement_reason(*arrays):
@@ -85,13 +90,15 @@ def _vmap_rule(call, axis_size, in_batched, *args):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_call(scale: float):
+def _forward_call(scale: float, with_residual: bool = False):
+  """The forward kernel: (out, lse), and with_residual also out's rounding residual."""
   @jax.custom_batching.custom_vmap
   def forward(q, k, v, mask, bias):
     b, n, s, h, _ = q.shape
-    call = jax.ffi.ffi_call(
-        FORWARD_TARGET,
-        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h, s), jnp.float32)))
+    outs = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h, s), jnp.float32)]
+    if with_residual:
+      outs.append(jax.ShapeDtypeStruct(q.shape, RESIDUAL_DTYPE))
+    call = jax.ffi.ffi_call(FORWARD_TARGET, tuple(outs))
     return tuple(call(q, k, v, mask, bias, scale=np.float32(scale)))
 
   @forward.def_vmap
@@ -139,17 +146,28 @@ def _attention(q, k, v, mask, bias, scale):
 
 
 def _attention_fwd(q, k, v, mask, bias, scale):
-  out, lse = _forward_call(scale)(q, k, v, mask, bias)
+  # Besides out, the kernel writes out_lo = bf16(O - out), O its fp32 output: the backward's
+  # delta = rowsum(dO * O) needs O to more bits than out has. With a peaked softmax (large
+  # biases) dS = P * (dP - delta) is a small difference of nearly equal terms, and delta from
+  # the rounded out made dq, dk and dbias about 3.5x less accurate than XLA's own gradients
+  # (tests/test_attention_delta_model.py). out + out_lo holds O to 8 more bits than out at half
+  # the cost of an fp32 copy. The primal (inference) forward does not write it.
+  out, lse, out_lo = _forward_call(scale, True)(q, k, v, mask, bias)
   # Inside shard_map the FFI call's results carry no varying axes; each device computed its own.
-  out, lse = (vary_like(x, q, k, v, mask, bias) for x in (out, lse))
-  return out, (q, k, v, mask, bias, out, lse)
+  out, lse, out_lo = (vary_like(x, q, k, v, mask, bias) for x in (out, lse, out_lo))
+  return out, (q, k, v, mask, bias, out, out_lo, lse)
+
+
+def row_delta(dout, out, out_lo):
+  """delta = rowsum(dO * O) in fp32, O = out + out_lo, laid out [B, N, H, S] like the LSE."""
+  o = out.astype(jnp.float32) + out_lo.astype(jnp.float32)
+  return jnp.swapaxes(jnp.sum(dout.astype(jnp.float32) * o, axis=-1), -1, -2)
 
 
 def _attention_bwd(scale, residuals, dout):
-  q, k, v, mask, bias, out, lse = residuals
+  q, k, v, mask, bias, out, out_lo, lse = residuals
   dout = dout.astype(q.dtype)
-  # delta = rowsum(dO * O) in fp32, laid out [B, N, H, S] like the log-sum-exp.
-  delta = jnp.einsum("bnshd,bnshd->bnhs", dout.astype(jnp.float32), out.astype(jnp.float32))
+  delta = row_delta(dout, out, out_lo)
   dq, dk, dv, dbias = _backward_call(scale)(q, k, v, mask, bias, dout, lse, delta)
   # custom_vjp wants each cotangent typed like its primal, varying axes included (shard_map).
   dq, dk, dv, dbias = (vary_like(g, x) for g, x in ((dq, q), (dk, k), (dv, v), (dbias, bias)))
