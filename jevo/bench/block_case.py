@@ -7,7 +7,6 @@ from __future__ import annotations
 
 def make_block(case, implementation: str):
   """(block, (m, z, msa_mask, pair_mask)) for a BlockCase, in bf16 with fp32 parameters."""
-  import jax
   import jax.numpy as jnp
   from flax import nnx
   from jevo.nn import EvoformerBlock, ExtraMSABlock
@@ -15,9 +14,9 @@ def make_block(case, implementation: str):
   cls = ExtraMSABlock if case.extra_msa else EvoformerBlock
   block = cls(dtype=jnp.bfloat16, implementation=implementation, rngs=nnx.Rngs(0),
               **case.block_kwargs)
-  keys = jax.random.split(jax.random.key(1), 2)
-  m = jax.random.normal(keys[0], (case.n_seq, case.n_res, block.c_m), jnp.bfloat16)
-  z = jax.random.normal(keys[1], (case.n_res, case.n_res, block.c_z), jnp.bfloat16)
+  from jevo.bench.implementations import host_normal
+  m = host_normal(1, (case.n_seq, case.n_res, block.c_m), jnp.bfloat16)
+  z = host_normal(2, (case.n_res, case.n_res, block.c_z), jnp.bfloat16)
   masks = (jnp.ones((case.n_seq, case.n_res), bool), jnp.ones((case.n_res, case.n_res), bool))
   return block, (m, z) + masks
 

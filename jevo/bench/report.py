@@ -29,7 +29,10 @@ def _row_cells(r: dict) -> list[str]:
     return [r["status"]] + [""] * 6
   xla_temp = _gib(r.get("xla", {}).get("temp_size"))
   speedup = r.get("speedup_vs_best_other")
-  return [f"{r['ms']:.3f}", _num(r.get("tflops"), ".3g"), _num(_gib(r.get("peak_bytes")), ".3f"),
+  peak = _num(_gib(r.get("peak_bytes")), ".3f")
+  if r.get("peak_is_upper_bound"):
+    peak = "<= " + peak  # the process's running peak was already this high before the call
+  return [f"{r['ms']:.3f}", _num(r.get("tflops"), ".3g"), peak,
           _num(r.get("x_floor"), ".2f"), "-" if speedup is None else f"{speedup:.2f}x",
           _num(xla_temp, ".3f"), f"{r['compile_s']:.1f}"]
 
@@ -146,8 +149,10 @@ def header_text(results: dict) -> str:
           "queued back to back, after 2 warm-up calls; bf16 inputs, random (10% of keys "
           "masked). Each (case, implementation) ran in a fresh process. Peak = the allocator's "
           "peak above the bytes in use before the call (inputs and the output's cotangent "
-          "count as inputs; the output and every temporary count); forward+backward's peak is "
-          "at least the forward's (same process). CPUs have no allocator statistics: see XLA's "
+          "count as inputs; the output and every temporary count). Inputs are made on the host, "
+          "so that no generator temporaries stay in the allocator's running peak; '<=' marks a "
+          "peak already reached before the call (forward+backward runs after the forward, in "
+          "the same process), so an upper bound. CPUs have no allocator statistics: see XLA's "
           "temp bytes. 'vs best other' = the best other implementation's time / this one's "
           "(above 1: this one is faster). TFLOP/s counts 4*B*N*H*S*S*D FLOPs forward, 3.5x "
           f"that forward+backward.\n\n{floor_line}")
