@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
-from jevo.nn.layer_norm import LayerNorm, layer_norm
-from jevo.nn.transition import relu
+from jevo.nn.layer_norm import LayerNorm
+from jevo.ops.activation import relu
+from jevo.ops.layer_norm import layer_norm
 
 
 def _pair(c, dtype, seed=0):

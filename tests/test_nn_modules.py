@@ -12,7 +12,7 @@ from flax import nnx
 
 import jevo
 import jevo.nn.attention as nn_attention
-from jevo.nn import _common as c
+from jevo.nn import linear
 import nn_reference as ref
 from nn_reference import full_precision_matmuls  # noqa: F401  (autouse fixture)
 from jevo.nn import (EvoformerBlock, MSAColumnAttention, MSAColumnGlobalAttention,
@@ -133,12 +133,11 @@ class _OpSpy:
   def __init__(self):
     self.calls = []
 
-  def __call__(self, q, k, v, *, mask=None, bias=None, scale=None, implementation=None,
-               deterministic=False):
+  def __call__(self, q, k, v, *, mask=None, bias=None, scale=None, implementation=None):
     self.calls.append(dict(q=q.shape, k=k.shape, v=v.shape,
                            mask=None if mask is None else (mask.shape, mask.dtype),
                            bias=None if bias is None else bias.shape,
-                           implementation=implementation, deterministic=deterministic))
+                           implementation=implementation))
     return v
 
 
@@ -146,7 +145,7 @@ def test_attention_modules_call_the_op_in_its_layout(monkeypatch):
   spy = _OpSpy()
   monkeypatch.setattr(nn_attention, "evoformer_attention", spy)
   block = EvoformerBlock(S.c_m, S.c_z, **S.block_kwargs(), implementation="xla_chunked",
-                         deterministic_grads=True, rngs=nnx.Rngs(0))
+                         rngs=nnx.Rngs(0))
   m, z, mm, pm = ref.random_inputs(np.random.default_rng(), N_SEQ, N_RES, S.c_m, S.c_z)
   block.eval()
 
@@ -159,16 +158,16 @@ def test_attention_modules_call_the_op_in_its_layout(monkeypatch):
       # MSA row: N = sequences, S = residues, pair bias shared over sequences.
       dict(q=(N_SEQ, N_RES, h_m, d_m), k=(N_SEQ, N_RES, h_m, d_m), v=(N_SEQ, N_RES, h_m, d_m),
            mask=((N_SEQ, 1, 1, N_RES), jnp.bool_), bias=(1, h_m, N_RES, N_RES),
-           implementation="xla_chunked", deterministic=True),
+           implementation="xla_chunked"),
       # MSA column: the transposed MSA, mask only.
       dict(q=(N_RES, N_SEQ, h_m, d_m), k=(N_RES, N_SEQ, h_m, d_m), v=(N_RES, N_SEQ, h_m, d_m),
            mask=((N_RES, 1, 1, N_SEQ), jnp.bool_), bias=None,
-           implementation="xla_chunked", deterministic=True),
+           implementation="xla_chunked"),
   ] + [
       # Triangle starting / ending node: rows of the (transposed) pair, bias from the pair.
       dict(q=(N_RES, N_RES, h_z, d_z), k=(N_RES, N_RES, h_z, d_z), v=(N_RES, N_RES, h_z, d_z),
            mask=((N_RES, 1, 1, N_RES), jnp.bool_), bias=(1, h_z, N_RES, N_RES),
-           implementation="xla_chunked", deterministic=True)
+           implementation="xla_chunked")
   ] * 2
   # Outside the op nothing may be [N, H, S, S]: the only [.., H, S, S] arrays are the biases,
   # shared over N.
@@ -265,7 +264,7 @@ def test_project_equals_the_layers_applied_one_by_one(dtype):
     return sum(jnp.sum(w * jnp.sin(o.astype(jnp.float32)))
                for i, (w, o) in enumerate(zip(weights, outs)) if i != 1)
 
-  together = c.project(x, *layers)
+  together = linear.project(x, *layers)
   one_by_one = [layer(x) for layer in layers]
   # One wider product may sum in another order than three narrow ones: float32 rounding.
   value_tol = 1e-6 if dtype is None else 1e-2
@@ -274,7 +273,7 @@ def test_project_equals_the_layers_applied_one_by_one(dtype):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=value_tol, atol=value_tol)
   # Gradients for x and every kernel and bias, against nnx.Linear's own (autodiff) ones.
-  grad = nnx.grad(lambda layers, x: loss(c.project(x, *layers)), argnums=(0, 1))
+  grad = nnx.grad(lambda layers, x: loss(linear.project(x, *layers)), argnums=(0, 1))
   grad_ref = nnx.grad(lambda layers, x: loss([nnx.Linear.__call__(l, x) for l in layers]),
                       argnums=(0, 1))
   tol = 1e-5 if dtype is None else 2e-2
@@ -289,10 +288,10 @@ def test_project_equals_the_layers_applied_one_by_one(dtype):
 
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_linear_is_nnx_linear_with_the_same_gradients(use_bias):
-  """c.Linear (every module's layer) computes nnx.Linear's values and gradients, in float32 on
+  """linear.Linear (every module's layer) computes nnx.Linear's values and gradients, in float32 on
   leading batch dims, and has its parameters, so that parameter files load unchanged."""
   rngs = nnx.Rngs(3)
-  ours = c.linear(5, 7, use_bias=use_bias, bias_init=nnx.initializers.normal(1.0),
+  ours = linear.linear(5, 7, use_bias=use_bias, bias_init=nnx.initializers.normal(1.0),
                   dtype=None, param_dtype=jnp.float32, rngs=rngs)
   ref = nnx.Linear(5, 7, use_bias=use_bias, rngs=rngs)
   nnx.update(ref, nnx.state(ours))
@@ -312,7 +311,7 @@ def test_project_applies_differing_layers_one_by_one():
   rngs = nnx.Rngs(7)
   layers = [nnx.Linear(6, 3, rngs=rngs), nnx.Linear(6, 4, dtype=jnp.bfloat16, rngs=rngs)]
   x = jax.random.normal(jax.random.key(8), (2, 6))
-  outs = c.project(x, *layers)
+  outs = linear.project(x, *layers)
   assert [o.dtype for o in outs] == [jnp.float32, jnp.bfloat16]
   np.testing.assert_array_equal(np.asarray(outs[1], np.float32),
                                 np.asarray(layers[1](x), np.float32))
@@ -323,7 +322,7 @@ def test_checkpoint_policies_see_the_linear_layer_as_one_call(capsys):
   dot_general's output, but not that of a jevo linear layer (one custom VJP); both gradients
   agree."""
   rngs = nnx.Rngs(0)
-  layer = c.linear(8, 16, dtype=None, param_dtype=jnp.float32, rngs=rngs)
+  layer = linear.linear(8, 16, dtype=None, param_dtype=jnp.float32, rngs=rngs)
   x = jax.random.normal(jax.random.key(1), (4, 8))
 
   def saved(fn):
@@ -343,7 +342,7 @@ def test_checkpoint_policies_save_linear_outputs_by_name(capsys):
   """Every linear layer's output is named LINEAR_OUTPUT_NAME, as EvoformerStack's docstring
   says, so a policy can keep it by name: one layer, and projections of one input together."""
   rngs = nnx.Rngs(0)
-  layers = [c.linear(8, n, dtype=None, param_dtype=jnp.float32, rngs=rngs) for n in (16, 3, 5)]
+  layers = [linear.linear(8, n, dtype=None, param_dtype=jnp.float32, rngs=rngs) for n in (16, 3, 5)]
   x = jax.random.normal(jax.random.key(1), (4, 8))
   by_name = jax.checkpoint_policies.save_only_these_names(jevo.nn.LINEAR_OUTPUT_NAME)
 
@@ -356,7 +355,7 @@ def test_checkpoint_policies_save_linear_outputs_by_name(capsys):
   one = lambda x: jnp.sum(jnp.tanh(layers[0](x)))
 
   def both(x):
-    a, b = c.project(x, layers[1], layers[2])
+    a, b = linear.project(x, layers[1], layers[2])
     return jnp.sum(jnp.tanh(a)) + jnp.sum(jnp.sin(b))
 
   assert saved(one, by_name) == ["f32[4,16]"]

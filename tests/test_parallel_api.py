@@ -125,7 +125,8 @@ def test_input_errors(stack, arrays):
     dap_evoformer_stack(stack, m, z[:4, :4], mesh=mesh)
   with pytest.raises(ValueError, match=r"m must have 16 channels"):
     dap_evoformer_stack(stack, m[..., :8], z, mesh=mesh)
-  with pytest.raises(ValueError, match=r"msa_mask must have shape \(3, 5\), got \(3, 4\)"):
+  with pytest.raises(ValueError,
+                     match=r"msa_mask must be broadcastable to \(3, 5\), got shape \(3, 4\)"):
     dap_evoformer_stack(stack, m, z, msa_mask[:, :4], pair_mask, mesh=mesh)
   with pytest.raises(ValueError, match="chunk_size must be None or a positive int, got 0"):
     dap_evoformer_stack(stack, m, z, mesh=mesh, chunk_size=0)

@@ -8,13 +8,17 @@ Example:
   ...                        c_hidden_pair_att=8, c_hidden_opm=4, c_hidden_mul=8,
   ...                        rngs=nnx.Rngs(0))
   >>> m, z = stack(jnp.ones((3, 5, 32)), jnp.ones((5, 5, 16)))
+
+The fused ops the modules use (dense, layer norm, relu) are in `jevo.ops` and need no flax;
+`jevo.nn.policies` names the `jax.checkpoint` policies a stack's `remat` can take.
 """
 
-from jevo.nn._common import LINEAR_OUTPUT_NAME
+from jevo.nn import policies
 from jevo.nn.attention import GatedAttention, MSAColumnAttention, MSARowAttentionWithPairBias
 from jevo.nn.block import EvoformerBlock, ExtraMSABlock
 from jevo.nn.global_attention import MSAColumnGlobalAttention
 from jevo.nn.outer_product_mean import OuterProductMean
+from jevo.nn.policies import LINEAR_OUTPUT_NAME
 from jevo.nn.stack import OFFLOAD_COMPILER_OPTIONS, EvoformerStack, ExtraMSAStack
 from jevo.nn.transition import Transition
 from jevo.nn.triangle_attention import TriangleAttention
@@ -35,4 +39,5 @@ __all__ = [
     "Transition",
     "TriangleAttention",
     "TriangleMultiplication",
+    "policies",
 ]

@@ -12,6 +12,7 @@ from flax import nnx
 
 from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
+from jevo.nn.linear import linear
 from jevo.ops.attention import evoformer_attention
 
 
@@ -29,7 +30,7 @@ class GatedAttention(nnx.Module):
   """
 
   def __init__(self, c_in: int, num_heads: int, head_dim: int, *,
-               implementation: str | None = None, deterministic_grads: bool = False,
+               implementation: str | None = None,
                kernel_init: c.Initializer = c.glorot_init,
                output_kernel_init: c.Initializer = c.final_init,
                gate_kernel_init: c.Initializer = c.final_init,
@@ -38,15 +39,14 @@ class GatedAttention(nnx.Module):
       c.check_positive(name, value)
     self.c_in, self.num_heads, self.head_dim = c_in, num_heads, head_dim
     self.implementation = implementation
-    self.deterministic_grads = deterministic_grads
     hd = num_heads * head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.query = c.linear(c_in, hd, use_bias=False, kernel_init=kernel_init, **kw)
-    self.key = c.linear(c_in, hd, use_bias=False, kernel_init=kernel_init, **kw)
-    self.value = c.linear(c_in, hd, use_bias=False, kernel_init=kernel_init, **kw)
-    self.gate = c.linear(c_in, hd, kernel_init=gate_kernel_init, bias_init=nnx.initializers.ones,
+    self.query = linear(c_in, hd, use_bias=False, kernel_init=kernel_init, **kw)
+    self.key = linear(c_in, hd, use_bias=False, kernel_init=kernel_init, **kw)
+    self.value = linear(c_in, hd, use_bias=False, kernel_init=kernel_init, **kw)
+    self.gate = linear(c_in, hd, kernel_init=gate_kernel_init, bias_init=nnx.initializers.ones,
                          **kw)
-    self.output = c.linear(hd, c_in, kernel_init=output_kernel_init, **kw)
+    self.output = linear(hd, c_in, kernel_init=output_kernel_init, **kw)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                bias: jax.Array | None = None) -> jax.Array:
@@ -59,10 +59,9 @@ class GatedAttention(nnx.Module):
       mask = mask[..., None, None, :]  # [*B, N, 1, 1, S]: one key mask per attention row
     if bias is not None:
       bias = bias.astype(q.dtype)
-    o = evoformer_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation,
-                            deterministic=self.deterministic_grads)
+    o = evoformer_attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
     o = o * jax.nn.sigmoid(self.gate(x)).reshape(heads).astype(o.dtype)
-    return self.output(o.reshape(x.shape[:-1] + (-1,)))
+    return self.output(o.reshape(x.shape[:-1] + (self.num_heads * self.head_dim,)))
 
 
 def pair_to_bias(z_normed: jax.Array, projection: nnx.Linear) -> jax.Array:
@@ -88,7 +87,7 @@ class MSARowAttentionWithPairBias(nnx.Module):
   """
 
   def __init__(self, c_m: int = 256, c_z: int = 128, *, num_heads: int = 8, head_dim: int = 32,
-               implementation: str | None = None, deterministic_grads: bool = False,
+               implementation: str | None = None,
                kernel_init: c.Initializer = c.glorot_init,
                output_kernel_init: c.Initializer = c.final_init,
                layer_norm_eps: float = c.LAYER_NORM_EPS,
@@ -99,10 +98,9 @@ class MSARowAttentionWithPairBias(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query_norm = c.layer_norm(c_m, eps=layer_norm_eps, **kw)
     self.pair_norm = c.layer_norm(c_z, eps=layer_norm_eps, **kw)
-    self.pair_bias = c.linear(c_z, num_heads, use_bias=False, kernel_init=c.pair_bias_init(c_z),
+    self.pair_bias = linear(c_z, num_heads, use_bias=False, kernel_init=c.pair_bias_init(c_z),
                               **kw)
     self.attention = GatedAttention(c_m, num_heads, head_dim, implementation=implementation,
-                                    deterministic_grads=deterministic_grads,
                                     kernel_init=kernel_init,
                                     output_kernel_init=output_kernel_init, **kw)
 
@@ -134,7 +132,7 @@ class MSAColumnAttention(nnx.Module):
   """
 
   def __init__(self, c_m: int = 256, *, num_heads: int = 8, head_dim: int = 32,
-               implementation: str | None = None, deterministic_grads: bool = False,
+               implementation: str | None = None,
                kernel_init: c.Initializer = c.glorot_init,
                output_kernel_init: c.Initializer = c.final_init,
                layer_norm_eps: float = c.LAYER_NORM_EPS,
@@ -144,7 +142,6 @@ class MSAColumnAttention(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query_norm = c.layer_norm(c_m, eps=layer_norm_eps, **kw)
     self.attention = GatedAttention(c_m, num_heads, head_dim, implementation=implementation,
-                                    deterministic_grads=deterministic_grads,
                                     kernel_init=kernel_init,
                                     output_kernel_init=output_kernel_init, **kw)
 

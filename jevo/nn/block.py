@@ -8,37 +8,23 @@ from flax import nnx
 
 from jevo.nn import _common as c
 from jevo.nn.attention import MSAColumnAttention, MSARowAttentionWithPairBias
+from jevo.nn.dropout import RngsLike, dropout_keys
 from jevo.nn.global_attention import MSAColumnGlobalAttention
 from jevo.nn.outer_product_mean import OuterProductMean
 from jevo.nn.transition import Transition
 from jevo.nn.triangle_attention import TriangleAttention
 from jevo.nn.triangle_multiplication import TriangleMultiplication
 
-RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
-
 # Dropout layers drawn per block call: MSA row attention, 2 triangle multiplications,
 # 2 triangle attentions.
 NUM_DROPOUT_KEYS = 5
-
-
-def dropout_keys(rngs: RngsLike, n: int) -> list[jax.Array | None]:
-  """`n` independent keys from a call-time `rngs` (Rngs, RngStream or key), or `n` Nones."""
-  if rngs is None:
-    return [None] * n
-  if isinstance(rngs, nnx.Rngs):
-    key = rngs.dropout()
-  elif isinstance(rngs, nnx.RngStream):
-    key = rngs()
-  else:
-    key = rngs
-  return list(jax.random.split(key, n))
 
 
 class EvoformerBlock(nnx.Module):
   """MSA row/column attention, MSA transition, outer product mean, triangle updates, pair transition.
 
   `__call__(m, z, msa_mask, pair_mask)` returns the updated `(m, z)`: m `[*B, N_seq, N_res, c_m]`,
-  z `[*B, N_res, N_res, c_z]`, masks `[*B, N_seq, N_res]` and `[*B, N_res, N_res]` (1 = valid).
+  z `[*B, N_res, N_res, c_z]`, masks broadcastable to `[*B, N_seq, N_res]` and `[*B, N_res, N_res]` (1 = valid).
   Dropout is shared along rows (MSA row attention: rate `msa_dropout`; triangle multiplications
   and starting-node attention: `pair_dropout`) or along columns (ending-node attention). It
   draws from the `rngs` given at construction, or from a call-time `rngs`; `.eval()` turns it
@@ -57,7 +43,7 @@ class EvoformerBlock(nnx.Module):
                c_hidden_msa_att: int = 32, num_heads_pair: int = 4, c_hidden_pair_att: int = 32,
                c_hidden_opm: int = 32, c_hidden_mul: int = 128, transition_n: int = 4,
                msa_dropout: float = 0.15, pair_dropout: float = 0.25,
-               implementation: str | None = None, deterministic_grads: bool = False,
+               implementation: str | None = None,
                output_kernel_init: c.Initializer = c.final_init,
                layer_norm_eps: float = c.LAYER_NORM_EPS,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -67,7 +53,7 @@ class EvoformerBlock(nnx.Module):
     self.c_m, self.c_z = c_m, c_z
     kw = dict(output_kernel_init=output_kernel_init, layer_norm_eps=layer_norm_eps, dtype=dtype,
               param_dtype=param_dtype, rngs=rngs)
-    op = dict(implementation=implementation, deterministic_grads=deterministic_grads)
+    op = dict(implementation=implementation)
     self.msa_row_attention = MSARowAttentionWithPairBias(
         c_m, c_z, num_heads=num_heads_msa, head_dim=c_hidden_msa_att, **op, **kw)
     if self._global_column_attention:
@@ -94,7 +80,8 @@ class EvoformerBlock(nnx.Module):
   def __call__(self, m: jax.Array, z: jax.Array, msa_mask: jax.Array | None = None,
                pair_mask: jax.Array | None = None, *, rngs: RngsLike = None,
                chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
-    check_block_inputs(m, z, msa_mask, pair_mask, self.c_m, self.c_z)
+    msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, self.c_m, self.c_z)
+    c.check_chunk_size(chunk_size)
     cs = dict(chunk_size=chunk_size)
     k = dropout_keys(rngs, NUM_DROPOUT_KEYS)
 
@@ -148,8 +135,11 @@ class ExtraMSABlock(EvoformerBlock):
                      **kwargs)
 
 
-def check_block_inputs(m, z, msa_mask, pair_mask, c_m: int, c_z: int) -> None:
-  """Raises ValueError unless m, z and the masks fit one another and the block's sizes."""
+def check_block_inputs(m, z, msa_mask, pair_mask, c_m: int, c_z: int
+                       ) -> tuple[jax.Array | None, jax.Array | None]:
+  """Checks that m, z and the masks fit one another and the block's sizes (ValueError or
+  TypeError naming the argument); returns the masks as bool arrays broadcast to
+  `[*B, N_seq, N_res]` and `[*B, N_res, N_res]` (1 / True = valid; None stays None)."""
   c.check_input("m", m, 3, c_m, "[*B, N_seq, N_res, c_m]")
   c.check_input("z", z, 3, c_z, "[*B, N_res, N_res, c_z]")
   n_res = m.shape[-2]
@@ -157,7 +147,6 @@ def check_block_inputs(m, z, msa_mask, pair_mask, c_m: int, c_z: int) -> None:
   if z.shape != expected_z:
     raise ValueError(f"z must have shape [*B, N_res, N_res, c_z] = {expected_z} for m of shape "
                      f"{m.shape}, got {z.shape}")
-  for name, mask, shape in (("msa_mask", msa_mask, m.shape[:-1]),
-                            ("pair_mask", pair_mask, z.shape[:-1])):
-    if mask is not None and jnp.shape(mask) != shape:
-      raise ValueError(f"{name} must have shape {shape}, got {jnp.shape(mask)}")
+  msa_mask = None if msa_mask is None else c.check_mask("msa_mask", msa_mask, m.shape[:-1])
+  pair_mask = None if pair_mask is None else c.check_mask("pair_mask", pair_mask, z.shape[:-1])
+  return msa_mask, pair_mask

@@ -13,6 +13,7 @@ from flax import nnx
 
 from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
+from jevo.nn.linear import linear
 
 
 class MSAColumnGlobalAttention(nnx.Module):
@@ -39,12 +40,12 @@ class MSAColumnGlobalAttention(nnx.Module):
     hd = num_heads * head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query_norm = c.layer_norm(c_m, eps=layer_norm_eps, **kw)
-    self.query = c.linear(c_m, hd, use_bias=False, kernel_init=kernel_init, **kw)
-    self.key = c.linear(c_m, head_dim, use_bias=False, kernel_init=kernel_init, **kw)
-    self.value = c.linear(c_m, head_dim, use_bias=False, kernel_init=kernel_init, **kw)
-    self.gate = c.linear(c_m, hd, kernel_init=gate_kernel_init, bias_init=nnx.initializers.ones,
+    self.query = linear(c_m, hd, use_bias=False, kernel_init=kernel_init, **kw)
+    self.key = linear(c_m, head_dim, use_bias=False, kernel_init=kernel_init, **kw)
+    self.value = linear(c_m, head_dim, use_bias=False, kernel_init=kernel_init, **kw)
+    self.gate = linear(c_m, hd, kernel_init=gate_kernel_init, bias_init=nnx.initializers.ones,
                          **kw)
-    self.output = c.linear(hd, c_m, kernel_init=output_kernel_init, **kw)
+    self.output = linear(hd, c_m, kernel_init=output_kernel_init, **kw)
 
   def __call__(self, m: jax.Array, msa_mask: jax.Array | None = None, *,
                chunk_size: int | None = None) -> jax.Array:
@@ -68,11 +69,12 @@ class MSAColumnGlobalAttention(nnx.Module):
     logits = logits * self.head_dim ** -0.5
     valid = mask[..., None, :]
     logits = jnp.where(valid, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    # initial: an extra MSA with no sequences has nothing to take the maximum of.
+    row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # fully masked column
     p = jnp.where(valid, jnp.exp(logits - row_max), 0.0)
     p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     avg = jnp.einsum("...hs,...sd->...hd", p, v.astype(jnp.float32)).astype(v.dtype)
     gate = jax.nn.sigmoid(self.gate(x)).reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
     o = avg[..., None, :, :] * gate.astype(avg.dtype)  # [*B, R, S, H, D]
-    return self.output(o.reshape(x.shape[:-1] + (-1,)))
+    return self.output(o.reshape(x.shape[:-1] + (self.num_heads * self.head_dim,)))

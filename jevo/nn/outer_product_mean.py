@@ -8,6 +8,7 @@ from flax import nnx
 
 from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
+from jevo.nn.linear import linear, project
 
 # Added to the per-pair count of valid sequence pairs before dividing (AlphaFold's epsilon).
 NORM_EPS = 1e-3
@@ -35,9 +36,9 @@ class OuterProductMean(nnx.Module):
     self.c_m, self.c_z, self.c_hidden = c_m, c_z, c_hidden
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.layer_norm = c.layer_norm(c_m, eps=layer_norm_eps, **kw)
-    self.left_projection = c.linear(c_m, c_hidden, kernel_init=kernel_init, **kw)
-    self.right_projection = c.linear(c_m, c_hidden, kernel_init=kernel_init, **kw)
-    self.output = c.linear(c_hidden * c_hidden, c_z, kernel_init=output_kernel_init, **kw)
+    self.left_projection = linear(c_m, c_hidden, kernel_init=kernel_init, **kw)
+    self.right_projection = linear(c_m, c_hidden, kernel_init=kernel_init, **kw)
+    self.output = linear(c_hidden * c_hidden, c_z, kernel_init=output_kernel_init, **kw)
 
   def __call__(self, m: jax.Array, msa_mask: jax.Array | None = None, *,
                chunk_size: int | None = None) -> jax.Array:
@@ -45,13 +46,14 @@ class OuterProductMean(nnx.Module):
     c.check_chunk_size(chunk_size)
     mask = c.check_mask("msa_mask", msa_mask, m.shape[:-1])[..., None]
     x = self.layer_norm(m)
-    a, b = c.project(x, self.left_projection, self.right_projection)
+    a, b = project(x, self.left_projection, self.right_projection)
     a, b = mask.astype(x.dtype) * a, mask.astype(x.dtype) * b
 
     def rows(a_i):
       # [*B, S, i, c] x [*B, S, j, d] -> [*B, i, j, c*d]; only `chunk_size` rows i at a time.
       outer = jnp.einsum("...sic,...sjd->...ijcd", a_i, b)
-      return self.output(outer.reshape(outer.shape[:-2] + (-1,)))
+      # The channel count spelt out: a reshape cannot infer it (-1) from an empty array.
+      return self.output(outer.reshape(outer.shape[:-2] + (self.c_hidden * self.c_hidden,)))
 
     out = chunked(rows, (a,), (-2,), out_axis=-3, chunk_size=chunk_size)
     maskf = mask.astype(jnp.float32)

@@ -15,8 +15,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jevo.nn import _common as c
-from jevo.nn.block import EvoformerBlock, ExtraMSABlock, RngsLike, check_block_inputs
+from jevo.nn import policies
+from jevo.nn.block import EvoformerBlock, ExtraMSABlock, check_block_inputs
+from jevo.nn.dropout import RngsLike, draws_from_own_streams, one_key
 from jevo.nn.offload import offloaded_scan
+from jevo.nn.policies import BLOCK_INPUT_NAMES
 
 RematLike = str | Callable | None
 
@@ -30,20 +33,6 @@ REMAT_CHOICES = ("none", "block", "offload")
 OFFLOAD_COMPILER_OPTIONS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"}
 
-# Names of each block's inputs inside the scanned body, for jax.checkpoint policies.
-BLOCK_INPUT_NAMES = ("jevo_block_input_m", "jevo_block_input_z")
-
-
-def offload_block_inputs_policy():
-  """remat="offload" as a checkpoint policy, which DAP's stacks use: each block's inputs (m, z)
-  go to pinned host memory during the forward pass and come back when the block's
-  recomputation starts; nothing else is kept. The one-device stacks use `offloaded_scan`
-  instead, which fetches them one block ahead."""
-  return jax.checkpoint_policies.save_and_offload_only_these_names(
-      names_which_can_be_saved=[], names_which_can_be_offloaded=list(BLOCK_INPUT_NAMES),
-      offload_src="device", offload_dst="pinned_host")
-
-
 def checkpointed_block(one_block: Callable, remat: RematLike) -> Callable:
   """`one_block(m, z, *rest)` with m and z named `BLOCK_INPUT_NAMES` and wrapped as `remat`
   asks; the scans of the stacks apply their blocks through this (on one device, all but
@@ -56,24 +45,15 @@ def checkpointed_block(one_block: Callable, remat: RematLike) -> Callable:
     return named
   if remat == "block":
     return jax.checkpoint(named, prevent_cse=False)
-  policy = offload_block_inputs_policy() if remat == "offload" else remat
+  policy = policies.offload_block_inputs if remat == "offload" else remat
   return jax.checkpoint(named, policy=policy, prevent_cse=False)
-
-
-def one_key(rngs: RngsLike) -> jax.Array:
-  """One key from a call-time `rngs` (Rngs, RngStream or key), to be split per block."""
-  if isinstance(rngs, nnx.Rngs):
-    return rngs.dropout()
-  if isinstance(rngs, nnx.RngStream):
-    return rngs()
-  return rngs
 
 
 def _check_remat(remat: RematLike) -> RematLike:
   if remat is None or remat in REMAT_CHOICES or (callable(remat) and not isinstance(remat, str)):
     return "none" if remat is None else remat
   raise ValueError(f"remat must be one of {REMAT_CHOICES}, None or a jax.checkpoint policy "
-                   f"(e.g. jax.checkpoint_policies.dots_saveable), got {remat!r}")
+                   f"(e.g. jevo.nn.policies.save_linear_outputs), got {remat!r}")
 
 
 class _Stack(nnx.Module):
@@ -97,7 +77,7 @@ class _Stack(nnx.Module):
   def __call__(self, m: jax.Array, z: jax.Array, msa_mask: jax.Array | None = None,
                pair_mask: jax.Array | None = None, *, rngs: RngsLike = None,
                chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
-    check_block_inputs(m, z, msa_mask, pair_mask, self.c_m, self.c_z)
+    msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, self.c_m, self.c_z)
     c.check_chunk_size(chunk_size)
     graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
     keys = None
@@ -125,15 +105,9 @@ class _Stack(nnx.Module):
     else:
       body = scan_body(checkpointed_block(one_block, self.remat))
       (m, z), new_rest = jax.lax.scan(lambda c, x: body(c, x, masks), (m, z), xs)
-    if keys is None and self._draws_from_stored_streams():
+    if keys is None and draws_from_own_streams(self.blocks):
       nnx.update(self.blocks, new_rest)
     return m, z
-
-  def _draws_from_stored_streams(self) -> bool:
-    # As nnx.Dropout itself: stored RNG state changes only when dropout is on and no call-time
-    # rngs is given, so a frozen (e.g. closed-over) state is never written to otherwise.
-    return any(isinstance(node, nnx.Dropout) and not node.deterministic and node.rate > 0
-               for _, node in nnx.iter_graph(self.blocks))
 
 
 class EvoformerStack(_Stack):
@@ -146,18 +120,12 @@ class EvoformerStack(_Stack):
   compile the step with `compiler_options=OFFLOAD_COMPILER_OPTIONS` to keep those copies out
   of XLA's command buffers; a jitted step then returns arrays typed with memory kind "device",
   so put its first inputs there too, as `examples/train_step.py` does, or its second call
-  compiles again) or a
-  `jax.checkpoint` policy such as `jax.checkpoint_policies.dots_saveable` (the block inputs are
-  named `BLOCK_INPUT_NAMES` for policies that save or offload by name). The modules' linear
-  layers compute their products inside a custom VJP (`jevo.nn._common.dense`), which a policy
-  sees as one call, not as a `dot_general`: `dots_saveable` keeps only the other products
-  (such as the triangle multiplications' and the outer product mean's contractions). Their
-  outputs are named `jevo.nn.LINEAR_OUTPUT_NAME`, so
-  `jax.checkpoint_policies.save_from_both_policies(dots_saveable,
-  save_only_these_names(LINEAR_OUTPUT_NAME))` keeps every product.
+  compiles again) or a `jax.checkpoint` policy: one of `jevo.nn.policies`
+  (`save_linear_outputs`, `save_all_products`, ...), which name what they keep, or any other.
   Other keyword arguments (sizes, dropout, `implementation`, `dtype`, ...) go to
-  `EvoformerBlock`. Call arguments as for `EvoformerBlock`; a call-time `rngs` gives each block
-  its own dropout key.
+  `EvoformerBlock`. Call arguments as for `EvoformerBlock` (masks broadcastable to
+  `[*B, N_seq, N_res]` and `[*B, N_res, N_res]`); a call-time `rngs` gives each block its own
+  dropout key.
 
   Example:
     >>> stack = EvoformerStack(2, 32, 16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2,

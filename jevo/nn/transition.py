@@ -8,25 +8,8 @@ from flax import nnx
 
 from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
-
-
-@jax.custom_vjp
-def relu(x: jax.Array) -> jax.Array:
-  """max(x, 0), whose backward pass reads the mask from its output: the next layer keeps that
-  output anyway, so no separate [*, 4 c] boolean mask is kept for the backward pass."""
-  return jnp.maximum(x, 0)
-
-
-def _relu_fwd(x):
-  y = jnp.maximum(x, 0)
-  return y, y
-
-
-def _relu_bwd(y, g):
-  return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
-
-
-relu.defvjp(_relu_fwd, _relu_bwd)
+from jevo.nn.linear import linear
+from jevo.ops.activation import relu
 
 
 class Transition(nnx.Module):
@@ -51,8 +34,8 @@ class Transition(nnx.Module):
     self.c_in, self.factor = c_in, factor
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.layer_norm = c.layer_norm(c_in, eps=layer_norm_eps, **kw)
-    self.linear_1 = c.linear(c_in, factor * c_in, kernel_init=kernel_init, **kw)
-    self.linear_2 = c.linear(factor * c_in, c_in, kernel_init=output_kernel_init, **kw)
+    self.linear_1 = linear(c_in, factor * c_in, kernel_init=kernel_init, **kw)
+    self.linear_2 = linear(factor * c_in, c_in, kernel_init=output_kernel_init, **kw)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                chunk_size: int | None = None) -> jax.Array:

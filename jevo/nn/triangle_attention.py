@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jevo.nn import _common as c
+from jevo.nn.linear import linear
 from jevo.nn.attention import GatedAttention, pair_to_bias
 from jevo.nn.chunking import chunked
 
@@ -26,7 +27,6 @@ class TriangleAttention(nnx.Module):
 
   def __init__(self, c_z: int = 128, *, starting: bool = True, num_heads: int = 4,
                head_dim: int = 32, implementation: str | None = None,
-               deterministic_grads: bool = False,
                kernel_init: c.Initializer = c.glorot_init,
                output_kernel_init: c.Initializer = c.final_init,
                layer_norm_eps: float = c.LAYER_NORM_EPS,
@@ -35,10 +35,9 @@ class TriangleAttention(nnx.Module):
     self.c_z, self.starting = c_z, bool(starting)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query_norm = c.layer_norm(c_z, eps=layer_norm_eps, **kw)
-    self.pair_bias = c.linear(c_z, num_heads, use_bias=False, kernel_init=c.pair_bias_init(c_z),
+    self.pair_bias = linear(c_z, num_heads, use_bias=False, kernel_init=c.pair_bias_init(c_z),
                               **kw)
     self.attention = GatedAttention(c_z, num_heads, head_dim, implementation=implementation,
-                                    deterministic_grads=deterministic_grads,
                                     kernel_init=kernel_init,
                                     output_kernel_init=output_kernel_init, **kw)
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
+from jevo.nn.linear import linear, project
 
 
 class TriangleMultiplication(nnx.Module):
@@ -37,13 +38,13 @@ class TriangleMultiplication(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     gate = dict(kernel_init=gate_kernel_init, bias_init=nnx.initializers.ones, **kw)
     self.layer_norm_in = c.layer_norm(c_z, eps=layer_norm_eps, **kw)
-    self.left_projection = c.linear(c_z, c_hidden, kernel_init=kernel_init, **kw)
-    self.right_projection = c.linear(c_z, c_hidden, kernel_init=kernel_init, **kw)
-    self.left_gate = c.linear(c_z, c_hidden, **gate)
-    self.right_gate = c.linear(c_z, c_hidden, **gate)
+    self.left_projection = linear(c_z, c_hidden, kernel_init=kernel_init, **kw)
+    self.right_projection = linear(c_z, c_hidden, kernel_init=kernel_init, **kw)
+    self.left_gate = linear(c_z, c_hidden, **gate)
+    self.right_gate = linear(c_z, c_hidden, **gate)
     self.center_norm = c.layer_norm(c_hidden, eps=layer_norm_eps, **kw)
-    self.output_projection = c.linear(c_hidden, c_z, kernel_init=output_kernel_init, **kw)
-    self.output_gate = c.linear(c_z, c_z, **gate)
+    self.output_projection = linear(c_hidden, c_z, kernel_init=output_kernel_init, **kw)
+    self.output_gate = linear(c_z, c_z, **gate)
 
   def __call__(self, z: jax.Array, pair_mask: jax.Array | None = None, *,
                chunk_size: int | None = None) -> jax.Array:
@@ -83,7 +84,7 @@ class TriangleMultiplication(nnx.Module):
     """The masked, gated `left` and `right` of `x = LayerNorm(z)` and, if asked, the output
     gate's logits, from one matrix product (`mask` `[..., 1]`, 1 = valid)."""
     layers = [self.left_projection, self.left_gate, self.right_projection, self.right_gate]
-    outs = c.project(x, *layers, *([self.output_gate] if output_gate else []))
+    outs = project(x, *layers, *([self.output_gate] if output_gate else []))
     left, right = _masked_gated(mask, *outs[0:2]), _masked_gated(mask, *outs[2:4])
     return left, right, (outs[4] if output_gate else None)
 
@@ -100,7 +101,7 @@ class TriangleMultiplication(nnx.Module):
 
   @staticmethod
   def _gated(xs, ms, projection: nnx.Linear, gate: nnx.Linear) -> jax.Array:
-    return _masked_gated(ms, *c.project(xs, projection, gate))
+    return _masked_gated(ms, *project(xs, projection, gate))
 
 
 def _masked_gated(mask: jax.Array, projected: jax.Array, gate_logits: jax.Array) -> jax.Array:

@@ -23,19 +23,17 @@ attention.
 from __future__ import annotations
 
 import jax
-from flax import nnx
 
-from jevo.nn.block import (NUM_DROPOUT_KEYS, EvoformerBlock, ExtraMSABlock, check_block_inputs,
-                           dropout_keys)
+from jevo.nn import _common as c
+from jevo.nn.block import NUM_DROPOUT_KEYS, EvoformerBlock, ExtraMSABlock, check_block_inputs
+from jevo.nn.dropout import RngsLike, draws_from_own_streams, dropout_keys
 from jevo.parallel import mesh as mesh_lib
-from jevo.parallel.dropout import is_active, shared_dropout
+from jevo.parallel.dropout import shared_dropout
 from jevo.parallel.layout import COLUMNS, ROWS, DapAxis
 from jevo.parallel.msa import msa_row_attention, outer_product_mean
 from jevo.parallel.pair import triangle_attention, triangle_multiplication
 from jevo.parallel.sharded import Masks, Sizes, run_sharded
-from jevo.parallel.validation import check_chunk_size, check_module
-
-RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
+from jevo.parallel.validation import check_module
 
 
 def block_on_shard(block: EvoformerBlock, m: jax.Array, z: jax.Array, masks: Masks,
@@ -91,12 +89,6 @@ def block_on_shard(block: EvoformerBlock, m: jax.Array, z: jax.Array, masks: Mas
   return m, ax.to_rows(z)
 
 
-def draws_from_own_streams(module: nnx.Module) -> bool:
-  """Whether a call without dropout keys advances the module's stored dropout RNG streams."""
-  return any(isinstance(node, nnx.Dropout) and is_active(node)
-             for _, node in nnx.iter_graph(module))
-
-
 def dap_evoformer_block(block: EvoformerBlock, m: jax.Array, z: jax.Array,
                         msa_mask: jax.Array | None = None, pair_mask: jax.Array | None = None,
                         *, mesh: mesh_lib.MeshLike | None = None,
@@ -117,8 +109,8 @@ def dap_evoformer_block(block: EvoformerBlock, m: jax.Array, z: jax.Array,
     >>> m, z = jax.jit(lambda m, z: dap_evoformer_block(block, m, z, mesh=mesh))(m, z)
   """
   check_module("block", block, (EvoformerBlock, ExtraMSABlock))
-  check_block_inputs(m, z, msa_mask, pair_mask, block.c_m, block.c_z)
-  check_chunk_size(chunk_size)
+  msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, block.c_m, block.c_z)
+  c.check_chunk_size(chunk_size)
   keys = dropout_keys(rngs, NUM_DROPOUT_KEYS)
 
   def body(block, m, z, masks, keys, ax, sizes):

@@ -15,12 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jevo.nn.dropout import is_active
 from jevo.parallel.layout import DapAxis
-
-
-def is_active(dropout: nnx.Dropout) -> bool:
-  """Whether `dropout` would change its input (training mode, positive rate)."""
-  return not dropout.deterministic and dropout.rate > 0
 
 
 def shared_dropout(dropout: nnx.Dropout, update: jax.Array, key: jax.Array | None, *,

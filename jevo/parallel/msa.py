@@ -13,9 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jevo.nn import _common as c
 from jevo.nn.attention import MSARowAttentionWithPairBias, pair_to_bias
 from jevo.nn.chunking import chunked
+from jevo.nn.linear import project
 from jevo.nn.outer_product_mean import NORM_EPS, OuterProductMean
 from jevo.parallel.layout import DapAxis
 
@@ -45,13 +45,14 @@ def outer_product_mean(module: OuterProductMean, m_cols: jax.Array, mask_cols: j
   """
   mask_cols = mask_cols[..., None]
   x = module.layer_norm(m_cols)
-  a, b = c.project(x, module.left_projection, module.right_projection)
+  a, b = project(x, module.left_projection, module.right_projection)
   a = mask_cols.astype(x.dtype) * a
   b = ax.gather(mask_cols.astype(x.dtype) * b, axis=-2)
 
   def rows(a_i):
     outer = jnp.einsum("...sic,...sjd->...ijcd", a_i, b)
-    return module.output(outer.reshape(outer.shape[:-2] + (-1,)))
+    channels = module.c_hidden * module.c_hidden  # not -1: a reshape cannot infer it when empty
+    return module.output(outer.reshape(outer.shape[:-2] + (channels,)))
 
   out = chunked(rows, (a,), (-2,), out_axis=-3, chunk_size=chunk_size)
   count = jnp.einsum("...sic,...sjc->...ijc", mask_cols.astype(jnp.float32),

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jevo.nn._common import check_mask
 from jevo.parallel import mesh as mesh_lib
 from jevo.parallel.layout import DapAxis, pad_to, padded_size
 
@@ -52,12 +52,6 @@ ShardFn = Callable[[nnx.Module, jax.Array, jax.Array, Masks, Any, DapAxis, Sizes
                    tuple[jax.Array, jax.Array]]
 
 
-def _as_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
-  if mask is None:
-    return jnp.ones(shape, bool)
-  return jnp.asarray(mask) != 0
-
-
 def run_sharded(body: ShardFn, module: nnx.Module, m: jax.Array, z: jax.Array,
                 msa_mask: jax.Array | None, pair_mask: jax.Array | None, replicated: Any, *,
                 mesh: mesh_lib.MeshLike | None, axis: str,
@@ -71,8 +65,8 @@ def run_sharded(body: ShardFn, module: nnx.Module, m: jax.Array, z: jax.Array,
   mesh, n = mesh_lib.resolve_mesh(mesh, axis)
   sizes = Sizes(tuple(m.shape[:-3]), m.shape[-3], m.shape[-2])
   n_seq, n_res = padded_size(sizes.n_seq, n), padded_size(sizes.n_res, n)
-  msa_mask = pad_to(_as_mask(msa_mask, m.shape[:-1]), {-2: n_seq, -1: n_res})
-  pair_mask = pad_to(_as_mask(pair_mask, z.shape[:-1]), {-2: n_res, -1: n_res})
+  msa_mask = pad_to(check_mask("msa_mask", msa_mask, m.shape[:-1]), {-2: n_seq, -1: n_res})
+  pair_mask = pad_to(check_mask("pair_mask", pair_mask, z.shape[:-1]), {-2: n_res, -1: n_res})
   m = pad_to(m, {-3: n_seq, -2: n_res})
   z = pad_to(z, {-3: n_res, -2: n_res})
 

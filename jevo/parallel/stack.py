@@ -11,13 +11,15 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jevo.nn.block import NUM_DROPOUT_KEYS, check_block_inputs, dropout_keys
-from jevo.nn.stack import EvoformerStack, ExtraMSAStack, checkpointed_block, one_key
+from jevo.nn import _common as c
+from jevo.nn.block import NUM_DROPOUT_KEYS, check_block_inputs
+from jevo.nn.dropout import RngsLike, draws_from_own_streams, dropout_keys, one_key
+from jevo.nn.stack import EvoformerStack, ExtraMSAStack, checkpointed_block
 from jevo.parallel import mesh as mesh_lib
-from jevo.parallel.block import RngsLike, block_on_shard, draws_from_own_streams
+from jevo.parallel.block import block_on_shard
 from jevo.parallel.layout import DapAxis
 from jevo.parallel.sharded import Masks, Sizes, run_sharded
-from jevo.parallel.validation import check_chunk_size, check_module
+from jevo.parallel.validation import check_module
 
 StackLike = EvoformerStack | ExtraMSAStack
 
@@ -70,8 +72,8 @@ def dap_evoformer_stack(stack: StackLike, m: jax.Array, z: jax.Array,
     ...     stack, m, z, mm, pm, mesh=mesh, rngs=key))
   """
   check_module("stack", stack, (EvoformerStack, ExtraMSAStack))
-  check_block_inputs(m, z, msa_mask, pair_mask, stack.c_m, stack.c_z)
-  check_chunk_size(chunk_size)
+  msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, stack.c_m, stack.c_z)
+  c.check_chunk_size(chunk_size)
   keys = None if rngs is None else jax.random.split(one_key(rngs), stack.num_blocks)
 
   def body(stack, m, z, masks, keys, ax, sizes):
