@@ -21,6 +21,7 @@ from flax import nnx
 
 from jevo.nn import EvoformerStack
 from jevo.nn.alphafold_params import load_alphafold_params
+from jevo.ops import backends
 
 TINY = dict(blocks=2, n_seq=8, n_res=24, chunk_size=5, stack=dict(
     c_m=32, c_z=16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2, c_hidden_pair_att=8,
@@ -33,8 +34,8 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--alphafold", action="store_true",
                       help="AlphaFold's sizes: 48 blocks, c_m 256, c_z 128, N_seq 512, N_res 2048")
-  parser.add_argument("--implementation", choices=["auto", "cuda", "xla_chunked", "xla"],
-                      default="auto")
+  parser.add_argument("--implementation", choices=backends.NAMES,
+                      help="attention backend (default: the best that runs the inputs)")
   parser.add_argument("--blocks", type=int)
   parser.add_argument("--n-seq", type=int)
   parser.add_argument("--n-res", type=int)
@@ -52,8 +53,7 @@ def main(argv=None) -> dict:
   c_m, c_z = config["stack"]["c_m"], config["stack"]["c_z"]
 
   stack = EvoformerStack(blocks, **config["stack"], dtype=dtype, rngs=nnx.Rngs(0),
-                         implementation=None if args.implementation == "auto" else
-                         args.implementation)
+                         implementation=args.implementation)
   if args.params:
     load_alphafold_params(stack, args.params)
   stack.eval()
@@ -70,7 +70,8 @@ def main(argv=None) -> dict:
     return nnx.merge(graphdef, state)(m, z, msa_mask, pair_mask, chunk_size=chunk_size)
 
   print(f"{blocks} blocks, N_seq {n_seq}, N_res {n_res}, chunk_size {chunk_size}, "
-        f"{dtype.name}, attention {args.implementation}, on {jax.devices()[0].device_kind}")
+        f"{dtype.name}, attention {args.implementation or 'automatic'}, "
+        f"on {jax.devices()[0].device_kind}")
   start = time.perf_counter()
   jax.block_until_ready(forward(state, m, z))
   first = time.perf_counter() - start

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from jevo.nn import OFFLOAD_COMPILER_OPTIONS, EvoformerStack
+from jevo.ops import backends
 
 NUM_BINS = 64
 
@@ -86,8 +87,8 @@ def main(argv=None) -> list[float]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--alphafold", action="store_true",
                       help="AlphaFold's sizes: 48 blocks, c_m 256, c_z 128, N_seq 128, N_res 256")
-  parser.add_argument("--implementation", choices=["auto", "cuda", "xla_chunked", "xla"],
-                      default="auto", help="attention backend (auto: the best that applies)")
+  parser.add_argument("--implementation", choices=backends.NAMES,
+                      help="attention backend (default: the best that runs the inputs)")
   parser.add_argument("--blocks", type=int, help="override the number of blocks")
   parser.add_argument("--n-seq", type=int, help="override N_seq")
   parser.add_argument("--n-res", type=int, help="override N_res")
@@ -106,7 +107,7 @@ def main(argv=None) -> list[float]:
   dtype = jnp.dtype(args.dtype or ("bfloat16" if args.alphafold else "float32"))
   stack_kwargs = dict(config["stack"], dtype=dtype,
                       remat=args.remat or ("block" if args.alphafold else "none"),
-                      implementation=None if args.implementation == "auto" else args.implementation)
+                      implementation=args.implementation)
 
   key = jax.random.key(args.seed)
   model = DistogramModel(blocks, stack_kwargs=stack_kwargs, rngs=nnx.Rngs(args.seed))
@@ -124,7 +125,8 @@ def main(argv=None) -> list[float]:
                           stack_kwargs["c_z"], dtype)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"{blocks} blocks, N_seq {n_seq}, N_res {n_res}, {num_params / 1e6:.2f} M params, "
-        f"{dtype.name}, remat {stack_kwargs['remat']}, attention {args.implementation}, "
+        f"{dtype.name}, remat {stack_kwargs['remat']}, "
+        f"attention {args.implementation or 'automatic'}, "
         f"on {jax.devices()[0].device_kind}")
   losses = []
   for step in range(args.steps):

@@ -8,13 +8,12 @@ in seconds; on a GPU with the compiled kernels it runs them.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import jevo
+from jevo.bench.measure import median_ms
 from jevo.ops import resolve_implementation
 
 
@@ -25,16 +24,6 @@ def make_inputs(b, n, s, h, d, dtype, seed=0):
   mask = jax.random.bernoulli(km, 0.9, (b, n, 1, 1, s))
   bias = jax.random.normal(kb, (b, 1, h, s, s), dtype)
   return q, k, v, mask, bias
-
-
-def _median_ms(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
 
 
 def main(argv=None):
@@ -62,8 +51,10 @@ def main(argv=None):
 
   fwd = jax.jit(forward)
   fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
-  print(f"forward:          {_median_ms(fwd, q, k, v, mask, bias, repeats=args.repeats):9.2f} ms")
-  print(f"forward+backward: {_median_ms(fwd_bwd, q, k, v, bias, repeats=args.repeats):9.2f} ms")
+  for name, fn, fn_args in (("forward", fwd, (q, k, v, mask, bias)),
+                            ("forward+backward", fwd_bwd, (q, k, v, bias))):
+    ms = median_ms(fn, fn_args, args.repeats, warmup=1)["ms"]
+    print(f"{name + ':':17} {ms:9.2f} ms")
 
   out = fwd(q, k, v, mask, bias).astype(jnp.float32)
   ref = jax.jit(forward, static_argnames="implementation")(q, k, v, mask, bias,

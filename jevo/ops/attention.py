@@ -12,8 +12,12 @@ import numpy as np
 from jevo.ops.varying import match_varying_axes
 from jevo.ops import backends
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+SUPPORTED_DTYPES = tuple(jnp.dtype(t) for t in (jnp.bfloat16, jnp.float16, jnp.float32,
+                                                 jnp.float64))
 _LAYOUT = "[*B, N, S, H, D]"
+# What JAX raises when forward-mode autodiff meets a `custom_vjp` (the "cuda" and
+# "xla_chunked" backends): recognised to say instead which backend has forward mode.
+_JAX_FORWARD_MODE_ERROR = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
 
 
 def evoformer_attention(q, k, v, *, mask=None, bias=None, scale=None, implementation=None,
@@ -30,18 +34,28 @@ def evoformer_attention(q, k, v, *, mask=None, bias=None, scale=None, implementa
 
   Args:
     q, k, v: `[*B, N, S, H, D]` with any number of leading batch dims (including none), all of
-      one dtype: bfloat16, float16 or float32 (float32 runs on the XLA backends).
+      one dtype: bfloat16, float16, float32 or float64 (float32 and float64 run on the XLA
+      backends; float64 needs `jax.config.update("jax_enable_x64", True)`, and its softmax and
+      accumulation run in float64).
     mask: optional bool, broadcastable to `[*B, N, 1, 1, S]`; True = attend to that key. It gets
       no gradient. A query row whose keys are all masked gets output 0 (and gradient 0).
     bias: optional, broadcastable to `[*B, 1, H, S, S]`: an additive bias shared over N. It is
       cast to q.dtype before use (so a float32 bias with bfloat16 q is rounded to bfloat16, as
       it would be in a bfloat16 model) and is differentiable; its gradient is the sum over N,
       and over any axes it was broadcast along.
-    scale: the logit scale, a Python number; defaults to `D ** -0.5`.
+    scale: the logit scale, a finite Python number; defaults to `D ** -0.5`. Any finite scale
+      gives the softmax of the exact logits (the XLA backends carry logits divided by |scale|
+      when |scale| > 1, so that they cannot overflow).
     implementation: None (the best backend that supports the inputs: "cuda", else
       "xla_chunked"), or one of "cuda", "xla_chunked", "xla". A backend named explicitly that
-      cannot run the inputs raises ValueError saying why; nothing falls back silently.
-    deterministic: ask for bitwise-reproducible gradients (no float atomics).
+      cannot run the inputs raises ValueError saying why; nothing falls back silently. Only
+      "xla" has forward-mode derivatives (`jax.jvp`, `jax.jacfwd`, `jax.hessian`); the others
+      are `custom_vjp`s, with reverse mode only, and say so when forward mode meets them.
+    deterministic: require bitwise-reproducible results: the same inputs give the same output
+      and gradients, bit for bit, on every run of one compiled program on one device. Every
+      backend gives that already (the CUDA kernels and the chunked backward reduce in a fixed
+      order, without float atomics; nothing here scatters), so True never changes the
+      computation; it states the requirement, which a backend added later must meet or refuse.
 
   Returns:
     `[*B, N, S, H, D]` in q.dtype. Softmax and accumulation run in fp32.
@@ -56,9 +70,22 @@ def evoformer_attention(q, k, v, *, mask=None, bias=None, scale=None, implementa
     # Nothing to attend over or nothing to compute: zeros, with zero gradients.
     return jnp.zeros(call.out_shape, call.q.dtype)
   backend = backends.get(call.implementation)
-  out = backend.attention(call.q, call.k, call.v, call.mask, call.bias, scale=call.scale,
-                          deterministic=call.deterministic)
+  try:
+    out = backend.attention(call.q, call.k, call.v, call.mask, call.bias, scale=call.scale,
+                            deterministic=call.deterministic)
+  except TypeError as err:
+    if _JAX_FORWARD_MODE_ERROR not in str(err):
+      raise
+    raise TypeError(forward_mode_message(call.implementation)) from err
   return out.reshape(call.out_shape)
+
+
+def forward_mode_message(implementation: str) -> str:
+  """What evoformer_attention says when forward-mode autodiff meets a custom-VJP backend."""
+  return (f"evoformer_attention: implementation={implementation!r} has reverse-mode "
+          "derivatives only (jax.grad, jax.vjp, jax.jacrev); forward mode (jax.jvp, "
+          "jax.jacfwd, jax.hessian) needs implementation='xla', which materialises the "
+          "[*B, N, H, S, S] logits")
 
 
 def resolve_implementation(q, k, v, *, mask=None, bias=None, implementation=None) -> str:
@@ -190,7 +217,8 @@ def _check_bias(bias, batch, h, s):
 
 def _check_scale(scale, d):
   if scale is None:
-    return d ** -0.5
+    # With D = 0 the output is empty, whatever the scale.
+    return d ** -0.5 if d > 0 else 1.0
   if isinstance(scale, (bool, np.bool_)):
     raise TypeError(f"evoformer_attention: scale must be a number, got {scale!r}")
   try:

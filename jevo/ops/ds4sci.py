@@ -5,12 +5,16 @@ two additive biases, by position: `biases[0]` of shape `[B, N, 1, 1, S]` (OpenFo
 mask as `inf * (mask - 1)` with inf = 1e9, or 3e4 / 65504 in half precision) and `biases[1]` of
 shape `[B, 1, H, S, S]` (the pair or triangle bias).
 
-How jevo reads `biases[0]`: an entry <= `MASKED_AT_OR_BELOW` (-1e4) is a masked key. Such a key
-has softmax weight exp(-1e4) = 0 in every floating format as soon as one key of its row is not
-penalised as much, so treating it as masked changes nothing there, keeps -1e9 out of the logits
-(where it would overflow in fp16) and lets the fast kernels run with a boolean mask. The only
-difference from DeepSpeed is a row whose keys are all masked: DeepSpeed returns some average of
-V there, jevo returns 0 (OpenFold discards those rows).
+How jevo reads `biases[0]`: an entry <= `MASKED_AT_OR_BELOW` (-1e4), -inf included, is a masked
+key, and NaN is a key to attend to: `math.inf * (mask - 1)` (OpenFold's formula with a true
+infinity instead of its 1e9) is NaN where mask == 1 (inf * 0) and -inf where mask == 0. A
+boolean `biases[0]` is taken as a mask, True = attend (as `evoformer_attention`'s `mask`), not
+added as 1 / 0; an integer one is refused, since 0 / 1 could mean either. A key with an entry
+<= -1e4 has softmax weight exp(-1e4) = 0 in every floating format as soon as one key of its row
+is not penalised as much, so treating it as masked changes nothing there, keeps -1e9 out of the
+logits (where it would overflow in fp16) and lets the fast kernels run with a boolean mask. The
+only difference from DeepSpeed is a row whose keys are all masked: DeepSpeed returns some average
+of V there, jevo returns 0 (OpenFold discards those rows).
 
 Entries above the threshold are not dropped: where any of them is nonzero (a general additive
 bias rather than a mask), the call takes an exact path (`jax.lax.cond`, so only one path runs
@@ -34,10 +38,13 @@ def DS4Sci_EvoformerAttention(Q, K, V, biases):  # noqa: N802, N803 (DeepSpeed's
   """Attention as DeepSpeed's `DS4Sci_EvoformerAttention(Q, K, V, biases)` computes it.
 
   Args:
-    Q, K, V: `[B, N, S, H, D]`, bfloat16 or float16 (float32 also works, on the XLA backends).
+    Q, K, V: `[B, N, S, H, D]`, bfloat16 or float16 (float32 and float64 also work, on the XLA
+      backends).
     biases: a list or tuple of at most two entries, each an array or None: `[mask_bias]` or
       `[mask_bias, pair_bias]`, with mask_bias `[B, N, 1, 1, S]` and pair_bias
-      `[B, 1, H, S, S]`. The list is not modified.
+      `[B, 1, H, S, S]`. mask_bias is floating point (0 attends; <= -1e4 or -inf is masked;
+      NaN attends; other values are added to the logits) or bool (True = attend). The list is
+      not modified.
 
   Returns:
     `[B, N, S, H, D]` in Q's dtype.
@@ -59,11 +66,25 @@ def DS4Sci_EvoformerAttention(Q, K, V, biases):  # noqa: N802, N803 (DeepSpeed's
   if mask_bias is None:
     return evoformer_attention(Q, K, V, bias=pair_bias)
 
-  mask_bias = _without_gradient(jnp.asarray(mask_bias).astype(jnp.float32))
-  keep = mask_bias > MASKED_AT_OR_BELOW
-  residual = jnp.where(keep, mask_bias, 0.0)
+  mask_bias = jnp.asarray(mask_bias)
+  if mask_bias.dtype == jnp.bool_:
+    return evoformer_attention(Q, K, V, mask=mask_bias, bias=pair_bias)
+  if not jnp.issubdtype(mask_bias.dtype, jnp.floating):
+    raise TypeError("DS4Sci_EvoformerAttention: biases[0] (mask bias) must be floating point "
+                    "(0 = attend, -inf or <= -1e4 = masked) or bool (True = attend), got dtype "
+                    f"{mask_bias.dtype}; a 0 / 1 integer mask could mean either: pass "
+                    "mask.astype(bool) or 1e9 * (mask - 1.0)")
+  mask_bias = _without_gradient(mask_bias.astype(_compute_dtype(Q.dtype)))
+  # NaN is inf * 0, what inf * (mask - 1) gives where mask == 1: a key to attend to.
+  unknown = jnp.isnan(mask_bias)
+  keep = unknown | (mask_bias > MASKED_AT_OR_BELOW)
+  residual = jnp.where(keep & ~unknown, mask_bias, 0.0)
   return jax.lax.cond(jnp.any(residual != 0), _with_key_bias, _with_mask,
                       Q, K, V, keep, residual, pair_bias)
+
+
+def _compute_dtype(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _check_shape(name, x, expected):
@@ -82,12 +103,13 @@ def _with_key_bias(Q, K, V, keep, residual, pair_bias):
   """Exact path for a general mask bias: adds `residual[b, n, j]` to every logit of key j.
 
   A bias that depends on (b, n, key) is a rank-one term of the logits, so it rides along as one
-  more head-dim channel: q gets a constant 1, k gets residual / scale, v gets 0. Done in fp32 so
-  that the bias keeps its precision; the output is cast back to Q's dtype.
+  more head-dim channel: q gets a constant 1, k gets residual / scale, v gets 0. Done in fp32
+  (fp64 for fp64 inputs) so that the bias keeps its precision; the output is cast back to Q's
+  dtype.
   """
   d = Q.shape[-1]
   scale = d ** -0.5
-  f32 = jnp.float32
+  f32 = _compute_dtype(Q.dtype)
   ones = jnp.ones(Q.shape[:-1] + (1,), f32)
   key_term = jnp.broadcast_to((residual[:, :, 0, 0, :] / scale)[:, :, :, None, None],
                               K.shape[:-1] + (1,))

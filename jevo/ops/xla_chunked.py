@@ -9,8 +9,10 @@ FlashAttention-style:
     P = exp(S - lse),  delta = rowsum(dO * O),  dP = dO V^T,  dS = P * (dP - delta),
     dQ = scale dS K,   dK = scale dS^T Q,        dV = P^T dO,  dBias = sum_N dS
 
-with dK and dV accumulated in fp32 over chunks, and dBias produced one `[B, H, chunk, S]` block
-per chunk, so `[B, N, H, S, S]` is never materialised in either direction.
+with dK and dV accumulated in fp32 (fp64 for fp64 inputs) over chunks, and dBias produced one
+`[B, H, chunk, S]` block per chunk, so `[B, N, H, S, S]` is never materialised in either
+direction. Being a `custom_vjp`, it has reverse-mode derivatives only: forward mode (`jax.jvp`,
+`jax.jacfwd`, `jax.hessian`) needs `implementation="xla"`.
 
 The chunk size is chosen per call from the static shapes (see `choose_query_chunk`); set the
 module-level `QUERY_CHUNK_SIZE` (or pass `query_chunk_size=` to `attention`) to fix it;
@@ -25,8 +27,6 @@ import jax
 import jax.numpy as jnp
 
 from jevo.ops import xla_common
-
-F32 = jnp.float32
 
 # A fixed query chunk size for every call, or None to choose it from the shapes.
 QUERY_CHUNK_SIZE: int | None = None
@@ -82,9 +82,12 @@ def attention(q, k, v, mask, bias, *, scale, deterministic, query_chunk_size=Non
 
 
 def _precision(dtype):
-  # fp32 inputs get fp32 matmuls (not TF32 / bf16 passes); bf16 and fp16 products are exact in
-  # the fp32 accumulator at the default precision, and the output is rounded to 8-11 bits anyway.
-  return jax.lax.Precision.HIGHEST if dtype == F32 else jax.lax.Precision.DEFAULT
+  # fp32 (and fp64) inputs get full-precision matmuls (not TF32 / bf16 passes); bf16 and fp16
+  # products are exact in the fp32 accumulator at the default precision, and the output is
+  # rounded to 8-11 bits anyway.
+  if dtype in (jnp.float32, jnp.float64):
+    return jax.lax.Precision.HIGHEST
+  return jax.lax.Precision.DEFAULT
 
 
 def _pad_rows(x, axis, length, value=0):
@@ -106,7 +109,7 @@ def _unchunk(y, axis, length):
 
 def _forward(q, k, v, mask, bias, scale, chunk):
   """Output `[B, N, S, H, D]` in q.dtype and the softmax statistics (shift, log_norm), each
-  `[n_chunks, B, N, H, chunk]` fp32 (see xla_common.softmax_attend)."""
+  `[n_chunks, B, N, H, chunk]` in the compute dtype (see xla_common.softmax_attend)."""
   seq = q.shape[2]
   n_chunks = -(-seq // chunk)
   padded = n_chunks * chunk
@@ -120,7 +123,8 @@ def _forward(q, k, v, mask, bias, scale, chunk):
     qc = jax.lax.dynamic_slice_in_dim(q_p, start, chunk, axis=2)
     bc = None if bias_p is None else jax.lax.dynamic_slice_in_dim(bias_p, start, chunk, axis=2)
     s = xla_common.logits(qc, k, bc, scale=scale, precision=precision)
-    out, stats = xla_common.softmax_attend(s, v, mask, precision=precision)
+    out, stats = xla_common.softmax_attend(s, v, mask, unit=xla_common.logit_unit(scale),
+                                           precision=precision)
     return out.astype(q.dtype), stats
 
   outs, stats = jax.lax.map(one_chunk, jnp.arange(n_chunks))
@@ -143,14 +147,16 @@ def _attention_bwd(scale, chunk, residuals, d_out):
   n_chunks = stats[0].shape[0]
   padded = n_chunks * chunk
   precision = _precision(q.dtype)
+  acc = xla_common.compute_dtype(q.dtype)
+  unit = xla_common.logit_unit(scale)
   # Padded rows get dO = 0, hence dS = 0 and dV += 0: they contribute nothing.
   q_p = _pad_rows(q, 2, padded)
   bias_p = None if bias is None else _pad_rows(bias, 2, padded)
   do_p = _pad_rows(d_out, 2, padded)
   out_p = _pad_rows(out, 2, padded)
   km = xla_common.key_mask(mask)
-  k32 = k.astype(F32)
-  v32 = v.astype(F32)
+  k_acc = k.astype(acc)
+  v_acc = v.astype(acc)
 
   def one_chunk(carry, xs):
     dk, dv = carry
@@ -160,26 +166,27 @@ def _attention_bwd(scale, chunk, residuals, d_out):
                              axis=2)
     qc = rows(q_p)
     bc = None if bias_p is None else rows(bias_p)
-    do_c = rows(do_p).astype(F32)
+    do_c = rows(do_p).astype(acc)
     s = xla_common.logits(qc, k, bc, scale=scale, precision=precision)
     # log_norm is +inf on rows without an unmasked key, so P is 0 there. s - shift is exact
     # where it matters (the shift is the row maximum of the same logits).
-    p = jnp.exp((s - shift[..., None]) - log_norm[..., None])
+    p = jnp.exp(xla_common.exponent(s, shift[..., None], unit) - log_norm[..., None])
     if km is not None:
       p = jnp.where(km, p, 0.0)
-    delta = jnp.einsum("bnqhd,bnqhd->bnhq", do_c, rows(out_p).astype(F32))
-    dp = jnp.einsum("bnqhd,bnkhd->bnhqk", do_c, v32, precision=precision)
+    delta = jnp.einsum("bnqhd,bnqhd->bnhq", do_c, rows(out_p).astype(acc))
+    dp = jnp.einsum("bnqhd,bnkhd->bnhqk", do_c, v_acc, precision=precision)
+    # The gradient with respect to the logits themselves (not to s, which is in units).
     ds = p * (dp - delta[..., None])
     dv = dv + jnp.einsum("bnhqk,bnqhd->bnkhd", p, do_c, precision=precision)
-    dk = dk + F32(scale) * jnp.einsum("bnhqk,bnqhd->bnkhd", ds, qc.astype(F32),
-                                      precision=precision)
-    dq_c = F32(scale) * jnp.einsum("bnhqk,bnkhd->bnqhd", ds, k32, precision=precision)
+    dk = dk + acc.type(scale) * jnp.einsum("bnhqk,bnqhd->bnkhd", ds, qc.astype(acc),
+                                           precision=precision)
+    dq_c = acc.type(scale) * jnp.einsum("bnhqk,bnkhd->bnqhd", ds, k_acc, precision=precision)
     # The bias is shared over N, so its gradient is the sum over N, reduced per chunk.
     db_c = None if bias is None else jnp.sum(ds, axis=1).astype(bias.dtype)
     return (dk, dv), (dq_c.astype(q.dtype), db_c)
 
   # zeros_like keeps k's varying-manual-axes type, so the loop also type-checks inside shard_map.
-  zeros = jnp.zeros_like(k, dtype=F32)
+  zeros = jnp.zeros_like(k, dtype=acc)
   (dk, dv), (dq, dbias) = jax.lax.scan(one_chunk, (zeros, zeros), (jnp.arange(n_chunks), stats))
   dq = _unchunk(dq, 2, seq)
   dbias = None if bias is None else _unchunk(dbias, 2, seq)
