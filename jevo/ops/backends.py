@@ -8,8 +8,11 @@ A backend is a module with two functions, called with inputs in the canonical la
     attention(q, k, v, mask, bias, *, scale: float, deterministic: bool) -> out
 
 with q, k, v `[B, N, S, H, D]`, mask bool `[B, N, S]` or None (True = attend), bias
-`[B, H, S, S]` in q.dtype or None, and out `[B, N, S, H, D]` in q.dtype. Modules are imported on
-first use so that `import jevo` stays light.
+`[B, H, S, S]` in q.dtype or None, and out `[B, N, S, H, D]` in q.dtype. With
+`deterministic=True` a backend must give bitwise-identical outputs and gradients on every run of
+one compiled program; every backend here always does (no float atomics, no scatter-adds), so
+none of them needs to read the flag. Modules are imported on first use so that `import jevo`
+stays light.
 """
 
 from __future__ import annotations
