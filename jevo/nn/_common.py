@@ -60,6 +60,14 @@ def check_input(name: str, x: jax.Array, min_ndim: int, channels: int, what: str
                      f"got shape {x.shape}")
 
 
+def check_pair(name: str, z: jax.Array, c_z: int) -> None:
+  """Checks a pair representation: dtype and channels as `check_input`, and square."""
+  check_input(name, z, 3, c_z, "[*B, N_res, N_res, c_z]")
+  if z.shape[-2] != z.shape[-3]:
+    raise ValueError(f"{name} must be square in its residue axes [*B, N_res, N_res, c_z], "
+                     f"got {z.shape}")
+
+
 def check_mask(name: str, mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
   """Returns `mask` as bool broadcast to `shape` (all True when None); 1 / True = valid."""
   if mask is None:

@@ -43,10 +43,7 @@ class TriangleAttention(nnx.Module):
 
   def __call__(self, z: jax.Array, pair_mask: jax.Array | None = None, *,
                chunk_size: int | None = None) -> jax.Array:
-    c.check_input("z", z, 3, self.c_z, "[*B, N_res, N_res, c_z]")
-    if z.shape[-2] != z.shape[-3]:
-      raise ValueError(f"z must be square in its residue axes [*B, N_res, N_res, c_z], "
-                       f"got {z.shape}")
+    c.check_pair("z", z, self.c_z)
     c.check_chunk_size(chunk_size)
     mask = None if pair_mask is None else c.check_mask("pair_mask", pair_mask, z.shape[:-1])
     if not self.starting:
