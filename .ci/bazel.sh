@@ -21,7 +21,8 @@ fi
 python="$(command -v python || command -v python3)"
 export PYTHON_BIN_PATH="$python"
 
-# The build and runtime requirements named in pyproject.toml, minus the CMake front end.
+# The CUDA build's requirements and the runtime requirements named in pyproject.toml (the
+# CMake front end, scikit-build-core, is not needed).
 mapfile -t requirements < <("$python" - <<'EOF'
 try:
   import tomllib
@@ -30,9 +31,8 @@ except ImportError:  # Python 3.10
 
 with open("pyproject.toml", "rb") as f:
   project = tomllib.load(f)
-for req in project["build-system"]["requires"] + project["project"]["dependencies"]:
-  if not req.startswith("scikit-build-core"):
-    print(req)
+for req in project["tool"]["jevo"]["cuda-build-requires"] + project["project"]["dependencies"]:
+  print(req)
 EOF
 )
 echo "+ pip install ${requirements[*]}"
