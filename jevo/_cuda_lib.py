@@ -24,8 +24,8 @@ BACKWARD_TARGET = "jevo_attention_bwd"
 
 # The fixes that the reasons below name.
 INSTALL_CUDA_JAX = ('install a CUDA-enabled jax: pip install -U "jax[cuda13]" (NVIDIA driver 580 '
-                    'or newer; "jax[cuda12]" for older drivers), or jevo\'s extra: '
-                    'pip install -e ".[cuda13]"')
+                    'or newer; "jax[cuda12]" for older drivers), or with jevo\'s extra: '
+                    'pip install "jevo[cuda13]" (in a source tree: pip install -e ".[cuda13]")')
 REBUILD_WITH_NVCC = ("reinstall jevo on a machine with the CUDA toolkit (nvcc 12 or 13 on PATH, "
                      "or CUDACXX naming it): pip install -e . from the source tree, which "
                      "compiles the kernels; or install a binary wheel of jevo")

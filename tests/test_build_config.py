@@ -246,3 +246,25 @@ def test_architecture_coverage(archs, caps, runs):
 def test_old_gpu_reason():
   reason = _cuda_lib.unsupported_device_reason("80-real,90a-real", ["7.5"])
   assert "8.0" in reason and "xla_chunked" in reason
+
+
+def test_progress_script_estimates_the_time_left(tmp_path):
+  if shutil.which("sh") is None:
+    pytest.skip("no sh")
+  state = tmp_path / "state"
+  state.mkdir()
+  (state / "total").write_text("4\n")
+  (state / "kernels").write_text("4\n")
+  (state / "start").write_text(f"{int(time.time()) - 100}\n")
+  (state / "started").write_text("x\nx\nx\n")
+  (state / "started_kernels").write_text("x\nx\nx\n")
+  (state / "finished").write_text("x\nx\n")
+  (state / "finished_kernels").write_text("x\nx\n")
+  notify = tmp_path / "notify.log"
+  env = dict(os.environ, JEVO_BUILD_NOTIFY=str(notify))
+  subprocess.run(["sh", str(PACKAGING / "progress.sh"), "compile", str(state), "true", "-c",
+                  "/x/cuda/kernels/bwd_bf16_d64.cu"], env=env, check=True)
+  text = notify.read_text()
+  # 2 of 4 kernel files done and 2 being compiled (counted as half done): 6 of 8 halves.
+  assert "[4/4] compiling kernels/bwd_bf16_d64.cu, 2 done in 1m4" in text
+  assert "about 0m3" in text and "left" in text

@@ -10,8 +10,9 @@
 # terminal or pip's own stderr, chosen by cuda/packaging/jevo_build_backend.py (empty: nowhere
 # else). STATE_DIR holds the build's start time (start), the number of sources a first build
 # compiles (total) and of kernel files among them (kernels), and one line per compile started
-# (started) and finished (finished, finished_kernels); CMake resets it at each configure. The
-# time left is estimated from the kernel files, which take nearly all of the build's time.
+# (started, started_kernels) and finished (finished, finished_kernels); CMake resets it at each
+# configure. The time left is estimated from the kernel files, which take nearly all of the
+# build's time.
 
 say() {
   printf 'jevo: %s\n' "$*" >&2
@@ -77,6 +78,9 @@ name=${src##*/cuda/}
 [ -n "$name" ] || name=$src
 
 n=$(count started)
+case $name in kernels/*) count started_kernels >/dev/null ;; esac
+kernels_started=$(wc -l <"$state/started_kernels" 2>/dev/null | tr -d ' ')
+kernels_started=${kernels_started:-0}
 kernels=$(cat "$state/kernels" 2>/dev/null || echo 0)
 finished=$(wc -l <"$state/finished" 2>/dev/null | tr -d ' ')
 finished=${finished:-0}
@@ -92,7 +96,9 @@ line="$where compiling $name"
 if [ "$finished" -gt 0 ]; then
   line="$line, $finished done in $(minutes $elapsed)"
   if [ "$kernels_done" -gt 0 ] && [ "$kernels" -gt "$kernels_done" ]; then
-    left=$((elapsed * (kernels - kernels_done) / kernels_done))
+    # Files being compiled count as half done: there are several at a time.
+    half_done=$((2 * kernels_done + kernels_started - kernels_done))
+    left=$((elapsed * (2 * kernels - half_done) / half_done))
     line="$line, about $(minutes $left) left"
   fi
 fi
