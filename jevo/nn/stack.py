@@ -49,22 +49,50 @@ def checkpointed_block(one_block: Callable, remat: RematLike) -> Callable:
   return jax.checkpoint(named, policy=policy, prevent_cse=False)
 
 
-def _check_remat(remat: RematLike) -> RematLike:
+def _check_one_remat(remat: RematLike) -> RematLike:
   if remat is None or remat in REMAT_CHOICES or (callable(remat) and not isinstance(remat, str)):
     return "none" if remat is None else remat
-  raise ValueError(f"remat must be one of {REMAT_CHOICES}, None or a jax.checkpoint policy "
-                   f"(e.g. jevo.nn.policies.save_linear_outputs), got {remat!r}")
+  raise ValueError(f"remat must be one of {REMAT_CHOICES}, None, a jax.checkpoint policy "
+                   f"(e.g. jevo.nn.policies.save_linear_outputs) or runs of (blocks, remat) "
+                   f"pairs, got {remat!r}")
+
+
+def _check_remat(remat, num_blocks: int):
+  """One remat for every block, or runs: a tuple of (blocks, remat) pairs, in block order,
+  whose block counts add up to `num_blocks` (what a `jevo.plan.Plan` gives)."""
+  if isinstance(remat, (tuple, list)):
+    runs = []
+    for run in remat:
+      if (not isinstance(run, (tuple, list)) or len(run) != 2 or not isinstance(run[0], int)
+          or isinstance(run[0], bool) or run[0] <= 0):
+        raise ValueError(f"remat runs must be (blocks, remat) pairs with a positive block "
+                         f"count, got {run!r}")
+      runs.append((run[0], _check_one_remat(run[1])))
+    total = sum(n for n, _ in runs)
+    if total != num_blocks:
+      raise ValueError(f"remat runs must cover the stack's {num_blocks} blocks, got runs of "
+                       f"{[n for n, _ in runs]} = {total} blocks")
+    return tuple(runs)
+  return _check_one_remat(remat)
 
 
 class _Stack(nnx.Module):
   _block_cls: type[EvoformerBlock]
 
   def __init__(self, num_blocks: int, c_m: int, c_z: int, *, remat: RematLike, rngs: nnx.Rngs,
-               **block_kwargs):
+               plan=None, **block_kwargs):
     c.check_positive("num_blocks", num_blocks)
     self.num_blocks = num_blocks
     self.c_m, self.c_z = c_m, c_z
-    self.remat = _check_remat(remat)
+    # What a planner needs to build the same blocks (jevo.plan.plan_stack).
+    self.block_config = tuple(sorted(dict(block_kwargs, c_m=c_m, c_z=c_z).items()))
+    self.default_chunk_size = None
+    if plan is not None:
+      if plan.blocks != num_blocks:
+        raise ValueError(f"plan is for {plan.blocks} blocks, the stack has {num_blocks}")
+      remat = plan.stack_remat if plan.training else remat
+      self.default_chunk_size = plan.chunk_size
+    self.remat = _check_remat(remat, num_blocks)
     block_cls = self._block_cls
 
     @nnx.split_rngs(splits=num_blocks)
@@ -78,6 +106,8 @@ class _Stack(nnx.Module):
                pair_mask: jax.Array | None = None, *, rngs: RngsLike = None,
                chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
     msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, self.c_m, self.c_z)
+    if chunk_size is None:
+      chunk_size = self.default_chunk_size
     c.check_chunk_size(chunk_size)
     graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
     keys = None
@@ -98,13 +128,20 @@ class _Stack(nnx.Module):
         return (m, z), rest_i
       return body
 
-    xs = (params, rest, keys)
-    if self.remat == "offload":
-      # Block inputs on the host, fetched one block ahead in the backward pass.
-      (m, z), new_rest = offloaded_scan(scan_body(one_block), (m, z), xs, masks)
-    else:
-      body = scan_body(checkpointed_block(one_block, self.remat))
-      (m, z), new_rest = jax.lax.scan(lambda c, x: body(c, x, masks), (m, z), xs)
+    runs = self.remat if isinstance(self.remat, tuple) else ((self.num_blocks, self.remat),)
+    start, new_rests = 0, []
+    for count, remat in runs:  # one scan per run of blocks that keep the same
+      xs = jax.tree.map(lambda a: a[start:start + count], (params, rest, keys))
+      if remat == "offload":
+        # Block inputs on the host, fetched one block ahead in the backward pass.
+        (m, z), run_rest = offloaded_scan(scan_body(one_block), (m, z), xs, masks)
+      else:
+        body = scan_body(checkpointed_block(one_block, remat))
+        (m, z), run_rest = jax.lax.scan(lambda c, x: body(c, x, masks), (m, z), xs)
+      new_rests.append(run_rest)
+      start += count
+    new_rest = (new_rests[0] if len(new_rests) == 1 else
+                jax.tree.map(lambda *parts: jnp.concatenate(parts), *new_rests))
     if keys is None and draws_from_own_streams(self.blocks):
       nnx.update(self.blocks, new_rest)
     return m, z
@@ -121,7 +158,10 @@ class EvoformerStack(_Stack):
   of XLA's command buffers; a jitted step then returns arrays typed with memory kind "device",
   so put its first inputs there too, as `examples/train_step.py` does, or its second call
   compiles again) or a `jax.checkpoint` policy: one of `jevo.nn.policies`
-  (`save_linear_outputs`, `save_all_products`, ...), which name what they keep, or any other.
+  (`save_linear_outputs`, `save_all_products`, ...), which name what they keep, or any other;
+  or runs of `(blocks, remat)` pairs in block order, one scan each. `plan` (a
+  `jevo.plan.Plan`, from `jevo.plan.plan_stack`) sets the runs of a training plan, or the
+  default `chunk_size` of an inference plan.
   Other keyword arguments (sizes, dropout, `implementation`, `dtype`, ...) go to
   `EvoformerBlock`. Call arguments as for `EvoformerBlock` (masks broadcastable to
   `[*B, N_seq, N_res]` and `[*B, N_res, N_res]`); a call-time `rngs` gives each block its own

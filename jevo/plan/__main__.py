@@ -1,0 +1,5 @@
+import sys
+
+from jevo.plan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""`python -m jevo.plan`: the fastest stack settings that fit a memory budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _spec_for(args):
+  from jevo.bench import presets
+  from jevo.plan.costs import StackSpec
+  if args.shape:
+    n_seq, n_res = presets.parse_shape(args.shape)
+    return StackSpec(n_seq, n_res), 48
+  preset = presets.get_preset(args.preset)
+  if preset.block is None:
+    raise ValueError(f"preset {args.preset!r} has no block to plan")
+  block = preset.block
+  blocks = 4 if block.extra_msa else 48
+  return StackSpec(block.n_seq, block.n_res, tuple(sorted(block.block_kwargs.items())),
+                   block.extra_msa), blocks
+
+
+def main(argv=None) -> int:
+  from jevo.bench import presets
+  p = argparse.ArgumentParser(prog="python -m jevo.plan", description=__doc__.splitlines()[0])
+  which = p.add_mutually_exclusive_group()
+  which.add_argument("--preset", default="af2-finetune",
+                     choices=sorted(n for n, v in presets.PRESETS.items() if v.block is not None),
+                     help="the stack's sizes (default: %(default)s)")
+  which.add_argument("--shape", metavar="N_SEQxN_RES", help="an Evoformer stack at these sizes")
+  p.add_argument("--budget", required=True, help="device memory, e.g. 16GiB, 40GB")
+  p.add_argument("--blocks", type=int, help="blocks in the stack (default: 48; 4 for extra-msa)")
+  p.add_argument("--inference", action="store_true", help="plan the inference forward")
+  time_source = p.add_mutually_exclusive_group()
+  time_source.add_argument("--measure", dest="measure", action="store_true", default=None,
+                           help="time each candidate on the device (the default on a GPU)")
+  time_source.add_argument("--estimate", dest="measure", action="store_false",
+                           help="time from XLA's cost analysis (the default elsewhere)")
+  p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the cache")
+  p.add_argument("--json", action="store_true", help="print the plan as JSON")
+  args = p.parse_args(argv)
+
+  from jevo.plan import plan as planning
+  try:
+    budget = planning.parse_bytes(args.budget)
+    spec, blocks = _spec_for(args)
+  except ValueError as err:
+    p.error(str(err))
+  blocks = args.blocks or blocks
+  if blocks <= 0:
+    p.error(f"--blocks must be positive, got {blocks}")
+  try:
+    result = planning.plan_stack(spec, blocks, budget=budget, training=not args.inference,
+                                 measure=args.measure, use_cache=not args.no_cache)
+  except planning.PlanError as err:
+    print(f"jevo.plan: {err}", file=sys.stderr)
+    return 1
+  if args.json:
+    import dataclasses
+    print(json.dumps(dataclasses.asdict(result), indent=1))
+  else:
+    print(result.describe())
+  return 0

@@ -1,0 +1,263 @@
+"""What one candidate costs, from XLA itself: the compiled training step's memory analysis for
+stacks of two and three blocks (the difference is what one more block keeps for the backward
+pass; the rest is the working memory of one block and the step's fixed buffers), and a time per
+block, measured on the device or, where no device time is wanted, from XLA's cost analysis.
+Figures are cached on disk by device, sizes, jevo and jax version."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+
+# Stack depths compiled to separate the per-block memory from the fixed part.
+DEPTHS = (2, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSpec:
+  """The stack being planned: its block sizes (EvoformerStack's keyword arguments), the input
+  sizes, and whether it is the extra-MSA stack."""
+
+  n_seq: int
+  n_res: int
+  block_kwargs: tuple = ()  # sorted (name, value) pairs
+  extra_msa: bool = False
+
+  def kwargs(self) -> dict:
+    return dict(self.block_kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  """Per block: bytes kept on the device for the backward pass (`kept`) and ms of training
+  time (`ms`); per step: the working memory of one block plus the step's own buffers
+  (`fixed`, XLA's temp bytes minus what the blocks keep) and the step's arguments and outputs
+  (`io_per_block`, `io_fixed`: parameters, their gradients, inputs). All from XLA."""
+
+  kept: int
+  fixed: int
+  io_per_block: int
+  io_fixed: int
+  ms: float
+  time_source: str
+
+  def peak(self, blocks: int) -> int:
+    return self.fixed + self.io_fixed + blocks * (self.kept + self.io_per_block)
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return pathlib.Path(root) / "jevo" / "plan"
+
+
+def _cache_key(spec: StackSpec, what: str, extra: dict) -> str:
+  import jax
+  import jevo
+  device = jax.devices()[0]
+  text = json.dumps(dict(spec=dataclasses.asdict(spec), what=what, extra=extra,
+                         device=device.device_kind, platform=device.platform,
+                         jax=jax.__version__, jevo=jevo.__version__), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cached(spec: StackSpec, what: str, extra: dict, compute, use_cache: bool = True):
+  """compute() once per key: its JSON-serialisable result, kept in `cache_dir()`."""
+  path = cache_dir() / f"{_cache_key(spec, what, extra)}.json"
+  if use_cache and path.exists():
+    return json.loads(path.read_text())
+  value = compute()
+  if use_cache:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+  return value
+
+
+def _stack_step(spec: StackSpec, blocks: int, remat, chunk_size=None, training=True):
+  """(jitted step, abstract arguments) of a stack of `blocks` blocks: the training step
+  (gradients of a sum-of-squares loss with respect to the parameters and both inputs, dropout
+  on) or the inference forward (eval mode, chunked by `chunk_size`)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jevo.nn import EvoformerStack, ExtraMSAStack
+
+  cls = ExtraMSAStack if spec.extra_msa else EvoformerStack
+  kwargs = dict(dict(dtype=jnp.bfloat16), **spec.kwargs())
+  if spec.extra_msa:
+    kwargs["c_e"] = kwargs.pop("c_m", 64)
+  make = lambda: cls(blocks, remat=remat, rngs=nnx.Rngs(0), **kwargs)  # noqa: E731
+  abstract = nnx.eval_shape(make)
+  if not training:
+    abstract.eval()
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  c_m, c_z = abstract.c_m, abstract.c_z
+  m = jax.ShapeDtypeStruct((spec.n_seq, spec.n_res, c_m), jnp.bfloat16)
+  z = jax.ShapeDtypeStruct((spec.n_res, spec.n_res, c_z), jnp.bfloat16)
+
+  def concrete():
+    """Real arguments: the stack built for real, inputs random on the host (never zeros)."""
+    import numpy as np
+    stack = make()
+    if not training:
+      stack.eval()
+    _, real_params, real_rest = nnx.split(stack, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    inputs = [jax.device_put(rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype))
+              for x in (m, z)]
+    return (real_params, real_rest, *inputs)
+
+  if not training:
+    def forward(params, rest, m, z):
+      return nnx.merge(graphdef, params, rest)(m, z, chunk_size=chunk_size)
+    return forward, (params, rest, m, z), concrete
+
+  def step(params, rest, m, z):
+    def loss(params, m, z):
+      m_out, z_out = nnx.merge(graphdef, params, rest)(m, z, rngs=jax.random.key(0),
+                                                        chunk_size=chunk_size)
+      return (jnp.sum(jnp.square(m_out.astype(jnp.float32)))
+              + jnp.sum(jnp.square(z_out.astype(jnp.float32))))
+    return jax.grad(loss, argnums=(0, 1, 2))(params, m, z)
+
+  return step, (params, rest, m, z), concrete
+
+
+def _block_step(spec: StackSpec, remat, chunk_size=None, training=True):
+  """(fn, abstract args) of ONE block outside a scan, wrapped as the stack wraps each block:
+  XLA's cost analysis counts a loop's body once whatever its trip count, so per-block time
+  estimates come from this."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jevo.nn import EvoformerBlock, ExtraMSABlock
+  from jevo.nn.stack import checkpointed_block
+
+  kwargs = dict(dict(dtype=jnp.bfloat16), **spec.kwargs())
+  c_m, c_z = kwargs.pop("c_m", 256), kwargs.pop("c_z", 128)
+  cls = ExtraMSABlock if spec.extra_msa else EvoformerBlock
+  abstract = nnx.eval_shape(lambda: cls(c_m, c_z, rngs=nnx.Rngs(0), **kwargs))
+  if not training:
+    abstract.eval()
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  m = jax.ShapeDtypeStruct((spec.n_seq, spec.n_res, c_m), jnp.bfloat16)
+  z = jax.ShapeDtypeStruct((spec.n_res, spec.n_res, c_z), jnp.bfloat16)
+
+  def one_block(m, z, params):
+    return nnx.merge(graphdef, params, rest)(m, z, rngs=jax.random.key(0) if training else None,
+                                             chunk_size=chunk_size)
+
+  if not training:
+    return lambda params, m, z: one_block(m, z, params), (params, m, z)
+  # "offload" keeps the inputs on the host through the same policy under DAP.
+  wrapped = checkpointed_block(one_block, "block" if remat == "offload" else remat)
+
+  def step(params, m, z):
+    def loss(params, m, z):
+      m_out, z_out = wrapped(m, z, params)
+      return (jnp.sum(jnp.square(m_out.astype(jnp.float32)))
+              + jnp.sum(jnp.square(z_out.astype(jnp.float32))))
+    return jax.grad(loss, argnums=(0, 1, 2))(params, m, z)
+
+  return step, (params, m, z)
+
+
+# Where nothing is measured, an offloaded block pays for its inputs' copies to the host and
+# back over a PCIe link at this rate, assumed not to overlap the block's work.
+HOST_LINK_BYTES_PER_S = 25e9
+
+
+def _estimated_block_ms(spec: StackSpec, candidate=None, chunk_size=None) -> float:
+  import numpy as np
+  training = candidate is not None
+  fn, args = _block_step(spec, candidate.stack_remat() if training else "none", chunk_size,
+                         training)
+  ms = _estimated_ms(_compile(fn, args, "none"))
+  if training and candidate.remat == "offload":
+    inputs = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in args[1:])
+    ms += 1e3 * 2 * inputs / HOST_LINK_BYTES_PER_S
+  return ms
+
+
+def _compile(fn, args, remat):
+  import jax
+  from jevo.nn import OFFLOAD_COMPILER_OPTIONS
+  options = OFFLOAD_COMPILER_OPTIONS if remat == "offload" else None
+  return jax.jit(fn, compiler_options=options).lower(*args).compile()
+
+
+def _device_bytes(compiled) -> tuple[int, int]:
+  """(temp, arguments + outputs) in device memory, from XLA's memory analysis; buffers XLA
+  places in host memory (the offloaded block inputs) are not counted."""
+  mem = compiled.memory_analysis()
+  temp = mem.temp_size_in_bytes - getattr(mem, "host_temp_size_in_bytes", 0)
+  io = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        - getattr(mem, "host_argument_size_in_bytes", 0)
+        - getattr(mem, "host_output_size_in_bytes", 0))
+  return int(temp), int(io)
+
+
+def _estimated_ms(compiled) -> float:
+  """A time from XLA's cost analysis at an H200's rates (790 TFLOP/s, 4.8 TB/s), for ranking
+  candidates where nothing is measured."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return 1e3 * (float(cost.get("flops", 0.0)) / 790e12
+                + float(cost.get("bytes accessed", 0.0)) / 4.8e12)
+
+
+def _measured_ms(compiled, concrete, repeats: int = 5) -> float:
+  """Median ms of the compiled step on `concrete()`'s real arguments, after a warm-up call."""
+  import jax
+  args = concrete()
+  jax.block_until_ready(compiled(*args))
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    samples.append((time.perf_counter() - start) * 1e3)
+  return sorted(samples)[len(samples) // 2]
+
+
+def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool = True) -> Cost:
+  """The Cost of running every block of `spec`'s stack as `candidate` in a training step."""
+  def compute():
+    points, times = [], []
+    for depth in DEPTHS:
+      fn, args, concrete = _stack_step(spec, depth, candidate.stack_remat())
+      compiled = _compile(fn, args, candidate.remat)
+      points.append(_device_bytes(compiled))
+      if measure:
+        times.append(_measured_ms(compiled, concrete))
+    (t2, io2), (t3, io3) = points
+    kept, io_per_block = t3 - t2, io3 - io2
+    ms = times[1] - times[0] if measure else _estimated_block_ms(spec, candidate)
+    return dict(kept=kept, fixed=t2 - DEPTHS[0] * kept, io_per_block=io_per_block,
+                io_fixed=io2 - DEPTHS[0] * io_per_block, ms=ms,
+                time_source="measured" if measure else "XLA cost analysis")
+  value = cached(spec, "training", dict(candidate=candidate.name, measure=measure), compute,
+                 use_cache)
+  return Cost(**value)
+
+
+def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: bool = True) -> Cost:
+  """The Cost of the inference forward with `chunk_size` (None: no chunking)."""
+  def compute():
+    points, times = [], []
+    for depth in DEPTHS:
+      fn, args, concrete = _stack_step(spec, depth, "none", chunk_size, training=False)
+      compiled = _compile(fn, args, "none")
+      points.append(_device_bytes(compiled))
+      if measure:
+        times.append(_measured_ms(compiled, concrete))
+    (t2, io2), (t3, io3) = points
+    ms = times[1] - times[0] if measure else _estimated_block_ms(spec, None, chunk_size)
+    return dict(kept=t3 - t2, fixed=t2 - DEPTHS[0] * (t3 - t2), io_per_block=io3 - io2,
+                io_fixed=io2 - DEPTHS[0] * (io3 - io2), ms=ms,
+                time_source="measured" if measure else "XLA cost analysis")
+  return Cost(**cached(spec, "inference", dict(chunk_size=chunk_size, measure=measure), compute,
+                       use_cache))

@@ -1,0 +1,199 @@
+"""The memory-budget planner: the programme over blocks against brute force, budgets parsed and
+refused with the smallest one that can be met, plans whose compiled step fits the budget, runs of
+remat choices in a stack, the inference chunk, the cache and the planner's own cost."""
+
+import itertools
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jevo.nn import EvoformerStack
+from jevo.plan import PlanError, StackSpec, costs, parse_bytes, plan_for, plan_stack, search
+from jevo.plan.candidates import by_name
+
+MiB = 2 ** 20
+SMALL = dict(c_m=32, c_z=16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2,
+             c_hidden_pair_att=8, c_hidden_opm=4, c_hidden_mul=8)
+SPEC = StackSpec(8, 12, tuple(sorted(SMALL.items())))
+TWO = (by_name("everything"), by_name("block_inputs"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def own_cache(tmp_path_factory):
+  """One plan cache for this module, away from the user's."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield
+
+
+def test_parse_bytes():
+  assert parse_bytes("16GiB") == 16 * 2 ** 30
+  assert parse_bytes("40 GB") == 40 * 10 ** 9
+  assert parse_bytes("1.5g") == int(1.5 * 2 ** 30)
+  assert parse_bytes(12345) == 12345
+  for bad in ("16 parsecs", "-1GiB", "0", "", "GiB"):
+    with pytest.raises(ValueError, match="budget must be a positive size"):
+      parse_bytes(bad)
+
+
+def _brute_force(cost_table, blocks, budget):
+  best = None
+  names = list(cost_table)
+  for counts in itertools.product(range(blocks + 1), repeat=len(names)):
+    if sum(counts) != blocks:
+      continue
+    used = [n for n, k in zip(names, counts) if k]
+    c0 = cost_table[names[0]]
+    peak = (c0.io_fixed + blocks * c0.io_per_block + max(cost_table[n].fixed for n in used)
+            + sum(k * cost_table[n].kept for n, k in zip(names, counts)))
+    ms = sum(k * cost_table[n].ms for n, k in zip(names, counts))
+    if peak <= budget and (best is None or ms < best):
+      best = ms
+  return best
+
+
+@pytest.mark.parametrize("budget_mib", [40, 60, 90, 130, 200, 400])
+def test_programme_finds_the_fastest_mix(budget_mib):
+  table = {"everything": costs.Cost(13 * MiB, 14 * MiB, MiB, MiB, 10.0, "x"),
+           "linear_outputs": costs.Cost(6 * MiB, 14 * MiB, MiB, MiB, 12.0, "x"),
+           "block_inputs": costs.Cost(MiB // 4, 15 * MiB, MiB, MiB, 14.0, "x")}
+  blocks, budget = 9, budget_mib * MiB
+  choice = search.best_training_choice(table, blocks, budget)
+  expected = _brute_force(table, blocks, budget)
+  if expected is None:
+    assert choice is None
+    return
+  assert choice.peak <= budget and sum(choice.counts.values()) == blocks
+  # Kept bytes are rounded up to 1/4096 of the budget's room, so the programme may give up at
+  # most a block's worth of that rounding; here it finds the optimum.
+  assert choice.ms == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def planned_costs():
+  """The two candidates' costs, measured once for the module (each is a few compiles)."""
+  start = time.perf_counter()
+  table = {c.name: costs.training_cost(SPEC, c, measure=False) for c in TWO}
+  return table, time.perf_counter() - start
+
+
+def _compiled_peak(stack, m, z):
+  graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
+
+  def step(params, rest, m, z):
+    def loss(params, m, z):
+      mo, zo = nnx.merge(graphdef, params, rest)(m, z, rngs=jax.random.key(0))
+      return jnp.sum(jnp.square(mo.astype(jnp.float32))) + jnp.sum(jnp.square(zo.astype(jnp.float32)))
+    return jax.grad(loss, argnums=(0, 1, 2))(params, m, z)
+
+  mem = jax.jit(step).lower(params, rest, m, z).compile().memory_analysis()
+  return (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+          - mem.alias_size_in_bytes)
+
+
+def _inputs():
+  m = jax.random.normal(jax.random.key(1), (SPEC.n_seq, SPEC.n_res, 32), jnp.bfloat16)
+  z = jax.random.normal(jax.random.key(2), (SPEC.n_res, SPEC.n_res, 16), jnp.bfloat16)
+  return m, z
+
+
+def test_plans_fit_their_budget_and_xla_agrees(planned_costs):
+  table, _ = planned_costs
+  blocks = 6
+  everything, lean = table["everything"], table["block_inputs"]
+  assert everything.kept > 4 * lean.kept  # remat keeps much less per block
+  roomy = everything.peak(blocks) + MiB
+  tight = (lean.peak(blocks) + everything.peak(blocks)) // 2
+  m, z = _inputs()
+  for budget, expect_mix in ((roomy, False), (tight, True)):
+    plan = plan_stack(SPEC, blocks, budget=budget, candidates=TWO, measure=False)
+    assert plan.predicted_peak <= budget
+    assert sum(r.blocks for r in plan.runs) == blocks
+    assert (len(plan.runs) > 1 or plan.runs[0].candidate != "everything") == expect_mix
+    stack = EvoformerStack(blocks, dtype=jnp.bfloat16, plan=plan, rngs=nnx.Rngs(0), **SMALL)
+    compiled = _compiled_peak(stack, m, z)
+    # The planned stack, compiled whole, fits the budget, and the prediction is close to it.
+    assert compiled <= budget, (compiled, budget, plan.describe())
+    assert abs(compiled - plan.predicted_peak) <= 0.1 * compiled, (compiled, plan.predicted_peak)
+
+
+def test_an_unmeetable_budget_names_the_smallest(planned_costs):
+  table, _ = planned_costs
+  with pytest.raises(PlanError, match="smallest budget the planner can meet is") as err:
+    plan_stack(SPEC, 6, budget="1KiB", candidates=TWO, measure=False)
+  assert err.value.smallest_budget == table["block_inputs"].peak(6)
+  plan = plan_stack(SPEC, 6, budget=err.value.smallest_budget, candidates=TWO, measure=False)
+  assert plan.predicted_peak <= err.value.smallest_budget
+
+
+def test_cached_plans_are_quick_and_planning_time_is_stated(planned_costs):
+  _, first_s = planned_costs
+  start = time.perf_counter()
+  plan = plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False)
+  assert time.perf_counter() - start < 2.0, "a cached plan compiles nothing"
+  assert plan.planning_s < 2.0 < first_s
+  assert "planned in" in plan.describe()
+
+
+def test_runs_of_remat_choices_give_the_same_numbers():
+  m, z = _inputs()
+  kw = dict(dtype=jnp.float32, rngs=nnx.Rngs(0), **SMALL)
+  m, z = m.astype(jnp.float32), z.astype(jnp.float32)
+  uniform = EvoformerStack(3, remat="none", **kw)
+  runs = EvoformerStack(3, remat=((1, "none"), (2, "block")), **kw)
+  nnx.update(runs, nnx.state(uniform, nnx.Param))
+
+  def grads(stack):
+    graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
+
+    def loss(params, m, z):
+      mo, zo = nnx.merge(graphdef, params, rest)(m, z, rngs=jax.random.key(0))
+      return jnp.sum(mo ** 2) + jnp.sum(zo ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2))(params, m, z)
+
+  for a, b in zip(jax.tree.leaves(grads(uniform)), jax.tree.leaves(grads(runs))):
+    # recomputation fuses differently, so fp32 rounding differs slightly
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat, message", [
+    (((2, "none"), (2, "block")), "cover the stack's 3 blocks"),
+    (((0, "none"), (3, "block")), "positive block count"),
+    (((3, "sometimes"),), "remat must be one of"),
+])
+def test_bad_runs_are_refused(remat, message):
+  with pytest.raises(ValueError, match=message):
+    EvoformerStack(3, remat=remat, rngs=nnx.Rngs(0), **SMALL)
+
+
+def test_inference_plan_picks_the_largest_chunk_that_fits():
+  spec = StackSpec(16, 48, SPEC.block_kwargs)
+  m = jnp.zeros((16, 48, 32), jnp.bfloat16)
+  z = jnp.zeros((48, 48, 16), jnp.bfloat16)
+  stack = EvoformerStack(2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), **SMALL)
+  whole = plan_for(stack, m, z, budget="1GiB", training=False, measure=False)
+  assert whole.chunk_size is None  # everything fits: no chunking
+  unchunked = costs.inference_cost(spec, None, measure=False)
+  chunked = costs.inference_cost(spec, 8, measure=False)
+  assert chunked.fixed < unchunked.fixed
+  budget = (unchunked.peak(2) + chunked.peak(2)) // 2
+  plan = plan_for(stack, m, z, budget=budget, training=False, measure=False)
+  assert plan.chunk_size is not None and plan.predicted_peak <= budget
+  assert plan.chunk_size >= 8  # the largest that fits: 8 fits
+  planned = EvoformerStack(2, dtype=jnp.bfloat16, plan=plan, rngs=nnx.Rngs(0), **SMALL)
+  assert planned.default_chunk_size == plan.chunk_size
+  with pytest.raises(PlanError, match="smallest budget the planner can meet"):
+    plan_for(stack, m, z, budget="1KiB", training=False, measure=False)
+
+
+def test_cli_reports_an_unmeetable_budget(tmp_path):
+  env = dict(__import__("os").environ, XDG_CACHE_HOME=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-m", "jevo.plan", "--budget", "12 parsecs"],
+                        capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 2 and "budget must be a positive size" in proc.stderr
