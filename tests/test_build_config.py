@@ -83,13 +83,35 @@ def _fake_nvcc(tmp_path):
   return nvcc
 
 
-def test_backend_builds_cuda_when_nvcc_is_found(tmp_path):
+def _fake_nvidia_smi(bindir, gpus="GPU 0: NVIDIA H200 (UUID: GPU-0)"):
+  smi = bindir / "nvidia-smi"
+  smi.write_text(f"#!/bin/sh\necho '{gpus}'\n")
+  smi.chmod(0o755)
+  return smi
+
+
+def test_backend_builds_cuda_when_nvcc_and_a_gpu_are_found(tmp_path):
+  backend = _backend()
+  nvcc = _fake_nvcc(tmp_path)
+  _fake_nvidia_smi(nvcc.parent)
+  build, why = backend.cuda_build_plan({}, {"PATH": str(nvcc.parent)})
+  assert build and str(nvcc) in why
+  build, _ = backend.cuda_build_plan({}, {"PATH": str(nvcc.parent),
+                                          "CUDA_HOME": str(nvcc.parent.parent)})
+  assert build
+
+
+def test_backend_skips_cuda_without_a_visible_gpu_unless_asked(tmp_path):
   backend = _backend()
   nvcc = _fake_nvcc(tmp_path)
   build, why = backend.cuda_build_plan({}, {"PATH": str(nvcc.parent)})
-  assert build and str(nvcc) in why
-  build, _ = backend.cuda_build_plan({}, {"PATH": "", "CUDA_HOME": str(nvcc.parent.parent)})
-  assert build
+  assert not build and "no GPU is visible" in why and "JEVO_CUDA=1" in why
+  _fake_nvidia_smi(nvcc.parent, gpus="")  # nvidia-smi present, listing no GPU
+  assert not backend.cuda_build_plan({}, {"PATH": str(nvcc.parent)})[0]
+  assert backend.cuda_build_plan({}, {"PATH": str(nvcc.parent), "JEVO_CUDA": "1"})[0]
+  assert backend.cuda_build_plan({}, {"PATH": str(nvcc.parent), "JEVO_CUDA_ARCHS": "90a"})[0]
+  assert backend.cuda_build_plan({"cmake.define.JEVO_CUDA_ARCHS": "80"},
+                                 {"PATH": str(nvcc.parent)})[0]
 
 
 def test_backend_skips_cuda_without_nvcc_or_when_asked(tmp_path):

@@ -5,8 +5,10 @@ scikit-build-core it decides whether the CUDA library is built:
 
 - not when JEVO_CUDA=0 is set or -C cmake.define.JEVO_BUILD_CUDA=OFF is given, nor when no CUDA
   compiler is found (CUDACXX, nvcc on PATH, $CUDA_PATH/bin, $CUDAToolkit_ROOT/bin,
-  $CUDA_HOME/bin). The wheel is then pure Python (py3-none-any; CMake does not run) and its
-  build environment needs none of the CUDA build's requirements.
+  $CUDA_HOME/bin), nor when nvcc is found but no GPU is visible (`nvidia-smi -L`), unless
+  JEVO_CUDA=1 or JEVO_CUDA_ARCHS asks for the build (a release wheel, a cluster's login node).
+  The wheel is then pure Python (py3-none-any; CMake does not run) and its build environment
+  needs none of the CUDA build's requirements.
 - otherwise scikit-build-core runs CMake (cuda/CMakeLists.txt), and the build environment also
   gets [tool.jevo] cuda-build-requires (pybind11, nvidia-cutlass, jaxlib) from pyproject.toml.
 
@@ -87,7 +89,28 @@ def cuda_build_plan(config_settings=None, environ=None):
         break
     return False, ("no CUDA compiler (nvcc) was found on PATH or in $CUDACXX, $CUDA_PATH, "
                    "$CUDA_HOME" + hint)
+  archs = environ.get("JEVO_CUDA_ARCHS") or _setting(config_settings,
+                                                      "cmake.define.JEVO_CUDA_ARCHS")
+  if not required and not archs and not gpu_visible(environ):
+    # The kernels could not run here, and compiling them takes minutes: built only when asked
+    # (a wheel for other machines, a login node of a GPU cluster).
+    return False, (f"nvcc ({nvcc}) was found but no GPU is visible (nvidia-smi -L lists none); "
+                   "set JEVO_CUDA=1 (or JEVO_CUDA_ARCHS) to build the CUDA library anyway")
   return True, f"nvcc: {nvcc}"
+
+
+def gpu_visible(environ=None) -> bool:
+  """Whether `nvidia-smi -L` (on the given PATH) lists a GPU."""
+  import subprocess
+  environ = os.environ if environ is None else environ
+  smi = shutil.which("nvidia-smi", path=environ.get("PATH", os.defpath))
+  if smi is None:
+    return False
+  try:
+    out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+  return out.returncode == 0 and "GPU" in out.stdout
 
 
 # --- Where the user sees messages ----------------------------------------------------------------
