@@ -111,7 +111,10 @@ def test_the_forward_residual_is_the_rest_of_the_fp32_output():
   out, _, res = call(inputs["q"], inputs["k"], inputs["v"], jnp.asarray(mask),
                      inputs["bias"].reshape(b, h, s, s), scale=np.float32(32 ** -0.5))
   out, res = np.asarray(out.astype(jnp.float32)), np.asarray(res.astype(jnp.float32))
-  np.testing.assert_array_equal(np.asarray((out + res).astype(BF16).astype(np.float32)), out)
+  # |r| is at most half a unit in the last place of out (and r is itself rounded to bf16);
+  # an exact round trip bf16(out + r) == out is not implied, since ties may round either way.
+  ulp = np.abs(out) * 2.0 ** -7 + np.finfo(np.float32).tiny
+  assert np.all(np.abs(res) <= 0.5 * ulp * (1 + 2.0 ** -7))
   assert not np.any(res[:, 1])
   want = reference.attention(*(_f64(inputs[x]) for x in ("q", "k", "v")),
                              mask=mask[:, :, None, None, :], bias=_f64(inputs["bias"]))
