@@ -175,3 +175,24 @@ def test_presets_and_shapes():
   assert all(c.forward_only for c in long.attention) and long.block.chunk_size == 128
   with pytest.raises(ValueError, match="preset must be one of"):
     presets.get_preset("af3")
+
+
+def test_a_preset_under_a_plan_reports_planned_against_measured(tmp_path):
+  out = tmp_path / "planned"
+  proc = subprocess.run([sys.executable, "-m", "jevo.bench", "--preset", "cpu-small", "--cases",
+                         "msa_row", "--backends", "xla", "--no-trace", "--plan-budget", "1GiB",
+                         "--plan-blocks", "2", "--plan-candidates", "everything",
+                         "block_inputs", "--out", str(out)],
+                        capture_output=True, text=True, timeout=900,
+                        env=dict(__import__("os").environ, XDG_CACHE_HOME=str(tmp_path / "c")))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  planned = json.loads((out / "results.json").read_text())["planned"]
+  assert planned["status"] == "ok", planned
+  plan = planned["plan"]
+  assert sum(r["blocks"] for r in plan["runs"]) == 2
+  assert plan["predicted_peak"] <= 2 ** 30
+  # The planner's prediction is XLA's figure for the whole planned step, to within 10%.
+  assert abs(plan["predicted_peak"] - planned["xla_whole_step_bytes"]) <= (
+      0.1 * planned["xla_whole_step_bytes"])
+  assert planned["measured"]["ms"] > 0
+  assert "### Under a plan: 2 blocks within 1GiB" in proc.stdout

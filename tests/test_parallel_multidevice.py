@@ -102,7 +102,8 @@ def test_collectives_parser():
 
 
 @functools.cache
-def training_run(devices: int | None, sizes: tuple[int, int], extra: bool = False) -> dict:
+def training_run(devices: int | None, sizes: tuple[int, int], extra: bool = False,
+                 remat="block") -> dict:
   """Loss, outputs and gradients (params, m, z) of a stack; `devices=None`: no DAP.
 
   Evoformer: 2 blocks, remat per block; extra MSA: 1 block. Dropout on with an explicit key,
@@ -111,7 +112,7 @@ def training_run(devices: int | None, sizes: tuple[int, int], extra: bool = Fals
   if extra:
     stack = random_module(ExtraMSAStack, 1, **DROPOUT)
   else:
-    stack = random_module(EvoformerStack, 2, remat="block", **DROPOUT)
+    stack = random_module(EvoformerStack, 2, remat=remat, **DROPOUT)
   graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
   m, z, msa_mask, pair_mask = inputs(*sizes, seed=3)
   rng = np.random.default_rng(4)
@@ -167,6 +168,16 @@ def _check_gradients(dap: dict, one: dict) -> None:
 @pytest.mark.parametrize("n", [2, 4])
 def test_training_step_gradients_match_one_device(n):
   _check_gradients(*_runs(n))
+
+
+def test_runs_of_remat_choices_match_one_device():
+  """A stack whose blocks keep different things (runs, as a jevo.plan.Plan gives) on 2 devices
+  gives the one-device numbers of the same stack with one remat for all."""
+  dap = training_run(2, TRAIN_SIZES[2], remat=((1, "none"), (1, "block")))
+  one = training_run(None, TRAIN_SIZES[2])
+  close(dap["out"][0], one["out"][0], "m")
+  close(dap["out"][1], one["out"][1], "z")
+  _check_gradients(dap, one)
 
 
 def test_extra_msa_stack_training_step_matches_one_device():

@@ -38,6 +38,15 @@ def parser() -> argparse.ArgumentParser:
                  help="directory for the results (default: jevo-bench/PRESET-TIME under the "
                  "current directory)")
   p.add_argument("--no-trace", action="store_true", help="skip the profiler trace of the block")
+  p.add_argument("--plan-budget", metavar="BUDGET",
+                 help="also plan the preset's stack for this device memory (e.g. 16GiB, with "
+                 "jevo.plan) and run the plan: planned against measured peak and time")
+  p.add_argument("--plan-candidates", nargs="+", metavar="NAME",
+                 help="what the planner may choose per block (default: all of "
+                 "everything, all_products, linear_outputs, block_inputs, offload)")
+  p.add_argument("--plan-blocks", type=int, metavar="N",
+                 help="blocks of the planned stack (default: 48 on a GPU; 4 on a CPU and for "
+                 "the extra-MSA stack)")
   p.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
   p.add_argument("--compare", nargs="+", metavar="RESULTS.json",
                  help="one file: run, then compare it (before) with this run (after); two files: "
@@ -55,6 +64,21 @@ def _check(args, p):
       presets.parse_shape(args.shape)
     except ValueError as err:
       p.error(f"--shape: {err}")
+  if args.plan_budget is not None:
+    from jevo.plan import parse_bytes
+    try:
+      parse_bytes(args.plan_budget)
+    except ValueError as err:
+      p.error(f"--plan-budget: {err}")
+  if args.plan_candidates:
+    from jevo.plan.candidates import by_name
+    for name in args.plan_candidates:
+      try:
+        by_name(name)
+      except ValueError as err:
+        p.error(f"--plan-candidates: {err}")
+  if args.plan_blocks is not None and args.plan_blocks < 1:
+    p.error(f"--plan-blocks must be at least 1, got {args.plan_blocks}")
 
 
 def main(argv=None) -> int:
@@ -94,7 +118,9 @@ def main(argv=None) -> int:
         file=sys.stderr)
   results = run.run(run.Options(preset=preset, backends=tuple(args.backends), cases=cases,
                                 repeats=args.repeats, out=out, trace=not args.no_trace,
-                                timeout_s=args.timeout))
+                                timeout_s=args.timeout, plan_budget=args.plan_budget,
+                                plan_blocks=args.plan_blocks,
+                                plan_candidates=tuple(args.plan_candidates or ())))
   results.update(preset=preset.name, date=datetime.date.today().isoformat(),
                  command="python -m jevo.bench " + shlex.join(argv),
                  notes=list(preset.notes) + [

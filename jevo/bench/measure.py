@@ -66,7 +66,8 @@ class DeviceMemory:
     return self.stats().get("peak_bytes_in_use")
 
 
-def measure(fn, args, *, repeats: int, batch: int, memory: DeviceMemory) -> dict:
+def measure(fn, args, *, repeats: int, batch: int, memory: DeviceMemory,
+            compiler_options: dict | None = None) -> dict:
   """Compiles `jax.jit(fn)` for `args`, calls it once alone (so that the allocator's peak is its
   own; the process is fresh and the inputs already exist), then times it. Peak extra memory is
   the allocator's peak minus the bytes in use before the call (the inputs, and anything an
@@ -74,7 +75,7 @@ def measure(fn, args, *, repeats: int, batch: int, memory: DeviceMemory) -> dict
   import jax
   base = memory.in_use()
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = jax.jit(fn, compiler_options=compiler_options).lower(*args).compile()
   result = dict(compile_s=time.perf_counter() - start, xla=xla_analysis(compiled))
   before_call = memory.peak()
   out = compiled(*args)
@@ -87,5 +88,6 @@ def measure(fn, args, *, repeats: int, batch: int, memory: DeviceMemory) -> dict
     # earlier pass, compiling or autotuning) reached it first, the call's own peak is at most
     # this figure, and the record says so.
     result["peak_is_upper_bound"] = bool(before_call is not None and before_call >= peak)
+    result["absolute_peak_bytes"] = peak
   result.update(median_ms(compiled, args, repeats, batch=batch))
   return result

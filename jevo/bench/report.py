@@ -135,6 +135,26 @@ def profile_table(profile: dict | None) -> str:
           f"\n\nBy kind: {kinds}.\n\nTrace (TensorBoard / Perfetto): `{profile['trace_dir']}`")
 
 
+def plan_table(planned: dict | None, on_gpu: bool) -> str:
+  """The planner's prediction beside what the planned step measured."""
+  if not planned:
+    return ""
+  title = f"### Under a plan: {planned['blocks']} blocks within {planned['budget']}"
+  if planned.get("status") != "ok":
+    return f"{title}\n\nNo plan: {planned.get('reason')}"
+  plan, measured = planned["plan"], planned["measured"]
+  peak = measured.get("absolute_peak_bytes") if on_gpu else None
+  peak_label = ("allocator's peak" if on_gpu else
+                "XLA's memory analysis of the whole step (no allocator on a CPU)")
+  measured_peak = peak if peak is not None else planned["xla_whole_step_bytes"]
+  rows = [["peak device memory", f"{plan['predicted_peak'] / GIB:.3f} GiB",
+           f"{measured_peak / GIB:.3f} GiB ({peak_label})"],
+          ["step time", f"{plan['predicted_ms']:.1f} ms ({plan['time_source']})",
+           f"{measured['ms']:.1f} ms"]]
+  return (f"{title}\n\n" + markdown_table(["", "planned", "measured"], rows) +
+          f"\n\n```\n{planned['description']}\n```")
+
+
 def header_text(results: dict) -> str:
   meta = results["meta"]
   versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
@@ -162,6 +182,7 @@ def markdown_report(results: dict) -> str:
   parts = [header_text(results), side_by_side(results["records"]),
            attention_tables(results["records"]),
            block_table(results["records"]), profile_table(results.get("profile")),
+           plan_table(results.get("planned"), results["meta"]["platform"] == "gpu"),
            reasons(results["records"])]
   notes = results.get("notes") or []
   if notes:

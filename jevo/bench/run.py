@@ -28,6 +28,9 @@ class Options:
   out: pathlib.Path
   trace: bool = True
   timeout_s: int = 900
+  plan_budget: str | None = None  # also run the preset's stack under a plan for this budget
+  plan_blocks: int | None = None
+  plan_candidates: tuple[str, ...] = ()  # empty: all
 
 
 def run_worker(spec: dict, progress: Progress | None = None, env: dict | None = None,
@@ -109,8 +112,9 @@ def run(options: Options) -> dict:
   trace_backend = next((b for b in ("cuda", "xla_chunked", "xla") if b in block_backends and
                         (b != "cuda" or meta["cuda_status"]["available"])), None)
   do_trace = options.trace and run_block and trace_backend is not None
+  do_plan = options.plan_budget is not None and preset.block is not None
 
-  progress = Progress(len(jobs) + do_trace)
+  progress = Progress(len(jobs) + do_trace + do_plan)
   records = []
   for case, base, spec, reason in jobs:
     label = f"{base['case']} / {base['backend']}"
@@ -137,9 +141,21 @@ def run(options: Options) -> dict:
     traced = run_worker(spec, progress, env=env, timeout_s=options.timeout_s)
     profile = _profile(traced, trace_backend)
     progress.finish("written" if profile.get("summary") else f"failed: {profile.get('reason')}")
+  planned = None
+  if do_plan:
+    blocks = options.plan_blocks or (4 if preset.block.extra_msa or not on_gpu else 48)
+    progress.begin(f"plan {blocks} blocks for {options.plan_budget} and run the plan")
+    planned = run_worker(dict(mode="plan", preset=preset.name, budget=options.plan_budget,
+                              blocks=blocks, repeats=min(repeats, 5),
+                              candidates=list(options.plan_candidates)), progress,
+                         timeout_s=options.timeout_s)
+    planned.update(budget=options.plan_budget, blocks=blocks)
+    progress.finish("ran" if planned.get("status") == "ok" else
+                    f"failed: {planned.get('reason', '')[:80]}")
   progress.close()
   add_derived(records, meta)
-  return dict(meta=meta, records=records, profile=profile, repeats=repeats, batch=batch)
+  return dict(meta=meta, records=records, profile=profile, repeats=repeats, batch=batch,
+              planned=planned)
 
 
 def _profile(traced: dict, backend: str) -> dict:

@@ -159,12 +159,52 @@ def _trace_block(record, case, blk, inputs, trace_dir):
   return record
 
 
+def planned(spec: dict) -> dict:
+  """Plans the preset's stack for a budget (jevo.plan), then runs the planned step: the
+  planner's predicted peak and time beside the measured ones (on a CPU, where there is no
+  allocator, XLA's memory analysis of the whole compiled stack stands for the measured peak)."""
+  import dataclasses
+  import jax
+  from jevo.bench import presets
+  from jevo.bench.measure import DeviceMemory, measure
+  from jevo.nn import OFFLOAD_COMPILER_OPTIONS
+  from jevo.plan import PlanError, StackSpec, costs, plan_stack
+  from jevo.plan.candidates import by_name
+  case = presets.resolve(spec["preset"]).block
+  stack_spec = StackSpec(case.n_seq, case.n_res, tuple(sorted(case.block_kwargs.items())),
+                         case.extra_msa)
+  training = not case.forward_only
+  stage("plan (compiles each candidate; cached afterwards)")
+  try:
+    chosen = [by_name(n) for n in spec.get("candidates") or ()] or None
+    plan = plan_stack(stack_spec, spec["blocks"], budget=spec["budget"], training=training,
+                      candidates=chosen)
+  except PlanError as err:
+    return dict(status="error", reason=str(err), smallest_budget=err.smallest_budget)
+  record = dict(status="ok", plan=dataclasses.asdict(plan), description=plan.describe())
+  remat = plan.stack_remat if training else "none"
+  fn, _, concrete = costs.stack_step(stack_spec, spec["blocks"], remat, plan.chunk_size,
+                                      training)
+  stage("build the planned stack")
+  args = concrete()
+  jax.block_until_ready(args)
+  memory = DeviceMemory(jax.devices()[0])
+  offload = training and any(r.remat == "offload" for r in plan.runs)
+  stage("compile and time the planned step")
+  record["measured"] = measure(fn, args, repeats=spec["repeats"], batch=1, memory=memory,
+                               compiler_options=OFFLOAD_COMPILER_OPTIONS if offload else None)
+  xla = record["measured"]["xla"]
+  record["xla_whole_step_bytes"] = (xla.get("temp_size", 0) + xla.get("argument_size", 0) +
+                                    xla.get("output_size", 0) - xla.get("alias_size", 0))
+  return record
+
+
 def platform_of(spec: dict) -> dict:
   import jax
   return dict(platform=jax.devices()[0].platform)
 
 
-MODES = dict(platform=platform_of, probe=probe, attention=attention, block=block)
+MODES = dict(platform=platform_of, plan=planned, probe=probe, attention=attention, block=block)
 
 
 def main(argv=None) -> None:

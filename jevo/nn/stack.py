@@ -76,6 +76,23 @@ def _check_remat(remat, num_blocks: int):
   return _check_one_remat(remat)
 
 
+def remat_runs(remat, num_blocks: int) -> list[tuple[int, int, RematLike]]:
+  """(first block, blocks, remat) of each run of a stack's (checked) `remat`: one run for a
+  single choice, one per (blocks, remat) pair otherwise. Both the one-device scan and DAP's
+  scan go through this."""
+  pairs = remat if isinstance(remat, tuple) else ((num_blocks, remat),)
+  runs, start = [], 0
+  for count, choice in pairs:
+    runs.append((start, count, choice))
+    start += count
+  return runs
+
+
+def slice_blocks(tree, start: int, count: int):
+  """Blocks [start, start + count) of stacked per-block arrays (None stays None)."""
+  return jax.tree.map(lambda a: a[start:start + count], tree)
+
+
 class _Stack(nnx.Module):
   _block_cls: type[EvoformerBlock]
 
@@ -128,10 +145,9 @@ class _Stack(nnx.Module):
         return (m, z), rest_i
       return body
 
-    runs = self.remat if isinstance(self.remat, tuple) else ((self.num_blocks, self.remat),)
-    start, new_rests = 0, []
-    for count, remat in runs:  # one scan per run of blocks that keep the same
-      xs = jax.tree.map(lambda a: a[start:start + count], (params, rest, keys))
+    new_rests = []
+    for start, count, remat in remat_runs(self.remat, self.num_blocks):  # one scan per run
+      xs = slice_blocks((params, rest, keys), start, count)
       if remat == "offload":
         # Block inputs on the host, fetched one block ahead in the backward pass.
         (m, z), run_rest = offloaded_scan(scan_body(one_block), (m, z), xs, masks)
@@ -139,7 +155,6 @@ class _Stack(nnx.Module):
         body = scan_body(checkpointed_block(one_block, remat))
         (m, z), run_rest = jax.lax.scan(lambda c, x: body(c, x, masks), (m, z), xs)
       new_rests.append(run_rest)
-      start += count
     new_rest = (new_rests[0] if len(new_rests) == 1 else
                 jax.tree.map(lambda *parts: jnp.concatenate(parts), *new_rests))
     if keys is None and draws_from_own_streams(self.blocks):

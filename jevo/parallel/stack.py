@@ -2,19 +2,22 @@
 
 The MSA and pair representations are split once on entry and joined once on exit; between
 blocks they stay split (rows layout), so the only communication inside the scan is each block's
-own (see `jevo.parallel.block`). The stack's stacked parameters, `remat` setting and per-block
-dropout keys are used exactly as `EvoformerStack.__call__` uses them.
+own (see `jevo.parallel.block`). The stack's stacked parameters, `remat` setting (runs of remat
+choices, such as a `jevo.plan.Plan` gives, included) and per-block dropout keys are used exactly
+as `EvoformerStack.__call__` uses them.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jevo.nn import _common as c
 from jevo.nn.block import NUM_DROPOUT_KEYS, check_block_inputs
 from jevo.nn.dropout import RngsLike, draws_from_own_streams, dropout_keys, one_key
-from jevo.nn.stack import EvoformerStack, ExtraMSAStack, checkpointed_block
+from jevo.nn.stack import (EvoformerStack, ExtraMSAStack, checkpointed_block, remat_runs,
+                           slice_blocks)
 from jevo.parallel import mesh as mesh_lib
 from jevo.parallel.block import block_on_shard
 from jevo.parallel.layout import DapAxis
@@ -40,13 +43,19 @@ def stack_on_shard(stack: StackLike, m: jax.Array, z: jax.Array, masks: Masks,
                           chunk_size=chunk_size)
     return m, z, nnx.split(block, nnx.Param, ...)[2]
 
-  one_block = checkpointed_block(one_block, stack.remat)
+  new_rests = []
+  for start, count, remat in remat_runs(stack.remat, stack.num_blocks):  # one scan per run
+    run_block = checkpointed_block(one_block, remat)
 
-  def step(carry, xs):
-    m, z, rest_i = one_block(*carry, *xs)
-    return (m, z), rest_i
+    def step(carry, xs, run_block=run_block):
+      m, z, rest_i = run_block(*carry, *xs)
+      return (m, z), rest_i
 
-  (m, z), new_rest = jax.lax.scan(step, (m, z), (params, rest, keys))
+    (m, z), run_rest = jax.lax.scan(step, (m, z), slice_blocks((params, rest, keys), start,
+                                                               count))
+    new_rests.append(run_rest)
+  new_rest = (new_rests[0] if len(new_rests) == 1 else
+              jax.tree.map(lambda *parts: jnp.concatenate(parts), *new_rests))
   nnx.update(stack.blocks, new_rest)
   return m, z
 
@@ -73,6 +82,8 @@ def dap_evoformer_stack(stack: StackLike, m: jax.Array, z: jax.Array,
   """
   check_module("stack", stack, (EvoformerStack, ExtraMSAStack))
   msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, stack.c_m, stack.c_z)
+  if chunk_size is None:  # an inference plan's chunk (jevo.plan)
+    chunk_size = stack.default_chunk_size
   c.check_chunk_size(chunk_size)
   keys = None if rngs is None else jax.random.split(one_key(rngs), stack.num_blocks)
 

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
                            help="time each candidate on the device (the default on a GPU)")
   time_source.add_argument("--estimate", dest="measure", action="store_false",
                            help="time from XLA's cost analysis (the default elsewhere)")
+  p.add_argument("--candidates", nargs="+", metavar="NAME",
+                 help="what the planner may choose per block (default: all of everything, "
+                 "all_products, linear_outputs, block_inputs, offload)")
   p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the cache")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
   args = p.parse_args(argv)
@@ -49,11 +52,17 @@ def main(argv=None) -> int:
   except ValueError as err:
     p.error(str(err))
   blocks = args.blocks or blocks
+  from jevo.plan.candidates import by_name
+  try:
+    chosen = [by_name(n) for n in args.candidates] if args.candidates else None
+  except ValueError as err:
+    p.error(f"--candidates: {err}")
   if blocks <= 0:
     p.error(f"--blocks must be positive, got {blocks}")
   try:
     result = planning.plan_stack(spec, blocks, budget=budget, training=not args.inference,
-                                 measure=args.measure, use_cache=not args.no_cache)
+                                 measure=args.measure, use_cache=not args.no_cache,
+                                 candidates=chosen)
   except planning.PlanError as err:
     print(f"jevo.plan: {err}", file=sys.stderr)
     return 1

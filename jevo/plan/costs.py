@@ -76,7 +76,7 @@ def cached(spec: StackSpec, what: str, extra: dict, compute, use_cache: bool = T
   return value
 
 
-def _stack_step(spec: StackSpec, blocks: int, remat, chunk_size=None, training=True):
+def stack_step(spec: StackSpec, blocks: int, remat, chunk_size=None, training=True):
   """(jitted step, abstract arguments) of a stack of `blocks` blocks: the training step
   (gradients of a sum-of-squares loss with respect to the parameters and both inputs, dropout
   on) or the inference forward (eval mode, chunked by `chunk_size`)."""
@@ -228,7 +228,7 @@ def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool 
   def compute():
     points, times = [], []
     for depth in DEPTHS:
-      fn, args, concrete = _stack_step(spec, depth, candidate.stack_remat())
+      fn, args, concrete = stack_step(spec, depth, candidate.stack_remat())
       compiled = _compile(fn, args, candidate.remat)
       points.append(_device_bytes(compiled))
       if measure:
@@ -249,7 +249,7 @@ def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: boo
   def compute():
     points, times = [], []
     for depth in DEPTHS:
-      fn, args, concrete = _stack_step(spec, depth, "none", chunk_size, training=False)
+      fn, args, concrete = stack_step(spec, depth, "none", chunk_size, training=False)
       compiled = _compile(fn, args, "none")
       points.append(_device_bytes(compiled))
       if measure:
