@@ -50,9 +50,8 @@ def run_worker(cmd: list[str], env: dict | None = None, timeout: int | None = No
   return json.loads(line)
 
 
-def write_profile(directory, name: str, compiled, args, steps: int = 2) -> None:
-  """DIR/NAME.hlo.txt and DIR/trace_NAME, which `jevo.bench.profile_summary` reads."""
-  write_trace(directory, name, compiled, args, steps)
+# DIR/NAME.hlo.txt and DIR/trace_NAME, which `jevo.bench.profile_summary` reads.
+write_profile = write_trace
 
 
 def write_results(out: str | pathlib.Path, meta: dict, results: list[dict],

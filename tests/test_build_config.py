@@ -9,7 +9,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -193,14 +192,23 @@ def test_cmake_stages_headers_keeping_unchanged_files_untouched(tmp_path):
   assert not (dst / "stale.h").exists()
 
 
-def test_progress_script_says_and_runs_the_command(tmp_path):
+def _progress_state(tmp_path, total: int, kernels: int, seconds_ago: int = 0, **lists):
+  """The progress script's state directory: file counts, a start time, and list files (a line
+  per file started or finished)."""
   if shutil.which("sh") is None:
     pytest.skip("no sh")
   state = tmp_path / "state"
   state.mkdir()
-  (state / "total").write_text("2\n")
-  (state / "kernels").write_text("1\n")
-  (state / "start").write_text(f"{int(time.time())}\n")
+  (state / "total").write_text(f"{total}\n")
+  (state / "kernels").write_text(f"{kernels}\n")
+  (state / "start").write_text(f"{int(time.time()) - seconds_ago}\n")
+  for name, lines in lists.items():
+    (state / name).write_text("x\n" * lines)
+  return state
+
+
+def test_progress_script_says_and_runs_the_command(tmp_path):
+  state = _progress_state(tmp_path, 2, 1)
   notify = tmp_path / "notify.log"
   env = dict(os.environ, JEVO_BUILD_NOTIFY=str(notify))
   out = tmp_path / "out.o"
@@ -271,17 +279,8 @@ def test_old_gpu_reason():
 
 
 def test_progress_script_estimates_the_time_left(tmp_path):
-  if shutil.which("sh") is None:
-    pytest.skip("no sh")
-  state = tmp_path / "state"
-  state.mkdir()
-  (state / "total").write_text("4\n")
-  (state / "kernels").write_text("4\n")
-  (state / "start").write_text(f"{int(time.time()) - 100}\n")
-  (state / "started").write_text("x\nx\nx\n")
-  (state / "started_kernels").write_text("x\nx\nx\n")
-  (state / "finished").write_text("x\nx\n")
-  (state / "finished_kernels").write_text("x\nx\n")
+  state = _progress_state(tmp_path, 4, 4, seconds_ago=100, started=3, started_kernels=3,
+                          finished=2, finished_kernels=2)
   notify = tmp_path / "notify.log"
   env = dict(os.environ, JEVO_BUILD_NOTIFY=str(notify))
   subprocess.run(["sh", str(PACKAGING / "progress.sh"), "compile", str(state), "true", "-c",

@@ -5,25 +5,24 @@
 
 set(JEVO_PACKAGING_DIR "${CMAKE_CURRENT_LIST_DIR}")
 
-# Prints "jevo: <message>" to CMake's output and, when the build runs under pip (which hides
-# build output unless -v), also where the user sees it: the build backend
-# (cuda/packaging/jevo_build_backend.py) names that place in JEVO_BUILD_NOTIFY.
-function(jevo_say)
+# Prints "jevo: <message>" to CMake's output (as `mode`: STATUS or WARNING) and, when the build
+# runs under pip (which hides build output unless -v), also where the user sees it: the build
+# backend (cuda/packaging/jevo_build_backend.py) names that place in JEVO_BUILD_NOTIFY.
+function(_jevo_notify mode)
   string(JOIN "" msg ${ARGN})
-  message(STATUS "jevo: ${msg}")
+  message(${mode} "jevo: ${msg}")
   if(NOT "$ENV{JEVO_BUILD_NOTIFY}" STREQUAL "")
     execute_process(COMMAND sh "${JEVO_PACKAGING_DIR}/progress.sh" say "${msg}"
                     OUTPUT_QUIET ERROR_QUIET)
   endif()
 endfunction()
 
+function(jevo_say)
+  _jevo_notify(STATUS ${ARGN})
+endfunction()
+
 function(jevo_warn)
-  string(JOIN "" msg ${ARGN})
-  message(WARNING "jevo: ${msg}")
-  if(NOT "$ENV{JEVO_BUILD_NOTIFY}" STREQUAL "")
-    execute_process(COMMAND sh "${JEVO_PACKAGING_DIR}/progress.sh" say "${msg}"
-                    OUTPUT_QUIET ERROR_QUIET)
-  endif()
+  _jevo_notify(WARNING ${ARGN})
 endfunction()
 
 # CMake CUDA_ARCHITECTURES entries for GPUs of the given compute capabilities ("9.0;8.6"):

@@ -33,11 +33,17 @@ def forward_fn(case, block):
   return forward, (state,)
 
 
+def sum_of_squares(*outputs):
+  """The training loss every benchmark and the planner use: the sum of squares of the outputs,
+  in fp32."""
+  import jax.numpy as jnp
+  return sum(jnp.sum(jnp.square(o.astype(jnp.float32))) for o in outputs)
+
+
 def training_step_fn(block):
   """(fn, args) for one block's training step: gradients of a sum-of-squares loss with respect to
   the parameters and both representations, dropout on, the forward under `jax.checkpoint`."""
   import jax
-  import jax.numpy as jnp
   from flax import nnx
   block.train()
   graphdef, params, rest = nnx.split(block, nnx.Param, ...)
@@ -49,9 +55,7 @@ def training_step_fn(block):
       return nnx.merge(graphdef, params, rest)(m, z, msa_mask, pair_mask, rngs=dropout_key)
 
     def loss(params, m, z):
-      m_out, z_out = forward(params, m, z)
-      return (jnp.sum(jnp.square(m_out.astype(jnp.float32)))
-              + jnp.sum(jnp.square(z_out.astype(jnp.float32))))
+      return sum_of_squares(*forward(params, m, z))
 
     return jax.grad(loss, argnums=(0, 1, 2))(params, m, z)
 

@@ -93,6 +93,11 @@ def slice_blocks(tree, start: int, count: int):
   return jax.tree.map(lambda a: a[start:start + count], tree)
 
 
+def join_blocks(parts: list):
+  """The runs' stacked per-block arrays put back in block order (`slice_blocks` undone)."""
+  return parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
 class _Stack(nnx.Module):
   _block_cls: type[EvoformerBlock]
 
@@ -155,8 +160,7 @@ class _Stack(nnx.Module):
         body = scan_body(checkpointed_block(one_block, remat))
         (m, z), run_rest = jax.lax.scan(lambda c, x: body(c, x, masks), (m, z), xs)
       new_rests.append(run_rest)
-    new_rest = (new_rests[0] if len(new_rests) == 1 else
-                jax.tree.map(lambda *parts: jnp.concatenate(parts), *new_rests))
+    new_rest = join_blocks(new_rests)
     if keys is None and draws_from_own_streams(self.blocks):
       nnx.update(self.blocks, new_rest)
     return m, z

@@ -10,14 +10,13 @@ as `EvoformerStack.__call__` uses them.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jevo.nn import _common as c
 from jevo.nn.block import NUM_DROPOUT_KEYS, check_block_inputs
 from jevo.nn.dropout import RngsLike, draws_from_own_streams, dropout_keys, one_key
-from jevo.nn.stack import (EvoformerStack, ExtraMSAStack, checkpointed_block, remat_runs,
-                           slice_blocks)
+from jevo.nn.stack import (EvoformerStack, ExtraMSAStack, checkpointed_block, join_blocks,
+                           remat_runs, slice_blocks)
 from jevo.parallel import mesh as mesh_lib
 from jevo.parallel.block import block_on_shard
 from jevo.parallel.layout import DapAxis
@@ -54,8 +53,7 @@ def stack_on_shard(stack: StackLike, m: jax.Array, z: jax.Array, masks: Masks,
     (m, z), run_rest = jax.lax.scan(step, (m, z), slice_blocks((params, rest, keys), start,
                                                                count))
     new_rests.append(run_rest)
-  new_rest = (new_rests[0] if len(new_rests) == 1 else
-              jax.tree.map(lambda *parts: jnp.concatenate(parts), *new_rests))
+  new_rest = join_blocks(new_rests)
   nnx.update(stack.blocks, new_rest)
   return m, z
 

@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import pathlib
-import time
+
+from jevo.bench.block_case import sum_of_squares
+from jevo.bench.measure import median_ms, xla_analysis
 
 # Stack depths compiled to separate the per-block memory from the fixed part.
 DEPTHS = (2, 3)
@@ -100,15 +102,13 @@ def stack_step(spec: StackSpec, blocks: int, remat, chunk_size=None, training=Tr
 
   def concrete():
     """Real arguments: the stack built for real, inputs random on the host (never zeros)."""
-    import numpy as np
+    from jevo.bench.implementations import host_normal
     stack = make()
     if not training:
       stack.eval()
     _, real_params, real_rest = nnx.split(stack, nnx.Param, ...)
-    rng = np.random.default_rng(0)
-    inputs = [jax.device_put(rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype))
-              for x in (m, z)]
-    return (real_params, real_rest, *inputs)
+    return (real_params, real_rest, host_normal(0, m.shape, m.dtype),
+            host_normal(1, z.shape, z.dtype))
 
   if not training:
     def forward(params, rest, m, z):
@@ -117,10 +117,8 @@ def stack_step(spec: StackSpec, blocks: int, remat, chunk_size=None, training=Tr
 
   def step(params, rest, m, z):
     def loss(params, m, z):
-      m_out, z_out = nnx.merge(graphdef, params, rest)(m, z, rngs=jax.random.key(0),
-                                                        chunk_size=chunk_size)
-      return (jnp.sum(jnp.square(m_out.astype(jnp.float32)))
-              + jnp.sum(jnp.square(z_out.astype(jnp.float32))))
+      return sum_of_squares(*nnx.merge(graphdef, params, rest)(
+          m, z, rngs=jax.random.key(0), chunk_size=chunk_size))
     return jax.grad(loss, argnums=(0, 1, 2))(params, m, z)
 
   return step, (params, rest, m, z), concrete
@@ -157,9 +155,7 @@ def _block_step(spec: StackSpec, remat, chunk_size=None, training=True):
 
   def step(params, m, z):
     def loss(params, m, z):
-      m_out, z_out = wrapped(m, z, params)
-      return (jnp.sum(jnp.square(m_out.astype(jnp.float32)))
-              + jnp.sum(jnp.square(z_out.astype(jnp.float32))))
+      return sum_of_squares(*wrapped(m, z, params))
     return jax.grad(loss, argnums=(0, 1, 2))(params, m, z)
 
   return step, (params, m, z)
@@ -203,42 +199,39 @@ def _device_bytes(compiled) -> tuple[int, int]:
 def _estimated_ms(compiled) -> float:
   """A time from XLA's cost analysis at an H200's rates (790 TFLOP/s, 4.8 TB/s), for ranking
   candidates where nothing is measured."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return 1e3 * (float(cost.get("flops", 0.0)) / 790e12
-                + float(cost.get("bytes accessed", 0.0)) / 4.8e12)
+  cost = xla_analysis(compiled)
+  return 1e3 * (cost.get("flops", 0.0) / 790e12 + cost.get("bytes_accessed", 0.0) / 4.8e12)
 
 
 def _measured_ms(compiled, concrete, repeats: int = 5) -> float:
   """Median ms of the compiled step on `concrete()`'s real arguments, after a warm-up call."""
-  import jax
-  args = concrete()
-  jax.block_until_ready(compiled(*args))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    samples.append((time.perf_counter() - start) * 1e3)
-  return sorted(samples)[len(samples) // 2]
+  return median_ms(compiled, concrete(), repeats, warmup=1)["ms"]
+
+
+def _fit(step_of_depth, remat, measure: bool, estimate) -> dict:
+  """Cost fields from the compiled steps of stacks of DEPTHS[0] and DEPTHS[1] blocks
+  (`step_of_depth(depth)` -> stack_step's triple): the difference is what one block adds, the
+  rest is fixed; time per block measured as the same difference, or `estimate()`."""
+  points, times = [], []
+  for depth in DEPTHS:
+    fn, args, concrete = step_of_depth(depth)
+    compiled = _compile(fn, args, remat)
+    points.append(_device_bytes(compiled))
+    if measure:
+      times.append(_measured_ms(compiled, concrete))
+  (t2, io2), (t3, io3) = points
+  kept, io_per_block = t3 - t2, io3 - io2
+  return dict(kept=kept, fixed=t2 - DEPTHS[0] * kept, io_per_block=io_per_block,
+              io_fixed=io2 - DEPTHS[0] * io_per_block,
+              ms=times[1] - times[0] if measure else estimate(),
+              time_source="measured" if measure else "XLA cost analysis")
 
 
 def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool = True) -> Cost:
   """The Cost of running every block of `spec`'s stack as `candidate` in a training step."""
   def compute():
-    points, times = [], []
-    for depth in DEPTHS:
-      fn, args, concrete = stack_step(spec, depth, candidate.stack_remat())
-      compiled = _compile(fn, args, candidate.remat)
-      points.append(_device_bytes(compiled))
-      if measure:
-        times.append(_measured_ms(compiled, concrete))
-    (t2, io2), (t3, io3) = points
-    kept, io_per_block = t3 - t2, io3 - io2
-    ms = times[1] - times[0] if measure else _estimated_block_ms(spec, candidate)
-    return dict(kept=kept, fixed=t2 - DEPTHS[0] * kept, io_per_block=io_per_block,
-                io_fixed=io2 - DEPTHS[0] * io_per_block, ms=ms,
-                time_source="measured" if measure else "XLA cost analysis")
+    return _fit(lambda depth: stack_step(spec, depth, candidate.stack_remat()),
+                candidate.remat, measure, lambda: _estimated_block_ms(spec, candidate))
   value = cached(spec, "training", dict(candidate=candidate.name, measure=measure), compute,
                  use_cache)
   return Cost(**value)
@@ -247,17 +240,7 @@ def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool 
 def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: bool = True) -> Cost:
   """The Cost of the inference forward with `chunk_size` (None: no chunking)."""
   def compute():
-    points, times = [], []
-    for depth in DEPTHS:
-      fn, args, concrete = stack_step(spec, depth, "none", chunk_size, training=False)
-      compiled = _compile(fn, args, "none")
-      points.append(_device_bytes(compiled))
-      if measure:
-        times.append(_measured_ms(compiled, concrete))
-    (t2, io2), (t3, io3) = points
-    ms = times[1] - times[0] if measure else _estimated_block_ms(spec, None, chunk_size)
-    return dict(kept=t3 - t2, fixed=t2 - DEPTHS[0] * (t3 - t2), io_per_block=io3 - io2,
-                io_fixed=io2 - DEPTHS[0] * (io3 - io2), ms=ms,
-                time_source="measured" if measure else "XLA cost analysis")
+    return _fit(lambda depth: stack_step(spec, depth, "none", chunk_size, training=False),
+                "none", measure, lambda: _estimated_block_ms(spec, None, chunk_size))
   return Cost(**cached(spec, "inference", dict(chunk_size=chunk_size, measure=measure), compute,
                        use_cache))
