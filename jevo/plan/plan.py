@@ -14,8 +14,11 @@ GIB = 2 ** 30
 
 
 def size_text(nbytes: int) -> str:
-  """Bytes as GiB, or MiB below one GiB."""
-  return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2 ** 20:.1f} MiB"
+  """Bytes as GiB, MiB below one GiB, KiB below one MiB."""
+  for unit, size in (("GiB", GIB), ("MiB", 2 ** 20)):
+    if nbytes >= size:
+      return f"{nbytes / size:.2f} {unit}"
+  return f"{nbytes / 2 ** 10:.1f} KiB"
 
 
 class PlanError(ValueError):
