@@ -116,21 +116,37 @@ def test_forward_mode_runs_on_xla_and_matches_reverse_mode():
   np.testing.assert_allclose(np.asarray(tangent), np.asarray(numeric), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "jit_jvp", "jit_jacfwd"])
 def test_forward_mode_on_a_custom_vjp_backend_says_to_use_xla(transform):
   q, k, v, _, _ = _inputs()
 
   def f(q):
     return jevo.evoformer_attention(q, k, v, implementation="xla_chunked")
 
+  jvp = lambda q: jax.jvp(f, (q,), (q,))  # noqa: E731
+  jacfwd = jax.jacfwd(lambda q: jnp.sum(f(q)))
+  run = dict(jvp=jvp, jacfwd=jacfwd, jit_jvp=jax.jit(jvp), jit_jacfwd=jax.jit(jacfwd))[transform]
+  # Under jax.jit JAX's own message would come only when the step is compiled.
   with pytest.raises(TypeError, match=r"evoformer_attention: implementation='xla_chunked' has "
                                       r"reverse-mode derivatives only .* needs "
                                       r"implementation='xla'"):
-    if transform == "jvp":
-      jax.jvp(f, (q,), (q,))
-    else:
-      jax.jacfwd(lambda q: jnp.sum(f(q)))(q)
+    run(q)
   assert "cuda" in forward_mode_message("cuda")
+
+
+def test_forward_mode_elsewhere_in_the_function_leaves_a_custom_vjp_backend_alone():
+  """jax.jvp with respect to something the attention's inputs do not depend on gives them no
+  tangent, and reverse mode still works under jit."""
+  q, k, v, _, _ = _inputs()
+
+  def f(x):
+    return x * jnp.sum(jevo.evoformer_attention(q, k, v, implementation="xla_chunked"))
+
+  out, tangent = jax.jit(lambda x: jax.jvp(f, (x,), (jnp.ones_like(x),)))(jnp.float32(2.0))
+  np.testing.assert_allclose(np.asarray(tangent), np.asarray(out) / 2.0, rtol=1e-6)
+  grad = jax.jit(jax.grad(lambda q: jnp.sum(jevo.evoformer_attention(
+      q, k, v, implementation="xla_chunked") ** 2)))(q)
+  assert grad.shape == q.shape and bool(jnp.all(jnp.isfinite(grad)))
 
 
 def test_hessian_of_the_chunked_backend_equals_xla():

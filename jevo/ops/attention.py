@@ -15,8 +15,10 @@ from jevo.ops import backends
 SUPPORTED_DTYPES = tuple(jnp.dtype(t) for t in (jnp.bfloat16, jnp.float16, jnp.float32,
                                                  jnp.float64))
 _LAYOUT = "[*B, N, S, H, D]"
-# What JAX raises when forward-mode autodiff meets a `custom_vjp` (the "cuda" and
-# "xla_chunked" backends): recognised to say instead which backend has forward mode.
+# The backends that are `custom_vjp`s, with reverse-mode derivatives only.
+_REVERSE_MODE_ONLY = ("cuda", "xla_chunked")
+# What JAX raises when forward-mode autodiff meets a `custom_vjp`: recognised to say instead
+# which backend has forward mode (where `_under_forward_mode` does not see it coming).
 _JAX_FORWARD_MODE_ERROR = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
 
 
@@ -69,6 +71,9 @@ def evoformer_attention(q, k, v, *, mask=None, bias=None, scale=None, implementa
   if call.empty:
     # Nothing to attend over or nothing to compute: zeros, with zero gradients.
     return jnp.zeros(call.out_shape, call.q.dtype)
+  if call.implementation in _REVERSE_MODE_ONLY and _under_forward_mode(call.q, call.k, call.v,
+                                                                        call.bias):
+    raise TypeError(forward_mode_message(call.implementation))
   backend = backends.get(call.implementation)
   try:
     out = backend.attention(call.q, call.k, call.v, call.mask, call.bias, scale=call.scale,
@@ -78,6 +83,24 @@ def evoformer_attention(q, k, v, *, mask=None, bias=None, scale=None, implementa
       raise
     raise TypeError(forward_mode_message(call.implementation)) from err
   return out.reshape(call.out_shape)
+
+
+def _under_forward_mode(*arrays) -> bool:
+  """Whether forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) is differentiating any of `arrays`
+  right here. JAX itself fails only where the custom VJP's tangent is evaluated: inside
+  `jax.jit`, when the step is compiled, far from this call and in JAX's words. Reverse mode
+  (`jax.grad`, `jax.vjp`) and `jax.linearize` trace with a linearize trace, not a JVP trace, so
+  they pass; `jax.jvp` of an already-jitted function differentiates the traced program, not
+  this call, and still gets JAX's message."""
+  try:
+    from jax._src import core
+    from jax._src.interpreters import ad
+    trace = core.trace_ctx.trace
+    return isinstance(trace, ad.JVPTrace) and any(
+        isinstance(x, ad.JVPTracer) and x._trace is trace and not isinstance(x.tangent, ad.Zero)
+        for x in arrays)
+  except (ImportError, AttributeError):  # JAX's internals moved: JAX's own message then
+    return False
 
 
 def forward_mode_message(implementation: str) -> str:
