@@ -147,6 +147,8 @@ def plan_table(planned: dict | None, on_gpu: bool) -> str:
   peak_label = ("allocator's peak" if on_gpu else
                 "XLA's memory analysis of the whole step (no allocator on a CPU)")
   measured_peak = peak if peak is not None else planned["xla_whole_step_bytes"]
+  if peak is not None and measured.get("peak_is_upper_bound"):
+    peak_label += "; reached before the step ran, so the step's own peak is at most this"
   rows = [["peak device memory", f"{plan['predicted_peak'] / GIB:.3f} GiB",
            f"{measured_peak / GIB:.3f} GiB ({peak_label})"],
           ["step time", f"{plan['predicted_ms']:.1f} ms ({plan['time_source']})",

@@ -145,10 +145,16 @@ def run(options: Options) -> dict:
   if do_plan:
     blocks = options.plan_blocks or (4 if preset.block.extra_msa or not on_gpu else 48)
     progress.begin(f"plan {blocks} blocks for {options.plan_budget} and run the plan")
-    planned = run_worker(dict(mode="plan", preset=preset.name, budget=options.plan_budget,
-                              blocks=blocks, repeats=min(repeats, 5),
-                              candidates=list(options.plan_candidates)), progress,
-                         timeout_s=options.timeout_s)
+    plan_spec = dict(mode="plan", preset=preset.name, budget=options.plan_budget, blocks=blocks,
+                     repeats=min(repeats, 5), candidates=list(options.plan_candidates))
+    # Planning runs steps of 2 and 3 blocks of every candidate on the device, and the
+    # allocator's peak is a running maximum over a process: so one worker plans (filling the
+    # planner's cache) and a fresh one, planning again from that cache, runs the planned step.
+    planned = run_worker(dict(plan_spec, plan_only=True), progress, timeout_s=options.timeout_s)
+    if planned.get("status") == "ok":
+      ran = run_worker(plan_spec, progress, timeout_s=options.timeout_s)
+      planned = dict(ran, plan=planned["plan"], description=planned["description"]) if (
+          ran.get("status") == "ok") else ran
     planned.update(budget=options.plan_budget, blocks=blocks)
     progress.finish("ran" if planned.get("status") == "ok" else
                     f"failed: {planned.get('reason', '')[:80]}")

@@ -160,9 +160,11 @@ def _trace_block(record, case, blk, inputs, trace_dir):
 
 
 def planned(spec: dict) -> dict:
-  """Plans the preset's stack for a budget (jevo.plan), then runs the planned step: the
-  planner's predicted peak and time beside the measured ones (on a CPU, where there is no
-  allocator, XLA's memory analysis of the whole compiled stack stands for the measured peak)."""
+  """Plans the preset's stack for a budget (jevo.plan), then (unless `plan_only`) runs the
+  planned step: the planner's predicted peak and time beside the measured ones (on a CPU, where
+  there is no allocator, XLA's memory analysis of the whole compiled stack stands for the
+  measured peak). Run the planned step in a process that has not planned with an empty cache:
+  planning runs steps on the device, and the allocator's peak would be theirs."""
   import dataclasses
   import jax
   from jevo.bench import presets
@@ -182,6 +184,8 @@ def planned(spec: dict) -> dict:
   except PlanError as err:
     return dict(status="error", reason=str(err), smallest_budget=err.smallest_budget)
   record = dict(status="ok", plan=dataclasses.asdict(plan), description=plan.describe())
+  if spec.get("plan_only"):
+    return record
   remat = plan.stack_remat if training else "none"
   fn, _, concrete = costs.stack_step(stack_spec, spec["blocks"], remat, plan.chunk_size,
                                       training)
