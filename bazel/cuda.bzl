@@ -79,7 +79,7 @@ cuda_archs_flag = rule(
     doc = "Comma- (or semicolon-) separated CUDA architectures in CMake's CUDA_ARCHITECTURES syntax.",
 )
 
-def _compile(ctx, nvcc, src, archs, includes, system_includes, headers):
+def _compile(ctx, nvcc, src, archs, gencode, defines, includes, system_includes, headers):
     is_cuda = src.extension == "cu"
     obj = ctx.actions.declare_file("_objs/%s/%s.o" % (ctx.label.name, src.short_path.replace("../", "external/")))
     args = ctx.actions.args()
@@ -87,8 +87,8 @@ def _compile(ctx, nvcc, src, archs, includes, system_includes, headers):
     args.add_all(ctx.attr.copts)
     if is_cuda:
         args.add_all(ctx.attr.cuda_copts)
-        args.add_all(archs.gencode)
-    args.add_all(["-D" + d for d in ctx.attr.defines])
+        args.add_all(gencode)
+    args.add_all(["-D" + d for d in ctx.attr.defines + defines])
     if ctx.attr.archs_define:
         # Lets the module report the architectures it was built for (JEVO_CUDA_ARCHS in CMake).
         args.add('-D%s="%s"' % (ctx.attr.archs_define, archs.spec))
@@ -103,7 +103,7 @@ def _compile(ctx, nvcc, src, archs, includes, system_includes, headers):
         inputs = depset([src], transitive = [headers]),
         outputs = [obj],
         mnemonic = "NvccCompile",
-        progress_message = "Compiling %s (%s)" % (src.short_path, archs.spec if is_cuda else "host"),
+        progress_message = "Compiling %s (%s)" % (src.short_path, " ".join(gencode) if is_cuda else "host"),
         # PATH, so that nvcc finds the host compiler.
         use_default_shell_env = True,
     )
@@ -116,7 +116,27 @@ def _cuda_python_extension_impl(ctx):
     system_includes = [t[CudaIncludeInfo] for t in ctx.attr.system_includes]
     headers = depset(ctx.files.hdrs, transitive = [i.headers for i in includes + system_includes])
 
-    objects = [_compile(ctx, nvcc, src, archs, includes, system_includes, headers) for src in ctx.files.srcs]
+    # A family's sources compile only for the entries of the architecture list that are its own
+    # architecture (sm_90a code never for sm_80), and not at all when there are none; the
+    # define it names then tells every source that the family is built.
+    entries = archs.spec.split(",")
+    family_objects = []
+    defines = []
+    for target, arch in ctx.attr.family_srcs.items():
+        own = [e for e in entries if e.partition("-")[0] == arch]
+        if not own:
+            continue
+        gencode = [_gencode(e, str(ctx.label)) for e in own]
+        for src in target.files.to_list():
+            family_objects.append((src, gencode))
+        define = ctx.attr.family_defines.get(arch)
+        if define and define not in defines:
+            defines.append(define)
+
+    objects = [_compile(ctx, nvcc, src, archs, archs.gencode, defines, includes, system_includes, headers)
+               for src in ctx.files.srcs]
+    objects += [_compile(ctx, nvcc, src, archs, gencode, defines, includes, system_includes, headers)
+                for src, gencode in family_objects]
 
     module = ctx.actions.declare_file(ctx.attr.module_name + ".so")
     args = ctx.actions.args()
@@ -141,6 +161,11 @@ cuda_python_extension = rule(
     implementation = _cuda_python_extension_impl,
     attrs = {
         "srcs": attr.label_list(allow_files = [".cu", ".cc", ".cpp"], doc = ".cu files are compiled as CUDA, the others as host C++."),
+        "family_srcs": attr.label_keyed_string_dict(
+            allow_files = [".cu"],
+            doc = "Sources of one architecture only, each mapped to it (\"90a\"): compiled for the matching entries of the architecture list, or skipped when it has none.",
+        ),
+        "family_defines": attr.string_dict(doc = "Per architecture of family_srcs, a define (NAME=VALUE) every source gets when that family is built."),
         "hdrs": attr.label_list(allow_files = True, doc = "Headers the sources include (action inputs)."),
         "includes": attr.label_list(providers = [CudaIncludeInfo], doc = "-I directories."),
         "system_includes": attr.label_list(providers = [CudaIncludeInfo], doc = "-isystem directories."),

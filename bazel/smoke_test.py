@@ -42,6 +42,14 @@ class LibrarySmokeTest(unittest.TestCase):
       self.skipTest("JEVO_EXPECTED_CUDA_ARCHS not set")
     self.assertEqual(self.jevo.cuda_status().architectures, EXPECTED_ARCHS)
 
+  def test_families_built_for_their_architectures(self):
+    """The sm80 family is always built; the sm90 (wgmma) family exactly when sm_90a is listed."""
+    families = {f.name: f for f in self.cuda_lib.kernel_families()}
+    self.assertEqual(sorted(families), ["sm80", "sm90"])
+    self.assertTrue(families["sm80"].built)
+    archs = (self.jevo.cuda_status().architectures or "").split(",")
+    self.assertEqual(families["sm90"].built, any(a.startswith("90a") for a in archs), archs)
+
   def test_status_without_device_says_why(self):
     status = self.jevo.cuda_status()
     if status.available:

@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 
 #include "handlers/registry.h"
+#include "kernels/families.h"
+
 
 namespace py = pybind11;
 
@@ -23,4 +25,26 @@ PYBIND11_MODULE(_jevo_cuda, m) {
     return targets;
   });
   m.attr("cuda_architectures") = JEVO_CUDA_ARCHS;
+  // The kernel families (cuda/kernels/generate.py): which were built, what each implements,
+  // the compute capabilities it runs on and the tile sizes that callers size work by.
+  m.def("families", []() {
+    py::list out;
+    for (const jevo::FamilyInfo& f : jevo::kFamilies) {
+      py::dict d;
+      d["name"] = f.name;
+      d["value"] = static_cast<int>(f.arch);
+      d["cuda_arch"] = f.cuda_arch;
+      d["built"] = f.built;
+      d["min_major"] = f.min_major;
+      d["max_major"] = f.max_major;
+      py::list directions;
+      if (f.fwd) directions.append("fwd");
+      if (f.bwd) directions.append("bwd");
+      d["directions"] = directions;
+      d["block_m"] = f.block_m;
+      d["block_n"] = f.block_n;
+      out.append(d);
+    }
+    return out;
+  });
 }

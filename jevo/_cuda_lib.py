@@ -86,23 +86,67 @@ def not_built_reason(err: ImportError, *, library_env: str | None = None,
   return f"{what}, as no nvcc was found at install (nor is one on PATH now). Fix: {REBUILD_WITH_NVCC}"
 
 
-def _register() -> tuple[CudaStatus, frozenset[str]]:
+@dataclasses.dataclass(frozen=True)
+class KernelFamily:
+  """One architecture family of kernels in the library (cuda/kernels/generate.py's FAMILIES)."""
+
+  name: str              # "sm80", "sm90"
+  value: int             # what the FFI calls' `family` attribute takes to ask for it
+  cuda_arch: str         # what its sources are compiled for ("80", "90a")
+  built: bool            # whether this library holds its kernels
+  min_major: int         # the compute capabilities (major) it runs on
+  max_major: int
+  directions: tuple[str, ...]  # "fwd", "bwd": what it implements (the rest falls back to sm80)
+  block_m: int           # query rows per tile
+  block_n: int           # key rows per tile
+
+  def runs_on(self, compute_capability: str) -> bool:
+    """Whether this family's kernels run on a device of this compute capability ("9.0")."""
+    try:
+      major = int(str(compute_capability).split(".")[0])
+    except ValueError:
+      return False
+    return self.built and self.min_major <= major <= self.max_major
+
+
+def _families(module) -> tuple[KernelFamily, ...]:
+  if not hasattr(module, "families"):
+    return ()
+  return tuple(KernelFamily(name=f["name"], value=int(f["value"]), cuda_arch=f["cuda_arch"],
+                            built=bool(f["built"]), min_major=int(f["min_major"]),
+                            max_major=int(f["max_major"]), directions=tuple(f["directions"]),
+                            block_m=int(f["block_m"]), block_n=int(f["block_n"]))
+               for f in module.families())
+
+
+def _register() -> tuple[CudaStatus, frozenset[str], tuple[KernelFamily, ...]]:
   try:
     module = _load_module()
   except ImportError as err:
     reason = not_built_reason(err, library_env=os.environ.get(LIBRARY_ENV),
                               pure_wheel=_installed_as_pure_wheel(), nvcc=shutil.which("nvcc"))
-    return CudaStatus(False, reason), frozenset()
+    return CudaStatus(False, reason), frozenset(), ()
   names = []
   for name, capsule in module.registrations().items():
     jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     names.append(name)
   library = getattr(module, "__file__", None)
   archs = getattr(module, "cuda_architectures", None)
-  return CudaStatus(True, "the CUDA library is loaded", library, archs), frozenset(names)
+  return (CudaStatus(True, "the CUDA library is loaded", library, archs), frozenset(names),
+          _families(module))
 
 
-_LIBRARY_STATUS, REGISTERED_TARGETS = _register()
+_LIBRARY_STATUS, REGISTERED_TARGETS, _FAMILIES = _register()
+
+
+def kernel_families() -> tuple[KernelFamily, ...]:
+  """The kernel families of the loaded library, oldest first (empty without the library)."""
+  return _FAMILIES
+
+
+def kernel_family(name: str) -> KernelFamily | None:
+  """The family called `name` ("sm80", "sm90"), or None when the library has no such family."""
+  return next((f for f in _FAMILIES if f.name == name), None)
 
 
 def _cuda_devices():

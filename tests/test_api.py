@@ -74,7 +74,7 @@ BAD_INPUTS = {
     "scale_bool": (dict(scale=True), TypeError, r"scale must be a number, got True"),
     "implementation_unknown": (dict(implementation="flash"), ValueError,
                                r"implementation must be None or one of 'cuda', 'xla_chunked', "
-                               r"'xla', got 'flash'"),
+                               r"'xla', 'cuda_sm80', 'cuda_sm90', got 'flash'"),
     "implementation_not_str": (dict(implementation=1), ValueError,
                                r"implementation must be None or one of .* got 1"),
     "deterministic_str": (dict(deterministic="yes"), TypeError,

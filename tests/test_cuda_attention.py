@@ -25,6 +25,41 @@ class TestCuda(AttentionBackendSuite):
   dtypes = ("bf16", "fp16")
 
 
+def _family_unusable(name):
+  """Why the kernel family `name` cannot run here, or None."""
+  from jevo.ops import cuda_backend
+  return cuda_backend._family_reason(name)
+
+
+class TestCudaSm80(AttentionBackendSuite):
+  """The mma.sync family, which every GPU from sm_80 on runs (on an H200 too, when asked)."""
+  implementation = "cuda_sm80"
+  dtypes = ("bf16", "fp16")
+
+
+@pytest.mark.skipif(_family_unusable("sm90") is not None,
+                    reason=f"sm90 kernels: {_family_unusable('sm90')}")
+class TestCudaSm90(AttentionBackendSuite):
+  """The wgmma family (H100/H200): its forward, with sm80's backward."""
+  implementation = "cuda_sm90"
+  dtypes = ("bf16", "fp16")
+
+
+@pytest.mark.skipif(_family_unusable("sm90") is not None,
+                    reason=f"sm90 kernels: {_family_unusable('sm90')}")
+def test_device_picks_sm90_on_hopper():
+  """By default the handler runs the newest family the device runs: on sm_90, the sm90 kernels,
+  whose outputs differ from sm80's in the last bits (another summation order)."""
+  case = Case(200, 32, "bf16", n=4, h=2, bias="normal")
+  inputs = make_inputs(case)
+  run = lambda impl: np.asarray(jevo.evoformer_attention(
+      inputs["q"], inputs["k"], inputs["v"], mask=inputs["mask"], bias=inputs["bias"],
+      implementation=impl).astype(jnp.float32))
+  auto, sm90, sm80 = run("cuda"), run("cuda_sm90"), run("cuda_sm80")
+  np.testing.assert_array_equal(auto, sm90)
+  np.testing.assert_allclose(sm90, sm80, atol=2e-2)
+
+
 def _grads(inputs, d_out, implementation="cuda", deterministic=False):
   mask = inputs["mask"]
 
@@ -37,18 +72,21 @@ def _grads(inputs, d_out, implementation="cuda", deterministic=False):
                                                    inputs["bias"])
 
 
+@pytest.mark.parametrize("implementation", ["cuda_sm80", "cuda_sm90"])
 @pytest.mark.parametrize("s,d,n", [(1, 8, 3), (65, 24, 5), (129, 40, 2), (385, 128, 2),
                                    (64, 16, 300), (200, 32, 257)])
-def test_odd_sizes_and_many_rows(s, d, n):
+def test_odd_sizes_and_many_rows(s, d, n, implementation):
   """Sizes off the 64-row tiles, odd head dims (padded inside the kernel), and N large enough
   that the bias gradient is reduced over several chunks."""
+  if implementation == "cuda_sm90" and _family_unusable("sm90"):
+    pytest.skip(f"sm90 kernels: {_family_unusable('sm90')}")
   case = Case(s, d, "bf16", n=n, h=3, mask="empty_rows")
   inputs = make_inputs(case)
   d_out = random_cotangent(case)
   args = [to_f64(inputs[x]) for x in ("q", "k", "v")]
   mask, bias = np.asarray(inputs["mask"]), to_f64(inputs["bias"])
   want = reference.attention_vjp(*args, to_f64(d_out), mask=mask, bias=bias)
-  got = _grads(inputs, d_out)
+  got = _grads(inputs, d_out, implementation=implementation)
   base = _grads(inputs, d_out, implementation="xla")
   for name, g, b, w in zip(("dq", "dk", "dv", "dbias"), got, base, want):
     assert_accurate(g, w, "bf16", baseline_error=max_error(b, w), factor=2.0, ulps=4.0, what=name)
@@ -100,7 +138,7 @@ for q_in, k_in, lse_shape in [(q[0], q[0], (1, 2, 2, 16)),                     #
   call = jax.ffi.ffi_call(FORWARD_TARGET, (jax.ShapeDtypeStruct(q_in.shape, bf),
                                            jax.ShapeDtypeStruct(lse_shape, jnp.float32)))
   try:
-    jax.block_until_ready(call(q_in, k_in, k_in, none, no_bias, scale=np.float32(0.1)))
+    jax.block_until_ready(call(q_in, k_in, k_in, none, no_bias, scale=np.float32(0.1), family=np.int64(0)))
     print("no error")
   except Exception as e:
     print("raised:", e)
@@ -109,10 +147,16 @@ for residual in [jax.ShapeDtypeStruct(q.shape, jnp.float32),           # residua
                  jax.ShapeDtypeStruct((1, 2, 16, 2, 24), bf)]:          # residual's shape
   call = jax.ffi.ffi_call(FORWARD_TARGET, (jax.ShapeDtypeStruct(q.shape, bf), lse, residual))
   try:
-    jax.block_until_ready(call(q, q, q, none, no_bias, scale=np.float32(0.1)))
+    jax.block_until_ready(call(q, q, q, none, no_bias, scale=np.float32(0.1), family=np.int64(0)))
     print("no error")
   except Exception as e:
     print("raised:", e)
+call = jax.ffi.ffi_call(FORWARD_TARGET, (jax.ShapeDtypeStruct(q.shape, bf), lse))
+try:
+  jax.block_until_ready(call(q, q, q, none, no_bias, scale=np.float32(0.1), family=np.int64(70)))
+  print("no error")
+except Exception as e:
+  print("raised:", e)
 out = jevo.evoformer_attention(q, q, q, implementation="cuda")
 print("finite after:", bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))))
 """
@@ -131,6 +175,7 @@ def test_direct_kernel_calls_with_bad_shapes_raise_and_the_process_goes_on():
   assert "lse must have shape [1, 2, 2, 16], got [1, 2, 2, 17]" in run.stdout
   assert "o_residual must be bfloat16" in run.stdout
   assert "o_residual must have q's shape [1, 2, 16, 2, 32], got [1, 2, 16, 2, 24]" in run.stdout
+  assert "family must be 0 (by device), 80 or 90, got 70" in run.stdout
   assert "no error" not in run.stdout
   assert "finite after: True" in run.stdout
 

@@ -109,7 +109,8 @@ def test_the_forward_residual_is_the_rest_of_the_fp32_output():
                                            jax.ShapeDtypeStruct((b, n, h, s), jnp.float32),
                                            jax.ShapeDtypeStruct(shape, BF16)))
   out, _, res = call(inputs["q"], inputs["k"], inputs["v"], jnp.asarray(mask),
-                     inputs["bias"].reshape(b, h, s, s), scale=np.float32(32 ** -0.5))
+                     inputs["bias"].reshape(b, h, s, s), scale=np.float32(32 ** -0.5),
+                     family=np.int64(0))
   out, res = np.asarray(out.astype(jnp.float32)), np.asarray(res.astype(jnp.float32))
   # |r| is at most half a unit in the last place of out (and r is itself rounded to bf16);
   # an exact round trip bf16(out + r) == out is not implied, since ties may round either way.

@@ -8,6 +8,10 @@
 //   lse, delta: [B, N, H, S] f32
 //   o_residual: an optional third result of the forward, [B, N, S, H, D] bf16 (the fp32 output
 //     minus o), which the custom_vjp's forward asks for and the inference forward does not
+// Attribute `family`: 0 picks the kernel family from the device's compute capability at run
+// time (so one exported program runs on A100 and H100 alike); 80 or 90 asks for that family,
+// which is an error where it was not built or cannot run. A family that does not implement a
+// direction (sm90 has no backward yet) falls back to sm80 for it.
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -17,6 +21,8 @@
 #include "attention/launch.h"
 #include "ffi_helpers.h"
 #include "handlers/registry.h"
+#include "kernels/families.h"
+
 
 namespace jevo {
 namespace {
@@ -31,7 +37,8 @@ ffi::Error ReadShape(const ffi::AnyBuffer& q, AttentionShape* shape) {
     return ffi::Error::InvalidArgument("jevo attention: head dim must be a multiple of 8 and at "
                                        "most 128, got " + std::to_string(shape->head_dim));
   }
-  // The kernels' one-dimensional grids have a CTA per (b * n, head, tile of 64).
+  // The kernels' one-dimensional grids have a CTA per (b * n, head, tile of 64 queries).
+  static_assert(sm80::kBlockM == 64 && sm90::kBlockM == 64);
   const int64_t tiles = (shape->seq + 63) / 64;
   if (!FitsInt(shape->seq) || shape->batch * shape->n * shape->heads * tiles >
                                   std::numeric_limits<int32_t>::max()) {
@@ -78,22 +85,81 @@ ffi::Error CheckMaskBias(const AttentionShape& sh, const ffi::AnyBuffer& q, cons
   return ffi::Error::Success();
 }
 
+// The smallest padded head dim >= d among kDims; run(Int) launches that instantiation.
+template <int... kDims, typename Run>
+cudaError_t ByHeadDim(int64_t d, std::integer_sequence<int, kDims...>, Run&& run) {
+  cudaError_t err = cudaErrorInvalidValue;
+  bool done = false;
+  ((done = done || (d <= kDims && ((err = run(std::integral_constant<int, kDims>{})), true))), ...);
+  return err;
+}
+
 template <typename Element>
-cudaError_t DispatchFwd(const FwdParams& p, cudaStream_t stream) {
-  const int64_t d = p.shape.head_dim;
-  if (d <= 16) return run_attention_fwd<Element, 16>(p, stream);
-  if (d <= 32) return run_attention_fwd<Element, 32>(p, stream);
-  if (d <= 64) return run_attention_fwd<Element, 64>(p, stream);
-  return run_attention_fwd<Element, 128>(p, stream);
+cudaError_t DispatchFwd(Arch arch, const FwdParams& p, cudaStream_t stream) {
+  return ByHeadDim(p.shape.head_dim, HeadDims{}, [&](auto dim) {
+#if JEVO_BUILD_SM90
+    if (arch == Arch::kSm90) return run_attention_fwd<Arch::kSm90, Element, decltype(dim)::value>(p, stream);
+#endif
+    return run_attention_fwd<Arch::kSm80, Element, decltype(dim)::value>(p, stream);
+  });
 }
 
 template <typename Element>
 cudaError_t DispatchBwd(const BwdParams& p, cudaStream_t stream) {
-  const int64_t d = p.shape.head_dim;
-  if (d <= 16) return run_attention_bwd<Element, 16>(p, stream);
-  if (d <= 32) return run_attention_bwd<Element, 32>(p, stream);
-  if (d <= 64) return run_attention_bwd<Element, 64>(p, stream);
-  return run_attention_bwd<Element, 128>(p, stream);
+  return ByHeadDim(p.shape.head_dim, HeadDims{}, [&](auto dim) {
+    return run_attention_bwd<Arch::kSm80, Element, decltype(dim)::value>(p, stream);
+  });
+}
+
+// The compute capability (major) of the current device, asked once per device.
+ffi::Error DeviceMajor(int* major) {
+  static int cached[64] = {};
+  int device = 0;
+  JEVO_RETURN_IF_ERROR(CudaError(cudaGetDevice(&device), "cudaGetDevice"));
+  if (device >= 0 && device < 64 && cached[device] > 0) {
+    *major = cached[device];
+    return ffi::Error::Success();
+  }
+  JEVO_RETURN_IF_ERROR(CudaError(
+      cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device), "compute capability"));
+  if (device >= 0 && device < 64) cached[device] = *major;
+  return ffi::Error::Success();
+}
+
+// The family that runs `direction` (forward or backward) for the `family` attribute.
+ffi::Error ChooseFamily(int64_t family, bool forward, Arch* arch) {
+  int major = 0;
+  JEVO_RETURN_IF_ERROR(DeviceMajor(&major));
+  const FamilyInfo* chosen = nullptr;
+  if (family == 0) {
+    for (const FamilyInfo& f : kFamilies) {  // the newest built family the device runs
+      if (f.built && major >= f.min_major && major <= f.max_major) chosen = &f;
+    }
+  } else {
+    for (const FamilyInfo& f : kFamilies) {
+      if (static_cast<int64_t>(f.arch) == family) chosen = &f;
+    }
+    if (chosen == nullptr) {
+      return ffi::Error::InvalidArgument("jevo attention: family must be 0 (by device), 80 or 90, "
+                                         "got " + std::to_string(family));
+    }
+    if (!chosen->built) {
+      return ffi::Error::InvalidArgument(std::string("jevo attention: the ") + chosen->name +
+                                         " kernels were not built into this library (sm_" +
+                                         chosen->cuda_arch + " was not among its architectures)");
+    }
+    if (major < chosen->min_major || major > chosen->max_major) {
+      return ffi::Error::InvalidArgument(std::string("jevo attention: the ") + chosen->name +
+                                         " kernels cannot run on this device (compute capability " +
+                                         std::to_string(major) + ".x)");
+    }
+  }
+  if (chosen == nullptr || !(forward ? chosen->fwd : chosen->bwd)) {
+    *arch = Arch::kSm80;  // what every device from sm_80 on runs
+  } else {
+    *arch = chosen->arch;
+  }
+  return ffi::Error::Success();
 }
 
 // The forward's optional residual result (none, or one bf16 buffer of q's shape); *residual stays
@@ -125,7 +191,7 @@ ffi::Error ReadResidual(const ffi::AnyBuffer& q, const ffi::RemainingRets& extra
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionFwdImpl(cudaStream_t stream, float scale, ffi::AnyBuffer q, ffi::AnyBuffer k,
+ffi::Error AttentionFwdImpl(cudaStream_t stream, float scale, int64_t family, ffi::AnyBuffer q, ffi::AnyBuffer k,
                             ffi::AnyBuffer v, ffi::AnyBuffer mask, ffi::AnyBuffer bias,
                             ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                             ffi::RemainingRets extra) {
@@ -141,6 +207,8 @@ ffi::Error AttentionFwdImpl(cudaStream_t stream, float scale, ffi::AnyBuffer q, 
   void* residual;
   JEVO_RETURN_IF_ERROR(ReadResidual(q, extra, &residual));
   if (sh.batch * sh.n * sh.seq * sh.heads == 0) return ffi::Error::Success();
+  Arch arch;
+  JEVO_RETURN_IF_ERROR(ChooseFamily(family, /*forward=*/true, &arch));
 
   FwdParams p{sh,
               q.untyped_data(),
@@ -154,14 +222,14 @@ ffi::Error AttentionFwdImpl(cudaStream_t stream, float scale, ffi::AnyBuffer q, 
               residual};
   cudaError_t err;
   switch (q.element_type()) {
-    case ffi::DataType::BF16: err = DispatchFwd<cutlass::bfloat16_t>(p, stream); break;
-    case ffi::DataType::F16: err = DispatchFwd<cutlass::half_t>(p, stream); break;
+    case ffi::DataType::BF16: err = DispatchFwd<cutlass::bfloat16_t>(arch, p, stream); break;
+    case ffi::DataType::F16: err = DispatchFwd<cutlass::half_t>(arch, p, stream); break;
     default: return ffi::Error::InvalidArgument("jevo attention: q must be bfloat16 or float16");
   }
   return CudaError(err, "attention forward launch");
 }
 
-ffi::Error AttentionBwdImpl(cudaStream_t stream, float scale, int64_t n_chunks,
+ffi::Error AttentionBwdImpl(cudaStream_t stream, float scale, int64_t family, int64_t n_chunks,
                             ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer mask,
                             ffi::AnyBuffer bias, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
                             ffi::Buffer<ffi::F32> delta, ffi::Result<ffi::AnyBuffer> dq,
@@ -183,6 +251,9 @@ ffi::Error AttentionBwdImpl(cudaStream_t stream, float scale, int64_t n_chunks,
   JEVO_RETURN_IF_ERROR(CheckDims(delta, {sh.batch, sh.n, sh.heads, sh.seq}, "delta"));
   if (has_bias) JEVO_RETURN_IF_ERROR(CheckDims(*dbias, {sh.batch, sh.heads, sh.seq, sh.seq}, "dbias"));
   if (sh.batch * sh.n * sh.seq * sh.heads == 0) return ffi::Error::Success();
+  Arch arch;  // every family's backward is sm80's today; the call still checks the request
+  JEVO_RETURN_IF_ERROR(ChooseFamily(family, /*forward=*/false, &arch));
+  (void)arch;
 
   // The bias gradient is reduced over N in n_chunks fp32 partials held in `workspace`
   // ([n_chunks, B, H, S, S], allocated by XLA); without a bias every n is its own chunk.
@@ -229,6 +300,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JevoAttentionFwd, AttentionFwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Attr<float>("scale")
+                                  .Attr<int64_t>("family")
                                   .Arg<ffi::AnyBuffer>()  // q
                                   .Arg<ffi::AnyBuffer>()  // k
                                   .Arg<ffi::AnyBuffer>()  // v
@@ -243,6 +315,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JevoAttentionBwd, AttentionBwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Attr<float>("scale")
+                                  .Attr<int64_t>("family")
                                   .Attr<int64_t>("n_chunks")
                                   .Arg<ffi::AnyBuffer>()  // q
                                   .Arg<ffi::AnyBuffer>()  // k

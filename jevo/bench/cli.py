@@ -26,10 +26,11 @@ def parser() -> argparse.ArgumentParser:
                      help="AlphaFold 2's Evoformer at explicit sizes, e.g. 256x512")
   p.add_argument("--gpu-default", default=presets.GPU_DEFAULT, choices=sorted(presets.PRESETS),
                  help="the preset run on a GPU when none is named (default: %(default)s)")
-  p.add_argument("--backends", nargs="+", default=list(implementations.ATTENTION_IMPLEMENTATIONS),
+  p.add_argument("--backends", nargs="+", default=list(implementations.DEFAULT_BACKENDS),
                  choices=list(implementations.ATTENTION_IMPLEMENTATIONS), metavar="NAME",
-                 help="implementations to run: %(choices)s (default: all; the block runs with "
-                 "jevo's backends among them)")
+                 help="implementations to run: %(choices)s (default: all but cuda_sm80 and "
+                 "cuda_sm90, jevo's single kernel families; the block runs with jevo's backends "
+                 "among them)")
   p.add_argument("--cases", nargs="+", metavar="CASE",
                  help="cases to run (msa_row, msa_col, tri_start, tri_end, block; default: all)")
   p.add_argument("--repeats", type=int, help="timed samples per pass (default: 20 on a GPU, 5 "

@@ -82,11 +82,14 @@ class Jevo(Implementation):
     self.label = f"jevo {backend}"
 
   def unavailable_reason(self, case, platform):
-    if self.backend == "cuda":
+    if self.backend.startswith("cuda"):
       import jevo
       status = jevo.cuda_status()
       if not status.available:
         return status.reason
+    if self.backend.startswith("cuda_"):  # one kernel family: cuda_sm80, cuda_sm90
+      from jevo.ops import cuda_backend
+      return cuda_backend._family_reason(self.backend.removeprefix("cuda_"))
     return None
 
   def setup(self, case, key):
@@ -194,7 +197,12 @@ class ColabFold(Implementation):
 
 
 ATTENTION_IMPLEMENTATIONS = {impl.name: impl for impl in (
-    Jevo("cuda"), Jevo("xla_chunked"), Jevo("xla"), CuDNN(), CuEquivariance(), ColabFold())}
+    Jevo("cuda"), Jevo("xla_chunked"), Jevo("xla"), CuDNN(), CuEquivariance(), ColabFold(),
+    Jevo("cuda_sm80"), Jevo("cuda_sm90"))}
+# What runs without --backends: everything but the single kernel families (cuda_sm80, cuda_sm90),
+# which "cuda" already is on its device and which are there to compare the families.
+DEFAULT_BACKENDS = tuple(name for name in ATTENTION_IMPLEMENTATIONS
+                         if name not in ("cuda_sm80", "cuda_sm90"))
 
 # The whole block runs jevo's modules with one of jevo's attention backends.
 BLOCK_BACKENDS = ("cuda", "xla_chunked", "xla")

@@ -25,9 +25,15 @@ _MODULES = {
     "xla_chunked": "jevo.ops.xla_chunked",
     "xla": "jevo.ops.xla",
 }
+# The CUDA kernels of one architecture family only, instead of the family each device picks:
+# for tests and measurements of a family (see jevo.ops.cuda_backend).
+_CUDA_FAMILIES = {"cuda_sm80": "sm80", "cuda_sm90": "sm90"}
 
 # Every name `implementation=` accepts.
-NAMES: tuple[str, ...] = tuple(_MODULES)
+NAMES: tuple[str, ...] = tuple(_MODULES) + tuple(_CUDA_FAMILIES)
+
+# The backends that are `custom_vjp`s, with reverse-mode derivatives only.
+REVERSE_MODE_ONLY: tuple[str, ...] = ("cuda", "xla_chunked") + tuple(_CUDA_FAMILIES)
 
 # What `implementation=None` tries, in order: the first whose unsupported_reason is None runs.
 # xla_chunked runs everything, so the search always ends.
@@ -36,6 +42,8 @@ AUTO_ORDER: tuple[str, ...] = ("cuda", "xla_chunked")
 
 def get(name: str) -> ModuleType:
   """The backend module registered under `name` (one of `NAMES`)."""
+  if name in _CUDA_FAMILIES:
+    return importlib.import_module(_MODULES["cuda"]).family_backend(_CUDA_FAMILIES[name])
   try:
     module_name = _MODULES[name]
   except KeyError:

@@ -5,6 +5,12 @@ rounding residual (see `_attention_fwd`); the backward recomputes the logits til
 FFI call carries an explicit `vmap` rule (`custom_vmap`) that folds the mapped axis into the
 batch axis the kernels already have. The kernels are deterministic: the bias gradient is reduced
 over N without atomics, so `deterministic=True` costs nothing.
+
+The library holds kernel families by GPU architecture (`jevo._cuda_lib.kernel_families()`):
+sm80 (mma.sync, every GPU from A100 on) and sm90 (wgmma, H100/H200 only; forward only so far,
+its backward is sm80's). By default each call picks the family from the device it runs on, so
+one exported program runs on both; `family_backend("sm80")` and `family_backend("sm90")` are the
+backends `implementation="cuda_sm80"` and `"cuda_sm90"` that ask for one.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jevo._cuda_lib import BACKWARD_TARGET, FORWARD_TARGET, cuda_status
+import types
+
+from jevo._cuda_lib import BACKWARD_TARGET, FORWARD_TARGET, cuda_status, kernel_family
 from jevo.ops.varying import vary_like
 
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -42,8 +50,31 @@ def _placement_reason(*arrays):
   return None
 
 
-def unsupported_reason(q, k, v, mask, bias):
-  """Why the kernels cannot run these inputs, or None when they can."""
+# The FFI calls' `family` attribute: 0 lets the handler pick by the device's compute capability.
+AUTO_FAMILY = 0
+
+
+def _family_reason(name):
+  """Why the kernel family `name` cannot run on this process's CUDA devices, or None."""
+  family = kernel_family(name)
+  if family is None:
+    return f"this CUDA library has no {name} kernel family"
+  if not family.built:
+    return (f"the {name} kernels were not built into this library (built for "
+            f"{cuda_status().architectures}); rebuild with JEVO_CUDA_ARCHS including "
+            f"{family.cuda_arch}")
+  caps = {getattr(d, "compute_capability", None) for d in jax.devices() if d.platform == "gpu"}
+  bad = sorted(c for c in caps if c and not family.runs_on(c))
+  if bad:
+    return (f"the {name} kernels run on compute capability {family.min_major}.x"
+            + (f" to {family.max_major}.x" if family.max_major != family.min_major else "")
+            + f", this GPU is {', '.join(bad)}")
+  return None
+
+
+def unsupported_reason(q, k, v, mask, bias, *, family=None):
+  """Why the kernels cannot run these inputs, or None when they can. `family` names a kernel
+  family that must run them ("sm80", "sm90"); None lets each call choose by device."""
   status = cuda_status()
   if not status.available:
     return status.reason
@@ -57,14 +88,25 @@ def unsupported_reason(q, k, v, mask, bias):
   if head_dim % 8 != 0 or head_dim > MAX_HEAD_DIM:
     return (f"the CUDA kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM}, "
             f"got {head_dim}")
+  if family is not None:
+    return _family_reason(family)
   return None
 
 
-def attention(q, k, v, mask, bias, *, scale, deterministic):
+def attention(q, k, v, mask, bias, *, scale, deterministic, family=None):
   del deterministic  # the kernels are always deterministic
   mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
   bias_arg = jnp.zeros((0,), q.dtype) if bias is None else bias  # already in q's dtype
-  return _attention(q, k, v, mask_arg, bias_arg, float(scale))
+  value = AUTO_FAMILY if family is None else kernel_family(family).value
+  return _attention(q, k, v, mask_arg, bias_arg, float(scale), value)
+
+
+def family_backend(name):
+  """The backend that runs the kernel family `name` ("sm80", "sm90") and no other: what the
+  tests run the shared backend suite on, once per family."""
+  return types.SimpleNamespace(
+      unsupported_reason=functools.partial(unsupported_reason, family=name),
+      attention=functools.partial(attention, family=name))
 
 
 def _fold(x, batched_axis_size):
@@ -90,7 +132,7 @@ def _vmap_rule(call, axis_size, in_batched, *args):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_call(scale: float, with_residual: bool = False):
+def _forward_call(scale: float, family: int, with_residual: bool = False):
   """The forward kernel: (out, lse), and with_residual also out's rounding residual."""
   @jax.custom_batching.custom_vmap
   def forward(q, k, v, mask, bias):
@@ -99,7 +141,7 @@ def _forward_call(scale: float, with_residual: bool = False):
     if with_residual:
       outs.append(jax.ShapeDtypeStruct(q.shape, RESIDUAL_DTYPE))
     call = jax.ffi.ffi_call(FORWARD_TARGET, tuple(outs))
-    return tuple(call(q, k, v, mask, bias, scale=np.float32(scale)))
+    return tuple(call(q, k, v, mask, bias, scale=np.float32(scale), family=np.int64(family)))
 
   @forward.def_vmap
   def forward_vmap(axis_size, in_batched, *args):
@@ -108,18 +150,26 @@ def _forward_call(scale: float, with_residual: bool = False):
   return forward
 
 
-def bias_grad_chunks(batch, n, seq, heads, sm_count=None):
+def _backward_query_tile():
+  """Query rows per CTA of the backward's dQ kernel (sm80's, the one backward there is)."""
+  family = kernel_family("sm80")
+  return family.block_m if family is not None else 64
+
+
+def bias_grad_chunks(batch, n, seq, heads, sm_count=None, query_tile=None):
   """How many fp32 partials the bias gradient is reduced over N in: enough CTAs (one per
-  chunk x batch x head x 64 queries) to fill the GPU about four times, at most 64."""
+  chunk x batch x head x query tile) to fill the GPU about four times, at most 64."""
   if sm_count is None:
     sm_count = getattr(jax.devices()[0], "core_count", None) or 132
-  ctas_per_chunk = batch * heads * -(-seq // 64)
+  if query_tile is None:
+    query_tile = _backward_query_tile()
+  ctas_per_chunk = batch * heads * -(-seq // query_tile)
   wanted = -(-4 * sm_count // ctas_per_chunk)
   return max(1, min(wanted, n, 64))
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_call(scale: float):
+def _backward_call(scale: float, family: int):
   @jax.custom_batching.custom_vmap
   def backward(q, k, v, mask, bias, dout, lse, delta):
     b, n, s, h, _ = q.shape
@@ -130,7 +180,7 @@ def _backward_call(scale: float):
     outs.append(jax.ShapeDtypeStruct((chunks, b, h, s, s) if chunks else (0,), jnp.float32))
     call = jax.ffi.ffi_call(BACKWARD_TARGET, tuple(outs))
     return tuple(call(q, k, v, mask, bias, dout, lse, delta, scale=np.float32(scale),
-                      n_chunks=np.int64(max(chunks, 1)))[:4])
+                      family=np.int64(family), n_chunks=np.int64(max(chunks, 1)))[:4])
 
   @backward.def_vmap
   def backward_vmap(axis_size, in_batched, *args):
@@ -139,20 +189,20 @@ def _backward_call(scale: float):
   return backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, mask, bias, scale):
-  out, _ = _forward_call(scale)(q, k, v, mask, bias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, mask, bias, scale, family):
+  out, _ = _forward_call(scale, family)(q, k, v, mask, bias)
   return vary_like(out, q, k, v, mask, bias)
 
 
-def _attention_fwd(q, k, v, mask, bias, scale):
+def _attention_fwd(q, k, v, mask, bias, scale, family):
   # Besides out, the kernel writes out_lo = bf16(O - out), O its fp32 output: the backward's
   # delta = rowsum(dO * O) needs O to more bits than out has. With a peaked softmax (large
   # biases) dS = P * (dP - delta) is a small difference of nearly equal terms, and delta from
   # the rounded out made dq, dk and dbias about 3.5x less accurate than XLA's own gradients
   # (tests/test_attention_delta_model.py). out + out_lo holds O to 8 more bits than out at half
   # the cost of an fp32 copy. The primal (inference) forward does not write it.
-  out, lse, out_lo = _forward_call(scale, True)(q, k, v, mask, bias)
+  out, lse, out_lo = _forward_call(scale, family, True)(q, k, v, mask, bias)
   # Inside shard_map the FFI call's results carry no varying axes; each device computed its own.
   out, lse, out_lo = (vary_like(x, q, k, v, mask, bias) for x in (out, lse, out_lo))
   return out, (q, k, v, mask, bias, out, out_lo, lse)
@@ -164,11 +214,11 @@ def row_delta(dout, out, out_lo):
   return jnp.swapaxes(jnp.sum(dout.astype(jnp.float32) * o, axis=-1), -1, -2)
 
 
-def _attention_bwd(scale, residuals, dout):
+def _attention_bwd(scale, family, residuals, dout):
   q, k, v, mask, bias, out, out_lo, lse = residuals
   dout = dout.astype(q.dtype)
   delta = row_delta(dout, out, out_lo)
-  dq, dk, dv, dbias = _backward_call(scale)(q, k, v, mask, bias, dout, lse, delta)
+  dq, dk, dv, dbias = _backward_call(scale, family)(q, k, v, mask, bias, dout, lse, delta)
   # custom_vjp wants each cotangent typed like its primal, varying axes included (shard_map).
   dq, dk, dv, dbias = (vary_like(g, x) for g, x in ((dq, q), (dk, k), (dv, v), (dbias, bias)))
   return dq, dk, dv, None, (dbias if bias.size else None)

@@ -8,12 +8,13 @@
 #include <cuda_runtime.h>
 
 #include "attention/grid.h"
-#include "attention/kernel_traits.h"
+#include "attention/sm80/kernel_traits.h"
 #include "attention/logits.h"
 #include "attention/params.h"
 #include "attention/tile_utils.h"
 
 namespace jevo {
+namespace sm80 {
 
 template <typename Traits, bool kWriteResidual>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) attention_fwd_kernel(const FwdParams p) {
@@ -200,28 +201,5 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
   }
 }
 
-template <typename Traits, bool kWriteResidual>
-cudaError_t launch_attention_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
-  constexpr int kStageElems =
-      2 * Traits::kTileElemsKV + BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
-  constexpr int kSmem =
-      (Traits::kTileElemsQ + Traits::kStagesFwd * kStageElems) * sizeof(typename Traits::Element);
-  auto kernel = attention_fwd_kernel<Traits, kWriteResidual>;
-  if (kSmem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-  }
-  const int64_t m_tiles = (p.shape.seq + Traits::kBlockM - 1) / Traits::kBlockM;
-  kernel<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads, kSmem,
-           stream>>>(p);
-  return cudaGetLastError();
-}
-
-// The residual output is a compile-time choice of the kernel, made here from p.o_residual.
-template <typename Traits>
-cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
-  return p.o_residual != nullptr ? launch_attention_fwd_kernel<Traits, true>(p, stream)
-                                 : launch_attention_fwd_kernel<Traits, false>(p, stream);
-}
-
+}  // namespace sm80
 }  // namespace jevo

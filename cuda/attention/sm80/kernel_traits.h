@@ -6,10 +6,14 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "attention/tiles.h"
+
 namespace jevo {
+namespace sm80 {
 using namespace cute;
 
-template <typename Element_, int kHeadDim_, int kBlockM_ = 64, int kBlockN_ = 64, int kNWarps_ = 4>
+template <typename Element_, int kHeadDim_, int kBlockM_ = sm80::kBlockM, int kBlockN_ = sm80::kBlockN,
+          int kNWarps_ = 4>
 struct AttentionTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // padded head dim the kernel runs (>= D)
@@ -75,4 +79,5 @@ struct AttentionTraits {
   static constexpr int kTileElemsP = kBlockM * kBlockN;
 };
 
+}  // namespace sm80
 }  // namespace jevo

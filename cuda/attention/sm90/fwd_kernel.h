@@ -1,0 +1,248 @@
+// Forward Evoformer attention for Hopper (sm_90a): the sm80 kernel's contract and its online
+// softmax, with both matrix products on wgmma, which runs asynchronously beside the warpgroup's
+// own instructions. The products of consecutive key tiles are pipelined: the step of tile j
+// issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, computes the softmax of
+// tile j while P V of tile j - 1 still runs on the tensor cores, and only then waits for it and
+// rescales O. Operands come from shared memory (Q, K, V) and registers (P), so no ldmatrix and
+// no per-warp copies of K and V.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cutlass/arch/barrier.h>
+
+#include "attention/grid.h"
+#include "attention/logits.h"
+#include "attention/params.h"
+#include "attention/sm90/fwd_traits.h"
+#include "attention/tile_utils.h"
+
+namespace jevo {
+namespace sm90 {
+
+// The wgmma accumulator layout ((2, 2, N / 8), MMA_M, MMA_N) seen as (rows, cols): the second
+// value mode is the row pair (r, r + 8), the first and third the columns 8 j + {0, 1}.
+template <typename Layout>
+CUTE_HOST_DEVICE auto acc_rowcol_layout(Layout acc) {
+  static_assert(decltype(rank(acc))::value == 3);
+  static_assert(decltype(rank<0>(acc))::value == 3);
+  return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)),
+                     make_layout(get<0, 0>(acc), get<0, 2>(acc), get<2>(acc)));
+}
+
+// The accumulator of S [64, kBlockN] in the element type, seen as the register A operand of
+// P V: its values (2 columns, 2 rows, column groups 2k and 2k + 1) are those of the k16 slice k
+// in wgmma's A-register order.
+template <int kBlockN, typename Frag>
+CUTE_DEVICE auto acc_as_a_operand(Frag& frag) {
+  static_assert(decltype(size(frag))::value == kBlockN / 2);
+  return make_tensor(frag.data(), make_layout(Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>{}));
+}
+
+// acc (+)= A B over the K slices of one tiled wgmma, as one committed batch. With kZeroInit the
+// first slice overwrites acc. Waits for nothing: the caller waits with warpgroup_wait<N>.
+template <bool kZeroInit, typename TiledMma, typename TA, typename TB, typename TC>
+CUTE_DEVICE void wgmma_batch(TiledMma& mma, TA&& a, TB&& b, TC& acc) {
+  constexpr bool kRegisterA =
+      !is_same_v<typename cute::remove_cvref_t<TA>::iterator, GMMA::DescriptorIterator>;
+  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(acc);
+  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+}
+
+template <typename Traits, bool kWriteResidual>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) attention_fwd_kernel(const FwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kPrefetch = Traits::kPrefetch;
+
+  const AttentionShape& sh = p.shape;
+  const int S = static_cast<int>(sh.seq);
+  const int D = static_cast<int>(sh.head_dim);
+  const TileCoord tc = decode_tile_coord((S + kBlockM - 1) / kBlockM, sh.heads);
+  const int64_t bn = tc.outer;  // b * N + n
+  const int64_t h = tc.head;
+  const int m0 = tc.tile * kBlockM;
+  const int tid = threadIdx.x;
+  const int64_t b = bn / sh.n;
+  const int64_t row_stride = sh.heads * sh.head_dim;
+  const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
+
+  const Element* q = static_cast<const Element*>(p.q) + base;
+  const Element* k = static_cast<const Element*>(p.k) + base;
+  const Element* v = static_cast<const Element*>(p.v) + base;
+  Element* o = static_cast<Element*>(p.o) + base;
+  const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
+  const Element* bias =
+      p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+
+  // Shared memory (each tile 1 KiB-aligned, as the 128-byte swizzle wants): Q, then the K, V
+  // and bias rings of kStages tiles.
+  using BiasTile = BiasTileLayout<kBlockM, kBlockN>;
+  extern __shared__ __align__(1024) char smem[];
+  Element* smem_q = reinterpret_cast<Element*>(smem);
+  Element* smem_k = smem_q + Traits::kTileElemsQ;
+  Element* smem_v = smem_k + kStages * Traits::kTileElemsKV;
+  Element* smem_bias = smem_v + kStages * Traits::kTileElemsKV;
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutK{});     // (n, d, stage)
+  Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutVt{});   // (d, n, stage)
+  auto stage_bias = [&](int st) { return smem_bias + st * BiasTile::kElems; };
+
+  const int n_blocks = (S + kBlockN - 1) / kBlockN;
+  // Loads key tile `nb` into stage nb % kStages and commits one cp.async group (empty past the
+  // last tile, so that the group count per step stays fixed).
+  auto issue = [&](int nb) {
+    if (nb < n_blocks) {
+      const int st = nb % kStages, n0 = nb * kBlockN;
+      Tensor sK_st = sK(_, _, st);
+      // [keys, d] view of V's [d, keys] stage, for row-wise loads.
+      Tensor sV_st = make_tensor(sVt(_, _, st).data(),
+                                 composition(sVt(_, _, st).layout(),
+                                             make_layout(Shape<Int<kBlockN>, Int<kHeadDim>>{}, GenRowMajor{})));
+      load_tile_async<kNThreads>(sK_st, k + n0 * row_stride, row_stride, S - n0, D, tid);
+      load_tile_async<kNThreads>(sV_st, v + n0 * row_stride, row_stride, S - n0, D, tid);
+      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(st), bias, m0, n0, S, tid);
+    }
+    cp_async_fence();
+  };
+
+  load_tile_async<kNThreads>(sQ, q + m0 * row_stride, row_stride, S - m0, D, tid);
+#pragma unroll
+  for (int i = 0; i < kPrefetch; ++i) issue(i);  // tile 0 in the same group as Q
+  KeyMaskPrefetch key_mask;
+  key_mask.fetch<kBlockN>(mask, 0, S);
+
+  typename Traits::MmaQK mma_qk;
+  typename Traits::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_pv = mma_pv.get_thread_slice(tid);
+  Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));    // descriptors
+  Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));    // (.., .., k, stage)
+  Tensor tOrVt = thr_pv.make_fragment_B(thr_pv.partition_B(sVt));  // (.., .., k, stage)
+  Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor acc_o = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  Tensor p_frag = make_tensor<Element>(acc_s.layout());  // P of the previous tile
+  Tensor tOrP = acc_as_a_operand<kBlockN>(p_frag);
+  clear(acc_o);
+
+  const AccCoords<Traits::kNWarps> at(tid);
+  Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
+  Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
+  constexpr int kRows = decltype(size<0>(s))::value;
+  constexpr int kCols = decltype(size<1>(s))::value;
+  static_assert(kRows == 2, "a thread holds rows r and r + 8 of its warp's 16");
+
+  float row_max[kRows];  // natural units
+  float row_sum[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int st = nb % kStages;
+    const uint64_t valid = key_mask.bits();
+    if (nb + 1 < n_blocks) key_mask.fetch<kBlockN>(mask, (nb + 1) * kBlockN, S);
+    cp_async_wait<kPrefetch - 1>();
+    // The tile's cp.async writes, made visible to wgmma's reads (the async proxy) and to the
+    // other warps; after the barrier every warp is also done with tile nb - 1's softmax, and
+    // its P V (tile nb - 2's V) has completed.
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+    issue(nb + kPrefetch);  // into the stage of tile nb - 2
+
+    wgmma_batch<true>(mma_qk, tSrQ, tSrK(_, _, _, st), acc_s);
+    if (nb > 0) wgmma_batch<false>(mma_pv, tOrP, tOrVt(_, _, _, (nb - 1) % kStages), acc_o);
+    if (nb > 0) {
+      warpgroup_wait<1>();  // S of this tile; P V of the last may still run
+    } else {
+      warpgroup_wait<0>();
+    }
+
+    logits(s, at, p.scale, bias ? stage_bias(st) : nullptr, valid);
+    float correction[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
+      mx = quad_max(mx);
+      // A row with every key so far masked keeps max -inf; subtract 0 then so no inf - inf.
+      const float base_log2 = (mx == -INFINITY ? 0.f : mx) * kLog2e;
+      correction[r] = exp2f(row_max[r] * kLog2e - base_log2);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float pv = exp2f(fmaf(s(r, c), kLog2e, -base_log2));
+        s(r, c) = pv;
+        sum += pv;
+      }
+      row_sum[r] = row_sum[r] * correction[r] + sum;
+    }
+
+    warpgroup_wait<0>();  // P V of tile nb - 1: O and P are free again
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= correction[r];
+    }
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) p_frag(i) = static_cast<Element>(acc_s(i));
+  }
+  if (n_blocks > 0) {
+    wgmma_batch<false>(mma_pv, tOrP, tOrVt(_, _, _, (n_blocks - 1) % kStages), acc_o);
+    warpgroup_wait<0>();
+  }
+
+  // Normalise, write O (and its residual) and the log-sum-exp. A fully masked row has sum 0:
+  // output 0 (residual 0), LSE +inf (so that the backward's exp(s - LSE) is 0 there, never NaN).
+  float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
+  using Residual = cutlass::bfloat16_t;
+  Residual* o_res = kWriteResidual ? static_cast<Residual*>(p.o_residual) + base : nullptr;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int qi = m0 + at.row(r);
+    if (qi < S) {
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); c += 2) {
+        const int d = at.col(c);  // d and d + 1, both < D or both >= D (D % 8 == 0)
+        if (d < D) {
+          const float o0 = o_rc(r, c) * inv, o1 = o_rc(r, c + 1) * inv;
+          cutlass::Array<Element, 2> pair;
+          pair[0] = static_cast<Element>(o0);
+          pair[1] = static_cast<Element>(o1);
+          *reinterpret_cast<cutlass::Array<Element, 2>*>(o + int64_t(qi) * row_stride + d) = pair;
+          if constexpr (kWriteResidual) {
+            // Exact in fp32 (Sterbenz): the rounding is within a factor of two of o0.
+            cutlass::Array<Residual, 2> res;
+            res[0] = static_cast<Residual>(o0 - static_cast<float>(pair[0]));
+            res[1] = static_cast<Residual>(o1 - static_cast<float>(pair[1]));
+            *reinterpret_cast<cutlass::Array<Residual, 2>*>(o_res + int64_t(qi) * row_stride + d) = res;
+          }
+        }
+      }
+      if ((tid & 3) == 0) lse[qi] = sum > 0.f ? row_max[r] + __logf(sum) : INFINITY;
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace jevo

@@ -1,0 +1,41 @@
+// Launches the sm_90a forward kernel: its shared-memory size, the opt-in above 48 KiB and the
+// grid (the sm80 kernel's: a CTA per (b * n, head, tile of 64 queries), tiles fastest).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "attention/sm90/fwd_kernel.h"
+
+namespace jevo {
+namespace sm90 {
+
+template <typename Traits>
+constexpr int fwd_smem_bytes() {
+  constexpr int kBias = BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
+  return (Traits::kTileElemsQ + Traits::kStages * (2 * Traits::kTileElemsKV + kBias)) *
+         int(sizeof(typename Traits::Element));
+}
+
+template <typename Traits, bool kWriteResidual>
+cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
+  constexpr int kSmem = fwd_smem_bytes<Traits>();
+  auto kernel = attention_fwd_kernel<Traits, kWriteResidual>;
+  if (kSmem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t m_tiles = (p.shape.seq + Traits::kBlockM - 1) / Traits::kBlockM;
+  kernel<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads, kSmem,
+           stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The residual output is a compile-time choice of the kernel, made here from p.o_residual.
+template <typename Traits>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  return p.o_residual != nullptr ? launch_fwd_kernel<Traits, true>(p, stream)
+                                 : launch_fwd_kernel<Traits, false>(p, stream);
+}
+
+}  // namespace sm90
+}  // namespace jevo
