@@ -15,8 +15,6 @@ from jevo.ops import backends
 SUPPORTED_DTYPES = tuple(jnp.dtype(t) for t in (jnp.bfloat16, jnp.float16, jnp.float32,
                                                  jnp.float64))
 _LAYOUT = "[*B, N, S, H, D]"
-# The backends that are `custom_vjp`s, with reverse-mode derivatives only.
-_REVERSE_MODE_ONLY = ("cuda", "xla_chunked")
 # What JAX raises when forward-mode autodiff meets a `custom_vjp`: recognised to say instead
 # which backend has forward mode (where `_under_forward_mode` does not see it coming).
 _JAX_FORWARD_MODE_ERROR = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
@@ -49,8 +47,10 @@ def evoformer_attention(q, k, v, *, mask=None, bias=None, scale=None, implementa
       gives the softmax of the exact logits (the XLA backends carry logits divided by |scale|
       when |scale| > 1, so that they cannot overflow).
     implementation: None (the best backend that supports the inputs: "cuda", else
-      "xla_chunked"), or one of "cuda", "xla_chunked", "xla". A backend named explicitly that
-      cannot run the inputs raises ValueError saying why; nothing falls back silently. Only
+      "xla_chunked"), or one of "cuda", "xla_chunked", "xla", or "cuda_sm80" / "cuda_sm90"
+      (the CUDA kernels of one GPU architecture family; "cuda" picks the family by device).
+      A backend named explicitly that cannot run the inputs raises ValueError saying why;
+      nothing falls back silently. Only
       "xla" has forward-mode derivatives (`jax.jvp`, `jax.jacfwd`, `jax.hessian`); the others
       are `custom_vjp`s, with reverse mode only, and say so when forward mode meets them.
     deterministic: require bitwise-reproducible results: the same inputs give the same output
@@ -71,7 +71,7 @@ def evoformer_attention(q, k, v, *, mask=None, bias=None, scale=None, implementa
   if call.empty:
     # Nothing to attend over or nothing to compute: zeros, with zero gradients.
     return jnp.zeros(call.out_shape, call.q.dtype)
-  if call.implementation in _REVERSE_MODE_ONLY and _under_forward_mode(call.q, call.k, call.v,
+  if call.implementation in backends.REVERSE_MODE_ONLY and _under_forward_mode(call.q, call.k, call.v,
                                                                         call.bias):
     raise TypeError(forward_mode_message(call.implementation))
   backend = backends.get(call.implementation)
