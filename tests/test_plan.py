@@ -75,6 +75,23 @@ def test_programme_finds_the_fastest_mix(budget_mib):
   assert choice.ms == pytest.approx(expected)
 
 
+def test_a_block_that_xla_gives_negative_memory_keeps_nothing():
+  """On an H200, XLA's memory analysis gave the offloaded 3-block step 132 MiB less than the
+  2-block one; the programme then failed (negative units) or predicted far too little."""
+  raw = dict(kept=-132 * MiB, fixed=6903 * MiB, io_per_block=MiB, io_fixed=MiB, ms=-1.0,
+             time_source="measured")
+  cost = costs._as_cost(raw)
+  two_blocks = raw["fixed"] + raw["io_fixed"] + 2 * (raw["kept"] + raw["io_per_block"])
+  assert cost.kept == 0 and cost.ms == 0.0
+  assert cost.peak(2) == two_blocks and cost.peak(48) >= two_blocks
+  everything = costs.Cost(50 * MiB, 60 * MiB, MiB, MiB, 10.0, "x")
+  budget = 8 * 2 ** 30
+  choice = search.best_training_choice({"everything": everything, "offload": cost}, 48, budget)
+  assert choice is not None and choice.peak <= budget and sum(choice.counts.values()) == 48
+  # The programme itself survives a negative figure (a cache written before the fix).
+  assert search.best_training_choice({"offload": costs.Cost(**dict(raw, ms=1.0))}, 48, budget)
+
+
 @pytest.fixture(scope="module")
 def planned_costs():
   """The two candidates' costs, measured once for the module (each is a few compiles)."""

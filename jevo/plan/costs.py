@@ -221,10 +221,27 @@ def _fit(step_of_depth, remat, measure: bool, estimate) -> dict:
       times.append(_measured_ms(compiled, concrete))
   (t2, io2), (t3, io3) = points
   kept, io_per_block = t3 - t2, io3 - io2
+  if measure:  # a difference lost in the noise: the deeper step's time per block instead
+    ms = times[1] - times[0] if times[1] > times[0] else times[1] / DEPTHS[1]
   return dict(kept=kept, fixed=t2 - DEPTHS[0] * kept, io_per_block=io_per_block,
               io_fixed=io2 - DEPTHS[0] * io_per_block,
-              ms=times[1] - times[0] if measure else estimate(),
+              ms=ms if measure else estimate(),
               time_source="measured" if measure else "XLA cost analysis")
+
+
+def _as_cost(value: dict) -> Cost:
+  """A Cost from `_fit`'s fields, none of them below zero. XLA's buffer assignment can give the
+  deeper stack less memory than the shallower (on an H200 the offloaded 3-block step came out
+  132 MiB below the 2-block one), which would make a block keep negative bytes: such a block
+  counts as keeping nothing, and the shallower step's larger figure is the fixed part, so that
+  no predicted peak falls below what XLA reported for either depth."""
+  value = dict(value)
+  for per_block, fixed in (("kept", "fixed"), ("io_per_block", "io_fixed")):
+    if value[per_block] < 0:
+      value[fixed] += DEPTHS[0] * value[per_block]
+      value[per_block] = 0
+  value["ms"] = max(value["ms"], 0.0)
+  return Cost(**value)
 
 
 def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool = True) -> Cost:
@@ -234,7 +251,7 @@ def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool 
                 candidate.remat, measure, lambda: _estimated_block_ms(spec, candidate))
   value = cached(spec, "training", dict(candidate=candidate.name, measure=measure), compute,
                  use_cache)
-  return Cost(**value)
+  return _as_cost(value)
 
 
 def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: bool = True) -> Cost:
@@ -242,5 +259,5 @@ def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: boo
   def compute():
     return _fit(lambda depth: stack_step(spec, depth, "none", chunk_size, training=False),
                 "none", measure, lambda: _estimated_block_ms(spec, None, chunk_size))
-  return Cost(**cached(spec, "inference", dict(chunk_size=chunk_size, measure=measure), compute,
-                       use_cache))
+  return _as_cost(cached(spec, "inference", dict(chunk_size=chunk_size, measure=measure),
+                         compute, use_cache))

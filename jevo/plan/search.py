@@ -44,7 +44,7 @@ def best_training_choice(costs: dict, blocks: int, budget: int) -> Choice | None
     if room < 0:
       continue
     quantum = max(room / QUANTA, 1.0)
-    units = {n: int(np.ceil(costs[n].kept / quantum)) for n in allowed}
+    units = {n: max(0, int(np.ceil(costs[n].kept / quantum))) for n in allowed}
     limit = int(room // quantum)
     # time[u] = least time with u quanta kept; choice[i][u] = candidate index of block i
     time = np.full(limit + 1, np.inf)
