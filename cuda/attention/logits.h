@@ -54,16 +54,44 @@ CUTE_DEVICE void load_bias_tile(Element* sbias, const Element* bias, int m0, int
       sbias, bias, m0, n0, S, tid);
 }
 
+// Where a thread's bias pairs sit in a staged bias tile. Both readers take the accumulator
+// coordinates (r, c) of s, with c even: the pair (row(r), col(c)), (row(r), col(c) + 1).
+// PaddedBiasTile: the BiasTileLayout above (rows kBlockN + 8 elements apart).
+template <int kBlockN, typename Element>
+struct PaddedBiasTile {
+  const Element* tile;
+  template <int kNWarps>
+  CUTE_DEVICE cutlass::Array<Element, 2> pair(AccCoords<kNWarps> const& at, int r, int c) const {
+    return *reinterpret_cast<const cutlass::Array<Element, 2>*>(
+        tile + at.row(r) * BiasTileLayout<16, kBlockN>::kStride + at.col(c));
+  }
+};
+
+// Swizzle128BiasTile: rows of 64 16-bit elements (128 bytes) whose 16-byte chunks are permuted
+// by chunk ^= row % 8, as TMA's 128-byte swizzle writes them (no padding, no bank conflicts).
+// A thread's rows are row0 + 8 k, so row % 8 is the same for all of them.
+template <typename Element>
+struct Swizzle128BiasTile {
+  const Element* tile;
+  template <int kNWarps>
+  CUTE_DEVICE cutlass::Array<Element, 2> pair(AccCoords<kNWarps> const& at, int r, int c) const {
+    const int row = at.row(r);
+    const int chunk = (c >> 1) ^ (at.row0 & 7);  // at.col(c) = col0 + 8 (c / 2) + c % 2, col0 < 8
+    return *reinterpret_cast<const cutlass::Array<Element, 2>*>(tile + row * 64 + chunk * 8 +
+                                                                at.col0);
+  }
+};
+
 // s: the (rows, cols) view of the fp32 accumulator of Q K^T, replaced by the logits
 // scale * q.k + bias[q, k] (natural units), -inf where the key is masked or past S.
-// sbias: the staged bias tile (unused without kHasBias). valid: the KeyMaskPrefetch bits of
-// this tile. The callers exponentiate with one fused multiply-add: exp2(x log2(e) - m log2(e)).
-template <bool kHasBias, int kNWarps, typename Element, typename STensor>
+// bias: the staged bias tile's reader (unused without kHasBias). valid: the KeyMaskPrefetch
+// bits of this tile. The callers exponentiate with one fused multiply-add:
+// exp2(x log2(e) - m log2(e)).
+template <bool kHasBias, int kNWarps, typename BiasTile, typename STensor>
 CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float scale,
-                             const Element* sbias, uint64_t valid) {
+                             BiasTile const& bias, uint64_t valid) {
   constexpr int kRows = decltype(size<0>(s))::value;
   constexpr int kCols = decltype(size<1>(s))::value;
-  constexpr int kStride = kCols * 4 + 8;  // BiasTileLayout<., kBlockN>::kStride, kCols = kBlockN / 4
   static_assert(kCols == 16, "a thread holds columns col0 + 8 j + {0, 1}, j < 8, of a 64-key tile");
   // This thread's columns sit at bits 8 j + {0, 1} of `mine`: constant positions, one test each.
   const uint64_t mine = valid >> at.col0;
@@ -74,8 +102,7 @@ CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float sca
     for (int c = 0; c < kCols; c += 2) {
       float x0 = s(r, c) * scale, x1 = s(r, c + 1) * scale;
       if constexpr (kHasBias) {
-        const auto pair = *reinterpret_cast<const cutlass::Array<Element, 2>*>(
-            sbias + at.row(r) * kStride + at.col(c));
+        const auto pair = bias.pair(at, r, c);
         x0 += static_cast<float>(pair[0]);
         x1 += static_cast<float>(pair[1]);
       }
@@ -87,15 +114,22 @@ CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float sca
   }
 }
 
-// logits_tile with the bias branch taken once per tile (sbias == nullptr: no bias).
+// logits_tile with the bias branch taken once per tile (a null tile: no bias).
+template <int kNWarps, typename BiasTile, typename STensor>
+CUTE_DEVICE void logits_from(STensor& s, AccCoords<kNWarps> const& at, float scale,
+                             BiasTile const& bias, uint64_t valid) {
+  if (bias.tile != nullptr) {
+    logits_tile<true>(s, at, scale, bias, valid);
+  } else {
+    logits_tile<false>(s, at, scale, bias, valid);
+  }
+}
+
+// The padded-tile form the sm80 kernels use: `sbias` is the staged tile or nullptr.
 template <int kNWarps, typename Element, typename STensor>
 CUTE_DEVICE void logits(STensor& s, AccCoords<kNWarps> const& at, float scale, const Element* sbias,
                         uint64_t valid) {
-  if (sbias) {
-    logits_tile<true>(s, at, scale, sbias, valid);
-  } else {
-    logits_tile<false>(s, at, scale, sbias, valid);
-  }
+  logits_from(s, at, scale, PaddedBiasTile<decltype(size<1>(s))::value * 4, Element>{sbias}, valid);
 }
 
 }  // namespace jevo

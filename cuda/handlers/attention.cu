@@ -94,8 +94,13 @@ cudaError_t ByHeadDim(int64_t d, std::integer_sequence<int, kDims...>, Run&& run
   return err;
 }
 
+// Whether the sm90 forward runs these inputs: its TMA descriptor of the bias needs 16-byte row
+// strides, S % 8 == 0 (sm90::fwd_supports); the sm80 kernel runs the rest.
+bool Sm90FwdSupports(const FwdParams& p) { return p.bias == nullptr || p.shape.seq % 8 == 0; }
+
 template <typename Element>
 cudaError_t DispatchFwd(Arch arch, const FwdParams& p, cudaStream_t stream) {
+  if (arch == Arch::kSm90 && !Sm90FwdSupports(p)) arch = Arch::kSm80;
   return ByHeadDim(p.shape.head_dim, HeadDims{}, [&](auto dim) {
 #if JEVO_BUILD_SM90
     if (arch == Arch::kSm90) return run_attention_fwd<Arch::kSm90, Element, decltype(dim)::value>(p, stream);

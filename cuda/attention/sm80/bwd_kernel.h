@@ -467,7 +467,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
-    logits_tile<kHasBias>(s, at, p.scale, stage_bias(cur.parity), valid);
+    logits_tile<kHasBias>(s, at, p.scale, PaddedBiasTile<kBlockN, Element>{stage_bias(cur.parity)},
+                          valid);
     softmax_grad(s, dp, stats);
 
     if constexpr (kHasBias) {

@@ -4,11 +4,14 @@
 // issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, computes the softmax of
 // tile j while P V of tile j - 1 still runs on the tensor cores, and only then waits for it and
 // rescales O. Operands come from shared memory (Q, K, V) and registers (P), so no ldmatrix and
-// no per-warp copies of K and V.
+// no per-warp copies of K and V. Q, K, V and the bias tiles arrive by TMA, issued by one thread
+// and awaited on one mbarrier per stage, so the warps spend no instructions on loads.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
 #include "attention/grid.h"
@@ -59,15 +62,37 @@ CUTE_DEVICE void wgmma_batch(TiledMma& mma, TA&& a, TB&& b, TC& acc) {
   if constexpr (kRegisterA) warpgroup_fence_operand(a);
 }
 
+// The TMA descriptors of one launch (kernel parameters, so __grid_constant__ and 64-byte
+// aligned): activations as encode_activation_map gives them, the bias as encode_bias_map.
+struct FwdTensorMaps {
+  CUtensorMap q, k, v, bias;
+};
+
+// Shared memory of the kernel: Q, the K, V and bias rings (each tile 1 KiB-aligned, as the
+// 128-byte swizzle wants), and the mbarriers that say a stage (or Q) has landed.
+template <typename Traits>
+struct FwdSmem {
+  using Element = typename Traits::Element;
+  alignas(1024) Element q[Traits::kTileElemsQ];
+  alignas(1024) Element k[Traits::kStages * Traits::kTileElemsKV];
+  alignas(1024) Element v[Traits::kStages * Traits::kTileElemsKV];
+  alignas(1024) Element bias[Traits::kStages * Traits::kTileElemsBias];
+  alignas(8) uint64_t q_full;
+  uint64_t full[Traits::kStages];
+};
+
 template <typename Traits, bool kWriteResidual>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) attention_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
+    attention_fwd_kernel(const FwdParams p, const __grid_constant__ FwdTensorMaps maps) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kNThreads = Traits::kNThreads;
   constexpr int kStages = Traits::kStages;
   constexpr int kPrefetch = Traits::kPrefetch;
+  constexpr int kBoxD = Traits::kBoxD;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
 
   const AttentionShape& sh = p.shape;
   const int S = static_cast<int>(sh.seq);
@@ -80,49 +105,58 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) attenti
   const int64_t b = bn / sh.n;
   const int64_t row_stride = sh.heads * sh.head_dim;
   const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
-
-  const Element* q = static_cast<const Element*>(p.q) + base;
-  const Element* k = static_cast<const Element*>(p.k) + base;
-  const Element* v = static_cast<const Element*>(p.v) + base;
   Element* o = static_cast<Element*>(p.o) + base;
   const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
-  const Element* bias =
-      p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+  const bool has_bias = p.bias != nullptr;
 
-  // Shared memory (each tile 1 KiB-aligned, as the 128-byte swizzle wants): Q, then the K, V
-  // and bias rings of kStages tiles.
-  using BiasTile = BiasTileLayout<kBlockM, kBlockN>;
-  extern __shared__ __align__(1024) char smem[];
-  Element* smem_q = reinterpret_cast<Element*>(smem);
-  Element* smem_k = smem_q + Traits::kTileElemsQ;
-  Element* smem_v = smem_k + kStages * Traits::kTileElemsKV;
-  Element* smem_bias = smem_v + kStages * Traits::kTileElemsKV;
-  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutK{});     // (n, d, stage)
-  Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutVt{});   // (d, n, stage)
-  auto stage_bias = [&](int st) { return smem_bias + st * BiasTile::kElems; };
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<FwdSmem<Traits>*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k), typename Traits::SmemLayoutK{});     // (n, d, stage)
+  Tensor sVt = make_tensor(make_smem_ptr(smem.v), typename Traits::SmemLayoutVt{});   // (d, n, stage)
 
   const int n_blocks = (S + kBlockN - 1) / kBlockN;
-  // Loads key tile `nb` into stage nb % kStages and commits one cp.async group (empty past the
-  // last tile, so that the group count per step stays fixed).
+  const int32_t head = static_cast<int32_t>(h), outer = static_cast<int32_t>(bn);
+  const int32_t bias_plane = static_cast<int32_t>(b * sh.heads + h);
+  constexpr uint32_t kKVBytes = Traits::kTileElemsKV * sizeof(Element);
+  constexpr uint32_t kBiasBytes = Traits::kTileElemsBias * sizeof(Element);
+  // Thread 0 loads key tile `nb` (K, V and the bias tile) into stage nb % kStages; its mbarrier
+  // completes when all their bytes have landed.
   auto issue = [&](int nb) {
-    if (nb < n_blocks) {
-      const int st = nb % kStages, n0 = nb * kBlockN;
-      Tensor sK_st = sK(_, _, st);
-      // [keys, d] view of V's [d, keys] stage, for row-wise loads.
-      Tensor sV_st = make_tensor(sVt(_, _, st).data(),
-                                 composition(sVt(_, _, st).layout(),
-                                             make_layout(Shape<Int<kBlockN>, Int<kHeadDim>>{}, GenRowMajor{})));
-      load_tile_async<kNThreads>(sK_st, k + n0 * row_stride, row_stride, S - n0, D, tid);
-      load_tile_async<kNThreads>(sV_st, v + n0 * row_stride, row_stride, S - n0, D, tid);
-      if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(st), bias, m0, n0, S, tid);
+    if (nb >= n_blocks) return;
+    const int st = nb % kStages;
+    const int32_t n0 = nb * kBlockN;
+    Barrier::arrive_and_expect_tx(&smem.full[st], 2 * kKVBytes + (has_bias ? kBiasBytes : 0));
+#pragma unroll
+    for (int part = 0; part < Traits::kBoxesD; ++part) {
+      const int32_t d0 = part * kBoxD;
+      const int offset = st * Traits::kTileElemsKV + part * kBlockN * kBoxD;
+      SM90_TMA_LOAD_4D::copy(&maps.k, &smem.full[st], kCacheHint, smem.k + offset, d0, head, n0, outer);
+      SM90_TMA_LOAD_4D::copy(&maps.v, &smem.full[st], kCacheHint, smem.v + offset, d0, head, n0, outer);
     }
-    cp_async_fence();
+    if (has_bias) {
+      SM90_TMA_LOAD_3D::copy(&maps.bias, &smem.full[st], kCacheHint,
+                             smem.bias + st * Traits::kTileElemsBias, n0, m0, bias_plane);
+    }
   };
 
-  load_tile_async<kNThreads>(sQ, q + m0 * row_stride, row_stride, S - m0, D, tid);
+  if (tid == 0) {
+    Barrier::init(&smem.q_full, 1);
 #pragma unroll
-  for (int i = 0; i < kPrefetch; ++i) issue(i);  // tile 0 in the same group as Q
+    for (int st = 0; st < kStages; ++st) Barrier::init(&smem.full[st], 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    Barrier::arrive_and_expect_tx(&smem.q_full, Traits::kTileElemsQ * sizeof(Element));
+#pragma unroll
+    for (int part = 0; part < Traits::kBoxesD; ++part) {
+      SM90_TMA_LOAD_4D::copy(&maps.q, &smem.q_full, kCacheHint, smem.q + part * kBlockM * kBoxD,
+                             part * kBoxD, head, m0, outer);
+    }
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) issue(i);
+  }
   KeyMaskPrefetch key_mask;
   key_mask.fetch<kBlockN>(mask, 0, S);
 
@@ -154,17 +188,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) attenti
     row_sum[r] = 0.f;
   }
 
+  Barrier::wait(&smem.q_full, 0);
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int st = nb % kStages;
     const uint64_t valid = key_mask.bits();
     if (nb + 1 < n_blocks) key_mask.fetch<kBlockN>(mask, (nb + 1) * kBlockN, S);
-    cp_async_wait<kPrefetch - 1>();
-    // The tile's cp.async writes, made visible to wgmma's reads (the async proxy) and to the
-    // other warps; after the barrier every warp is also done with tile nb - 1's softmax, and
-    // its P V (tile nb - 2's V) has completed.
-    cutlass::arch::fence_view_async_shared();
+    Barrier::wait(&smem.full[st], (nb / kStages) & 1);  // tile nb has landed
+    // After the barrier every warp is done with tile nb - 1's softmax, and its P V (tile nb - 2's
+    // V) has completed: tile nb - 2's stage is free for the next load.
     __syncthreads();
-    issue(nb + kPrefetch);  // into the stage of tile nb - 2
+    if (tid == 0) issue(nb + kPrefetch);
 
     wgmma_batch<true>(mma_qk, tSrQ, tSrK(_, _, _, st), acc_s);
     if (nb > 0) wgmma_batch<false>(mma_pv, tOrP, tOrVt(_, _, _, (nb - 1) % kStages), acc_o);
@@ -174,7 +207,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks) attenti
       warpgroup_wait<0>();
     }
 
-    logits(s, at, p.scale, bias ? stage_bias(st) : nullptr, valid);
+    logits_from(s, at, p.scale,
+                Swizzle128BiasTile<Element>{has_bias ? smem.bias + st * Traits::kTileElemsBias : nullptr},
+                valid);
     float correction[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {

@@ -1,24 +1,39 @@
-// Launches the sm_90a forward kernel: its shared-memory size, the opt-in above 48 KiB and the
-// grid (the sm80 kernel's: a CTA per (b * n, head, tile of 64 queries), tiles fastest).
+// Launches the sm_90a forward kernel: its TMA descriptors, its shared-memory size, the opt-in
+// above 48 KiB and the grid (the sm80 kernel's: a CTA per (b * n, head, tile of 64 queries),
+// tiles fastest).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "attention/sm90/fwd_kernel.h"
+#include "attention/sm90/tma.h"
 
 namespace jevo {
 namespace sm90 {
 
+// The bias's TMA descriptor needs 16-byte row strides (S % 8 == 0): the handler runs other
+// shapes with a bias on the sm80 kernel (Sm90FwdSupports in handlers/attention.cu).
 template <typename Traits>
-constexpr int fwd_smem_bytes() {
-  constexpr int kBias = BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
-  return (Traits::kTileElemsQ + Traits::kStages * (2 * Traits::kTileElemsKV + kBias)) *
-         int(sizeof(typename Traits::Element));
+cudaError_t encode_fwd_maps(const FwdParams& p, FwdTensorMaps* maps) {
+  using Element = typename Traits::Element;
+  const AttentionShape& sh = p.shape;
+  cudaError_t err;
+  if ((err = encode_activation_map<Element>(&maps->q, p.q, sh, Traits::kBlockM, Traits::kBoxD)) ||
+      (err = encode_activation_map<Element>(&maps->k, p.k, sh, Traits::kBlockN, Traits::kBoxD)) ||
+      (err = encode_activation_map<Element>(&maps->v, p.v, sh, Traits::kBlockN, Traits::kBoxD))) {
+    return err;
+  }
+  if (p.bias != nullptr) {
+    if (sh.seq % 8 != 0) return cudaErrorInvalidValue;
+    return encode_bias_map<Element>(&maps->bias, p.bias, sh, Traits::kBlockM, Traits::kBlockN);
+  }
+  maps->bias = maps->q;  // unused
+  return cudaSuccess;
 }
 
 template <typename Traits, bool kWriteResidual>
-cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
-  constexpr int kSmem = fwd_smem_bytes<Traits>();
+cudaError_t launch_fwd_kernel(const FwdParams& p, const FwdTensorMaps& maps, cudaStream_t stream) {
+  constexpr int kSmem = int(sizeof(FwdSmem<Traits>));
   auto kernel = attention_fwd_kernel<Traits, kWriteResidual>;
   if (kSmem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
@@ -26,15 +41,18 @@ cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
   }
   const int64_t m_tiles = (p.shape.seq + Traits::kBlockM - 1) / Traits::kBlockM;
   kernel<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads, kSmem,
-           stream>>>(p);
+           stream>>>(p, maps);
   return cudaGetLastError();
 }
 
 // The residual output is a compile-time choice of the kernel, made here from p.o_residual.
 template <typename Traits>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  return p.o_residual != nullptr ? launch_fwd_kernel<Traits, true>(p, stream)
-                                 : launch_fwd_kernel<Traits, false>(p, stream);
+  FwdTensorMaps maps;
+  cudaError_t err = encode_fwd_maps<Traits>(p, &maps);
+  if (err != cudaSuccess) return err;
+  return p.o_residual != nullptr ? launch_fwd_kernel<Traits, true>(p, maps, stream)
+                                 : launch_fwd_kernel<Traits, false>(p, maps, stream);
 }
 
 }  // namespace sm90

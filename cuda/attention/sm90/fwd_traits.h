@@ -48,12 +48,16 @@ struct FwdTraits {
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "head dim tile must be 16..128, step 16");
   static_assert(kBlockM == 64, "one warpgroup's wgmma covers 64 rows");
 
-  // Stages of the (K, V, bias) ring. The products of a tile are pipelined across two loop steps
-  // (S of tile j is computed while P V of tile j - 1 runs), so a stage is busy for two steps and
-  // loads run kStages - 2 tiles ahead.
-  static constexpr int kStages = kHeadDim <= 64 ? 4 : 3;
+  // Stages of the (K, V, bias) ring, filled by TMA. The products of a tile are pipelined across
+  // two loop steps (S of tile j is computed while P V of tile j - 1 runs), so a stage is busy
+  // for two steps and loads run kStages - 2 tiles ahead. Head dims up to 32: 3 stages, so that
+  // 4 CTAs (16 warps) fit an SM; 64: 4 stages, 2 CTAs; 128: 3 stages, 1 CTA.
+  static constexpr int kStages = kHeadDim == 64 ? 4 : 3;
   static constexpr int kPrefetch = kStages - 2;
-  static constexpr int kMinBlocks = kHeadDim <= 32 ? 3 : (kHeadDim <= 64 ? 2 : 1);
+  static constexpr int kMinBlocks = kHeadDim <= 32 ? 4 : (kHeadDim <= 64 ? 2 : 1);
+  // A TMA box row is at most 128 bytes (the widest swizzle): head dim 128 loads in two halves.
+  static constexpr int kBoxD = kHeadDim > 64 ? 64 : kHeadDim;
+  static constexpr int kBoxesD = kHeadDim / kBoxD;
 
   using MmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>,
@@ -67,14 +71,19 @@ struct FwdTraits {
                                              Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutK = decltype(tile_to_shape(gmma_k_major_atom<Element, kHeadDim>(),
                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  // V as the B operand of P V, [d, keys] with d contiguous (MN-major), and the same memory seen
-  // as [keys, d] for the loads.
+  // V as the B operand of P V, [d, keys] with d contiguous (MN-major): the same bytes as K's
+  // [keys, d] K-major tile, so one TMA box shape fills both.
+  // Keys run first through the atoms (Step<_2, _1, _3>), so that each 64-element half of the
+  // head dim is one contiguous [keys, 64] block, as one TMA box writes it (K's tiles are laid
+  // out the same way by tile_to_shape's default order).
   using SmemLayoutVt = decltype(tile_to_shape(gmma_mn_major_atom<Element, kHeadDim>(),
                                               Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
-                                              Step<_1, _2, _3>{}));
+                                              Step<_2, _1, _3>{}));
 
   static constexpr int kTileElemsQ = kBlockM * kHeadDim;
   static constexpr int kTileElemsKV = kBlockN * kHeadDim;
+  static constexpr int kTileElemsBias = kBlockM * kBlockN;  // 64 x 64, 128-byte swizzled rows
+  static_assert(kBlockN == 64, "a bias row is one 128-byte swizzle row");
 };
 
 }  // namespace sm90
