@@ -87,7 +87,9 @@ struct Swizzle128BiasTile {
 // bias: the staged bias tile's reader (unused without kHasBias). valid: the KeyMaskPrefetch
 // bits of this tile. The callers exponentiate with one fused multiply-add:
 // exp2(x log2(e) - m log2(e)).
-template <bool kHasBias, int kNWarps, typename BiasTile, typename STensor>
+// kMasked = false: every key of the tile exists and is unmasked (valid is all ones), so the
+// selects are left out.
+template <bool kHasBias, bool kMasked = true, int kNWarps, typename BiasTile, typename STensor>
 CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float scale,
                              BiasTile const& bias, uint64_t valid) {
   constexpr int kRows = decltype(size<0>(s))::value;
@@ -106,30 +108,49 @@ CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float sca
         x0 += static_cast<float>(pair[0]);
         x1 += static_cast<float>(pair[1]);
       }
-      const int bit = (c >> 1) * 8;  // a compile-time constant once unrolled
-      const uint32_t word = bit < 32 ? mine_lo : mine_hi;
-      s(r, c) = (word >> (bit & 31)) & 1u ? x0 : -INFINITY;
-      s(r, c + 1) = (word >> ((bit + 1) & 31)) & 1u ? x1 : -INFINITY;
+      if constexpr (kMasked) {
+        const int bit = (c >> 1) * 8;  // a compile-time constant once unrolled
+        const uint32_t word = bit < 32 ? mine_lo : mine_hi;
+        x0 = (word >> (bit & 31)) & 1u ? x0 : -INFINITY;
+        x1 = (word >> ((bit + 1) & 31)) & 1u ? x1 : -INFINITY;
+      }
+      s(r, c) = x0;
+      s(r, c + 1) = x1;
     }
   }
 }
 
-// logits_tile with the bias branch taken once per tile (a null tile: no bias).
+// logits_tile with the bias and mask branches taken once per tile (a null tile: no bias; a
+// tile whose 64 keys are all there and unmasked, as most are with AlphaFold's padding masks:
+// no selects). `valid` is the same in every lane, so the branches do not diverge.
 template <int kNWarps, typename BiasTile, typename STensor>
 CUTE_DEVICE void logits_from(STensor& s, AccCoords<kNWarps> const& at, float scale,
                              BiasTile const& bias, uint64_t valid) {
+  const bool all_valid = valid == ~uint64_t(0);
   if (bias.tile != nullptr) {
+    if (all_valid) {
+      logits_tile<true, false>(s, at, scale, bias, valid);
+    } else {
+      logits_tile<true, true>(s, at, scale, bias, valid);
+    }
+  } else if (all_valid) {
+    logits_tile<false, false>(s, at, scale, bias, valid);
+  } else {
+    logits_tile<false, true>(s, at, scale, bias, valid);
+  }
+}
+
+// The padded-tile form the sm80 kernels use: `sbias` is the staged tile or nullptr; the bias
+// branch only (their register budgets were tuned without the unmasked variants).
+template <int kNWarps, typename Element, typename STensor>
+CUTE_DEVICE void logits(STensor& s, AccCoords<kNWarps> const& at, float scale, const Element* sbias,
+                        uint64_t valid) {
+  const PaddedBiasTile<decltype(size<1>(s))::value * 4, Element> bias{sbias};
+  if (sbias != nullptr) {
     logits_tile<true>(s, at, scale, bias, valid);
   } else {
     logits_tile<false>(s, at, scale, bias, valid);
   }
-}
-
-// The padded-tile form the sm80 kernels use: `sbias` is the staged tile or nullptr.
-template <int kNWarps, typename Element, typename STensor>
-CUTE_DEVICE void logits(STensor& s, AccCoords<kNWarps> const& at, float scale, const Element* sbias,
-                        uint64_t valid) {
-  logits_from(s, at, scale, PaddedBiasTile<decltype(size<1>(s))::value * 4, Element>{sbias}, valid);
 }
 
 }  // namespace jevo
