@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 
 # The name of every linear layer's output (`jax.ad_checkpoint.checkpoint_name`).
-LINEAR_OUTPUT_NAME = "jevo_linear_output"
+from jevo.ops.dense import LINEAR_OUTPUT_NAME
 
 # The names of each block's inputs (m, z) inside a stack's scanned body.
 BLOCK_INPUT_NAMES = ("jevo_block_input_m", "jevo_block_input_z")

@@ -10,6 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The checkpoint name (`jax.ad_checkpoint.checkpoint_name`) of every linear layer's output, for
+# checkpoint policies (`jevo.nn.policies`).
+LINEAR_OUTPUT_NAME = "jevo_linear_output"
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,

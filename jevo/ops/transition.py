@@ -1,0 +1,149 @@
+"""`fused_transition`: the Evoformer's MSA and pair transition, `Linear2(relu(Linear1(LN(x))))`,
+as one op with two implementations: fused Pallas kernels on NVIDIA GPUs
+(`jevo.ops.transition_pallas`) and XLA (jevo's layer norm and dense ops) everywhere."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jevo.ops.activation import relu
+from jevo.ops.dense import LINEAR_OUTPUT_NAME, dense
+from jevo.ops.layer_norm import layer_norm
+from jevo.ops.varying import match_varying_axes
+
+IMPLEMENTATIONS = ("pallas", "xla")
+
+
+def fused_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float,
+                     implementation: str | None = None, config=None) -> jax.Array:
+  """`relu(LayerNorm(x) @ w1 + b1) @ w2 + b2` over the last axis of x, in x's dtype.
+
+  Args:
+    x: `[..., c]`, floating point; its dtype is the compute dtype.
+    ln_scale, ln_offset: `[c]`, LayerNorm's scale and offset; w1 `[c, hidden]`, b1 `[hidden]`,
+      w2 `[hidden, c]`, b2 `[c]`. Float32 in jevo's modules.
+    eps: LayerNorm's epsilon.
+    implementation: None (the Pallas kernels where they run: a CUDA GPU of compute capability
+      8.0 or newer, bfloat16 or float16 x, a power-of-two c from 16 to 256; XLA elsewhere),
+      "pallas" (raises ValueError saying why where it cannot run) or "xla".
+    config: tiles of the Pallas kernels (`jevo.ops.transition_pallas.TransitionConfig`; None
+      for the defaults), for measurements.
+
+  The XLA implementation computes as `flax.nnx` layers of x's dtype do: parameters cast to x's
+  dtype, LayerNorm in float32, products in x's dtype. The Pallas kernels round less: LayerNorm,
+  the biases and relu run in float32 on the parameters as given, matrix products take x's
+  dtype and accumulate in float32, and the `[rows, hidden]` activation stays on chip in the
+  forward pass; the backward recomputes it. Both work under jit, grad, vmap and remat.
+
+  Example:
+    >>> c, h = 8, 32
+    >>> out = fused_transition(jnp.ones((2, 3, c)), jnp.ones(c), jnp.zeros(c), jnp.ones((c, h)),
+    ...                        jnp.zeros(h), jnp.ones((h, c)), jnp.zeros(c), eps=1e-5)
+    >>> out.shape
+    (2, 3, 8)
+  """
+  _check(x, ln_scale, ln_offset, w1, b1, w2, b2)
+  x, ln_scale, ln_offset, w1, b1, w2, b2 = match_varying_axes(x, ln_scale, ln_offset, w1, b1,
+                                                              w2, b2)
+  implementation = resolve_implementation(x, w1, implementation)
+  if implementation == "xla":
+    return xla_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, eps=eps)
+  from jevo.ops import transition_pallas
+  out = transition_pallas.transition(x, ln_scale, ln_offset, w1, b1, w2, b2, eps=eps,
+                                     config=config)
+  return checkpoint_name(out, LINEAR_OUTPUT_NAME)
+
+
+def xla_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float) -> jax.Array:
+  """The XLA implementation: jevo's layer norm, dense and relu ops, with the numerics of
+  `jevo.nn`'s LayerNorm and Linear layers of x's dtype. Each linear layer's output is named
+  `LINEAR_OUTPUT_NAME` for checkpoint policies."""
+  dtype = x.dtype
+  ln_scale, ln_offset, w1, b1, w2, b2 = (p.astype(dtype) for p in
+                                         (ln_scale, ln_offset, w1, b1, w2, b2))
+  y = layer_norm(x, ln_scale, ln_offset, eps, dtype)
+  h = relu(checkpoint_name(dense(y, w1, b1), LINEAR_OUTPUT_NAME))
+  return checkpoint_name(dense(h, w2, b2), LINEAR_OUTPUT_NAME)
+
+
+def resolve_implementation(x, w1, implementation: str | None = None) -> str:
+  """The implementation `fused_transition` runs for these inputs: `implementation` itself when
+  given (ValueError if it cannot run them), else "pallas" where it can, else "xla"."""
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown transition implementation {implementation!r}; known: "
+                     f"{', '.join(IMPLEMENTATIONS)} (or None)")
+  if implementation == "xla":
+    return "xla"
+  reason = pallas_unsupported_reason(x, w1)
+  if reason is None:
+    return "pallas"
+  if implementation == "pallas":
+    raise ValueError(f"fused_transition(implementation='pallas') cannot run here: {reason}")
+  return "xla"
+
+
+def pallas_unsupported_reason(x, w1) -> str | None:
+  """Why the Pallas kernels cannot run `x` here, or None: the platform (decided when the
+  computation is traced: the default backend, concrete inputs' devices, `jax.default_device`)
+  and then the shapes and dtypes."""
+  reason = _platform_reason(x)
+  if reason is not None:
+    return reason
+  try:
+    from jevo.ops import transition_pallas
+  except ImportError as err:  # a jax without Pallas's Triton backend
+    return f"Pallas's Triton backend cannot be imported ({err})"
+  return transition_pallas.unsupported_reason(x, w1)
+
+
+# Pallas's Triton backend (and XLA's Triton) needs Ampere or newer.
+_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def _platform_reason(x) -> str | None:
+  if jax.default_backend() != "gpu":
+    return f"JAX's default backend is {jax.default_backend()}, not a GPU"
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    platforms = sorted({d.platform for d in x.devices()})
+    if platforms and platforms != ["gpu"]:
+      return f"x lives on {', '.join(platforms)}, not on a GPU"
+  default = jax.config.jax_default_device
+  platform = default if isinstance(default, str) else getattr(default, "platform", None)
+  if platform is not None and platform not in ("gpu", "cuda"):
+    return f"the default device (jax.default_device) is {default}, not a GPU"
+  for device in jax.devices():
+    capability = _compute_capability(device)
+    if capability is None:
+      return f"{device} is not an NVIDIA GPU (no compute capability)"
+    if capability < _MIN_COMPUTE_CAPABILITY:
+      return (f"the Pallas Triton kernels need compute capability 8.0 or newer, "
+              f"{device} has {'.'.join(map(str, capability))}")
+  return None
+
+
+def _compute_capability(device) -> tuple[int, ...] | None:
+  try:
+    return tuple(int(p) for p in str(device.compute_capability).split("."))
+  except (AttributeError, ValueError):
+    return None
+
+
+def _check(x, ln_scale, ln_offset, w1, b1, w2, b2) -> None:
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"x must be a floating-point array [..., c], got dtype {dtype}")
+  if x.ndim < 1:
+    raise ValueError(f"x must have shape [..., c], got shape {x.shape}")
+  c = x.shape[-1]
+  if w1.ndim != 2 or w1.shape[0] != c:
+    raise ValueError(f"w1 must have shape [c, hidden] = [{c}, hidden], got {w1.shape}")
+  hidden = w1.shape[1]
+  want = dict(ln_scale=(c,), ln_offset=(c,), b1=(hidden,), w2=(hidden, c), b2=(c,))
+  for name, array in dict(ln_scale=ln_scale, ln_offset=ln_offset, b1=b1, w2=w2, b2=b2).items():
+    if tuple(array.shape) != want[name]:
+      raise ValueError(f"{name} must have shape {want[name]} (c = {c}, hidden = {hidden}), "
+                       f"got {tuple(array.shape)}")
+    if not jnp.issubdtype(jnp.result_type(array), jnp.floating):
+      raise TypeError(f"{name} must be floating point, got dtype {jnp.result_type(array)}")
