@@ -2,7 +2,8 @@
 
 The host device count is fixed when JAX starts (`--xla_force_host_platform_device_count`), and
 the rest of the suite runs in one process with one CPU device; so test_parallel_multidevice.py
-runs in its own pytest process, whose result (and output, on failure) is reported here.
+and test_parallel_modules.py run in their own pytest process, whose result (and output, on
+failure) is reported here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def test_multidevice_dap_tests_pass_on_four_cpu_devices():
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip())
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-       str(TESTS / "test_parallel_multidevice.py")],
+       str(TESTS / "test_parallel_multidevice.py"), str(TESTS / "test_parallel_modules.py")],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   output = (proc.stdout + proc.stderr)[-6000:]
   assert proc.returncode == 0, output

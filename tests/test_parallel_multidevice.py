@@ -195,7 +195,7 @@ def test_compiled_step_communicates_shards_and_small_tensors(n):
   whole_m, whole_z = seq_p * res_p * S.c_m * f32, res_p * res_p * S.c_z * f32
   found = collectives(_runs(n)[0]["hlo"])
   ops = {c.op for c in found if c.in_shard_map}
-  assert {"all-to-all", "all-gather", "reduce-scatter"} <= ops, ops
+  assert {"all-to-all", "all-gather", "reduce-scatter", "collective-permute"} <= ops, ops
   # Layout switches move one device's shard of m or z (forward and backward).
   moved = [c.bytes for c in found if c.op == "all-to-all" and c.in_shard_map]
   assert set(moved) == {whole_m // n, whole_z // n}, moved
@@ -204,17 +204,20 @@ def test_compiled_step_communicates_shards_and_small_tensors(n):
   # (one scan body). Switching z to columns layout and back around that multiplication
   # too would add two a block to each pass.
   assert len(moved) <= 12, len(moved)
-  # Gathered: biases [H, R, R], the outer product mean's right projection, the outgoing
-  # triangle projection; never a whole MSA or pair representation.
+  # Gathered: biases [H, R, R] and the outer product mean's right projection; never a whole
+  # MSA or pair representation, nor a triangle multiplication's projection.
   largest = f32 * max(S.heads_msa * res_p ** 2, S.heads_pair * res_p ** 2,
-                      seq_p * res_p * S.c_opm, res_p ** 2 * S.c_mul)
+                      seq_p * res_p * S.c_opm)
   assert largest < min(whole_m, whole_z)
   gathered = [c.bytes for c in found if c.op == "all-gather" and c.in_shard_map]
   assert len(gathered) >= 6 and max(gathered) <= largest, gathered
-  # Reduce-scattered: the incoming triangle multiplication's partial products and the
-  # gradients of what the forward gathered; no larger than what is gathered.
+  # Reduce-scattered: the gradients of what the forward gathered; no larger than that.
   scattered = [c.bytes for c in found if c.op == "reduce-scatter" and c.in_shard_map]
   assert scattered and max(scattered) <= largest, scattered
+  # Sent around the ring: one device's block [R/n, R, c_hidden] of a triangle multiplication's
+  # projection, of a partial sum of its product, or of their cotangents.
+  permuted = {c.bytes for c in found if c.op == "collective-permute" and c.in_shard_map}
+  assert permuted == {f32 * res_p // n * res_p * S.c_mul}, permuted
   if (seq_p, res_p) == (n_seq, n_res):
     # No padding to cut off: nothing large is gathered outside the blocks either.
     others = [c for c in found if c.op == "all-gather" and not c.in_shard_map]

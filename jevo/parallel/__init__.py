@@ -19,17 +19,18 @@ How: inside `jax.shard_map`, the MSA `m` is split along sequences for row-wise w
 attention) and along residues for column-wise work (column attention, transition, outer product
 mean); the pair `z` along its rows (both triangle multiplications, starting-node attention) or its
 columns (ending-node attention, transition). `all_to_all` switches layouts; `all_gather` brings
-only what every device needs whole: attention biases `[H, N_res, N_res]` and low-channel
-projections. The incoming triangle multiplication sums over the pair rows, so each device sums
-over its own and a reduce-scatter adds the partial sums. Backward communication is JAX's
-transpose of these (all_to_all, reduce-scatter, all_gather). Each shard calls
-`jevo.evoformer_attention` on its rows.
+only what every device needs whole: attention biases `[H, N_res, N_res]` and the outer product
+mean's low-channel right projection. The triangle multiplications pass their projections around
+a ring of devices (`ppermute`) block by block instead: the outgoing one brings every device's
+rows of its right projection in turn; the incoming one, which sums over the pair rows, passes
+partial sums of each output block along until they reach the device that holds those rows.
+Backward communication is JAX's transpose of these (all_to_all, reduce-scatter, all_gather)
+and, for the rings, rings again. Each shard calls `jevo.evoformer_attention` on its rows.
 
 Per block and device, with n devices: two all_to_alls of the MSA shard, two of the pair shard,
-all_gathers of 3 attention biases, the outer product mean's right projection and the outgoing
-triangle multiplication's projection, and a reduce-scatter of the incoming one's partial
-products. Memory per device: 1/n of m and z and of every activation, plus those gathered
-tensors and partial products.
+all_gathers of 3 attention biases and the outer product mean's right projection, and two rings
+of n - 1 sends of a `[N_res/n, N_res, c_hidden]` block each. Memory per device: 1/n of m and z
+and of every activation, plus those gathered tensors and two blocks per ring.
 
 Across hosts: call `jax.distributed.initialize()` on every process first; `make_dap_mesh()`
 then spans the devices of all processes and the same call runs unchanged. Inputs are global

@@ -6,8 +6,8 @@ Per block, with n devices on the axis (each step on 1/n of the data):
     m -> columns (all_to_all):    MSA column attention, MSA transition
                                   outer product mean     <- right projection, gathered
     m -> rows (all_to_all)
-    z rows layout (by row):       triangle multiplication, outgoing  <- projection, gathered
-                                  triangle multiplication, incoming  -> partial sums, reduce-scattered
+    z rows layout (by row):       triangle multiplication, outgoing  <- projection, ring
+                                  triangle multiplication, incoming  -> partial sums, ring
                                   triangle attention, starting node  <- bias, gathered
     z -> columns (all_to_all):    triangle attention, ending node    <- bias, gathered
                                   pair transition
@@ -15,9 +15,10 @@ Per block, with n devices on the axis (each step on 1/n of the data):
 
 The outer product mean of the pair rows i that a device holds needs its own MSA columns i and
 all columns j, so it runs in the MSA's columns layout and writes z's rows layout directly. The
-incoming triangle multiplication sums over the pair rows k: each device sums over its own and
-a reduce-scatter adds the partial sums, so the pair stays in rows layout until the ending-node
-attention.
+triangle multiplications pass blocks of their projections around a ring of devices
+(`jevo.parallel.ring`); the incoming one sums over the pair rows k, each device adding its
+rows' part to partial sums that travel to the rows' owner, so the pair stays in rows layout
+until the ending-node attention.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The DAP axis as seen from inside `shard_map`: layout switches, gathers and local slices.
+"""The DAP axis as seen from inside `shard_map`: layout switches, gathers, ring shifts and
+local slices.
 
 Both representations are kept as `[*B, R, C, channels]` with one of R (axis -3) or C (axis -2)
 split over the devices of the axis:
@@ -47,10 +48,11 @@ class DapAxis:
     """
     return jax.lax.all_gather(x, self.name, axis=axis % x.ndim, tiled=True)
 
-  def sum_scatter(self, x: jax.Array, axis: int) -> jax.Array:
-    """The sum over devices of `x`, of which each keeps its own entry along `axis` (size n,
-    removed): a reduce-scatter, whose gradient is an all_gather."""
-    return jax.lax.psum_scatter(x, self.name, scatter_dimension=axis % x.ndim, tiled=False)
+  def shift(self, x: jax.Array) -> jax.Array:
+    """`x` of the next device on the ring: device d receives from d + 1 and sends to d - 1
+    (a `ppermute`, whose gradient is the shift the other way)."""
+    n = self.size
+    return jax.lax.ppermute(x, self.name, [(i, (i - 1) % n) for i in range(n)])
 
   def local(self, x: jax.Array, axis: int) -> jax.Array:
     """This device's block of `x` (the same on every device) along `axis`."""
