@@ -25,9 +25,13 @@ def fused_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float,
     ln_scale, ln_offset: `[c]`, LayerNorm's scale and offset; w1 `[c, hidden]`, b1 `[hidden]`,
       w2 `[hidden, c]`, b2 `[c]`. Float32 in jevo's modules.
     eps: LayerNorm's epsilon.
-    implementation: None (the Pallas kernels where they run: a CUDA GPU of compute capability
-      8.0 or newer, bfloat16 or float16 x, a power-of-two c from 16 to 256; XLA elsewhere),
-      "pallas" (raises ValueError saying why where it cannot run) or "xla".
+    implementation: None or "xla" (XLA), or "pallas": the fused kernels, which run on a CUDA
+      GPU of compute capability 8.0 or newer with bfloat16 or float16 x and a power-of-two c
+      from 16 to 256 (ValueError saying why elsewhere). None is XLA because that is faster
+      where it counts: measured on an H200 (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py)
+      the fused forward is 1.9 times XLA's at c = 128 (0.153 against 0.290 ms at 384 x 384)
+      but 0.81 times at c = 256, and forward+backward is slower at both (1.00 against 0.72 ms;
+      9.4 against 2.0 ms).
     config: tiles of the Pallas kernels (`jevo.ops.transition_pallas.TransitionConfig`; None
       for the defaults), for measurements.
 
@@ -69,19 +73,17 @@ def xla_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float) -> jax
 
 
 def resolve_implementation(x, w1, implementation: str | None = None) -> str:
-  """The implementation `fused_transition` runs for these inputs: `implementation` itself when
-  given (ValueError if it cannot run them), else "pallas" where it can, else "xla"."""
+  """The implementation `fused_transition` runs for these inputs: "pallas" when asked for
+  (ValueError if it cannot run them), else "xla" (see `fused_transition` for why None is XLA)."""
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown transition implementation {implementation!r}; known: "
                      f"{', '.join(IMPLEMENTATIONS)} (or None)")
-  if implementation == "xla":
+  if implementation != "pallas":
     return "xla"
   reason = pallas_unsupported_reason(x, w1)
-  if reason is None:
-    return "pallas"
-  if implementation == "pallas":
+  if reason is not None:
     raise ValueError(f"fused_transition(implementation='pallas') cannot run here: {reason}")
-  return "xla"
+  return "pallas"
 
 
 def pallas_unsupported_reason(x, w1) -> str | None:
