@@ -1,5 +1,6 @@
-"""DAP's per-module pieces on 4 devices against the single-device modules, and the memory of
-the triangle multiplications' rings.
+"""DAP's per-module pieces on 4 devices against the single-device modules (outputs and
+gradients, sizes divisible by 4 or padded), and the memory of the triangle multiplications'
+rings.
 
 Needs 4 devices. On CPU, `test_parallel_launcher.py` runs this module in a subprocess with 4
 host devices; run alone without them, it skips saying so. By hand:
@@ -21,9 +22,11 @@ from flax import nnx
 
 import nn_reference as ref
 from nn_reference import full_precision_matmuls  # noqa: F401  (autouse fixture)
-from jevo.nn import TriangleMultiplication
+from jevo.nn import (MSARowAttentionWithPairBias, OuterProductMean, TriangleAttention,
+                     TriangleMultiplication)
 from jevo.parallel import make_dap_mesh
-from jevo.parallel.pair import triangle_multiplication
+from jevo.parallel.msa import msa_row_attention, outer_product_mean
+from jevo.parallel.pair import triangle_attention, triangle_multiplication
 from jevo.parallel.sharded import run_sharded
 
 pytestmark = pytest.mark.skipif(
@@ -32,6 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 DEVICES = 4
 C = 8  # c_z = c_hidden, as in AlphaFold (128 and 128)
+C_M = 6
 
 
 def close(actual, expected, what: str) -> None:
@@ -81,7 +85,8 @@ def compare(module, one_device, on_shard, arrays, what: str) -> None:
   leaves_one = dict(jax.tree_util.tree_flatten_with_path(grads_one)[0])
   for path, grad in jax.tree_util.tree_flatten_with_path(grads_dap)[0]:
     close(grad, leaves_one[path], f"{what}: d loss / d {jax.tree_util.keystr(path)}")
-    assert np.abs(np.asarray(leaves_one[path])).max() > 0, jax.tree_util.keystr(path)
+  for path, grad in jax.tree_util.tree_flatten_with_path(grads_one[0])[0]:
+    assert np.abs(np.asarray(grad)).max() > 0, f"{what}: {jax.tree_util.keystr(path)}"
 
 
 # ------------------------------------------------------------------ triangle multiplication
@@ -113,6 +118,65 @@ def test_triangle_multiplication_matches_one_device(outgoing, n_res, chunk_size)
   arrays = inputs(3, n_res, 4, C, seed=n_res)
   compare(triangle_module(outgoing), _one_device_triangle(chunk_size),
           _on_shard_triangle(chunk_size), arrays, "triangle multiplication")
+
+
+# ------------------------------------------------------------------ attention, outer product mean
+
+
+def randomized(module, seed: int):
+  ref.randomize_params(module, seed)
+  return module
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["whole", "chunked"])
+def test_msa_row_attention_matches_one_device(chunk_size):
+  module = randomized(MSARowAttentionWithPairBias(C_M, C, num_heads=2, head_dim=4,
+                                                  rngs=nnx.Rngs(0)), 1)
+
+  def one_device(module, m, z, msa_mask, pair_mask):
+    del pair_mask
+    return module(m, z, msa_mask, chunk_size=chunk_size), z
+
+  def on_shard(module, m, z, masks, ax):
+    return msa_row_attention(module, m, z, masks.msa_rows, ax, chunk_size=chunk_size), z
+
+  compare(module, one_device, on_shard, inputs(5, 10, C_M, C, seed=1), "MSA row attention")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["whole", "chunked"])
+def test_outer_product_mean_matches_one_device(chunk_size):
+  module = randomized(OuterProductMean(C_M, C, 3, rngs=nnx.Rngs(0)), 2)
+
+  def one_device(module, m, z, msa_mask, pair_mask):
+    del z, pair_mask
+    return m, module(m, msa_mask, chunk_size=chunk_size)
+
+  def on_shard(module, m, z, masks, ax):
+    del z
+    return m, outer_product_mean(module, ax.to_columns(m), masks.msa_cols, ax,
+                                 chunk_size=chunk_size)
+
+  compare(module, one_device, on_shard, inputs(5, 10, C_M, C, seed=2), "outer product mean")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["whole", "chunked"])
+@pytest.mark.parametrize("starting", [True, False], ids=["starting", "ending"])
+def test_triangle_attention_matches_one_device(starting, chunk_size):
+  module = randomized(TriangleAttention(C, starting=starting, num_heads=2, head_dim=4,
+                                        rngs=nnx.Rngs(0)), 3)
+
+  def one_device(module, m, z, msa_mask, pair_mask):
+    del msa_mask
+    return m, module(z, pair_mask, chunk_size=chunk_size)
+
+  def on_shard(module, m, z, masks, ax):
+    if starting:  # rows layout in and out
+      return m, triangle_attention(module, z, masks.pair_rows, ax, chunk_size=chunk_size)
+    update = triangle_attention(module, ax.to_columns(z), masks.pair_cols, ax,
+                                chunk_size=chunk_size)
+    return m, ax.to_rows(update)
+
+  compare(module, one_device, on_shard, inputs(3, 10, C_M, C, seed=3), "triangle attention")
 
 
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1,

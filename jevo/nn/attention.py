@@ -6,6 +6,8 @@ All attention goes through `jevo.evoformer_attention` with q, k, v laid out `[*B
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -114,7 +116,22 @@ class MSARowAttentionWithPairBias(nnx.Module):
                        f"{m.shape[:-3] + (m.shape[-2], m.shape[-2], self.c_z)} to match m "
                        f"{m.shape}, got {z.shape}")
     mask = _optional_mask("msa_mask", msa_mask, m.shape[:-1])
+    return self.update(m, z, mask, chunk_size=chunk_size)
+
+  def update(self, m: jax.Array, z: jax.Array, mask: jax.Array | None, *,
+             chunk_size: int | None = None,
+             gather_bias: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """`__call__` without its argument checks, for callers that hold slices of m and z.
+
+    m `[*B, N, N_res, c_m]` (any N sequences), mask bool `[*B, N, N_res]` or None; z
+    `[*B, R, N_res, c_z]`, some R of the pair's rows. The bias of those rows,
+    `[*B, 1, H, R, N_res]`, passes through `gather_bias` (identity when None), which returns
+    the bias of all N_res rows: an all-gather where each device holds a slice of z's rows
+    (`jevo.parallel`).
+    """
     bias = pair_to_bias(self.pair_norm(z), self.pair_bias)
+    if gather_bias is not None:
+      bias = gather_bias(bias)
 
     def rows(m_rows, mask_rows):
       return self.attention(self.query_norm(m_rows), mask_rows, bias)

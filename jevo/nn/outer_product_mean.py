@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,10 +46,28 @@ class OuterProductMean(nnx.Module):
                chunk_size: int | None = None) -> jax.Array:
     c.check_input("m", m, 3, self.c_m, "[*B, N_seq, N_res, c_m]")
     c.check_chunk_size(chunk_size)
-    mask = c.check_mask("msa_mask", msa_mask, m.shape[:-1])[..., None]
+    mask = c.check_mask("msa_mask", msa_mask, m.shape[:-1])
+    return self.update(m, mask, chunk_size=chunk_size)
+
+  def update(self, m: jax.Array, mask: jax.Array, *, chunk_size: int | None = None,
+             gather: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """`__call__` without its argument checks, for callers that hold a slice of m's residues.
+
+    m `[*B, N_seq, R, c_m]`, some R residues i, and its bool mask `[*B, N_seq, R]`. The right
+    side's residues j come from `gather` (identity when None), applied along axis -2 to the
+    masked right projection `[*B, N_seq, R, c_hidden]` and to the mask `[*B, N_seq, R, 1]`
+    (float32): it returns them for all N_res residues, e.g. an all-gather where each device
+    holds a slice of the residues (`jevo.parallel`). Returns the pair rows i,
+    `[*B, R, N_res, c_z]`.
+    """
+    mask = mask[..., None]
     x = self.layer_norm(m)
     a, b = project(x, self.left_projection, self.right_projection)
     a, b = mask.astype(x.dtype) * a, mask.astype(x.dtype) * b
+    maskf = mask.astype(jnp.float32)
+    maskf_j = maskf
+    if gather is not None:
+      b, maskf_j = gather(b), gather(maskf)
 
     def rows(a_i):
       # [*B, S, i, c] x [*B, S, j, d] -> [*B, i, j, c*d]; only `chunk_size` rows i at a time.
@@ -56,6 +76,5 @@ class OuterProductMean(nnx.Module):
       return self.output(outer.reshape(outer.shape[:-2] + (self.c_hidden * self.c_hidden,)))
 
     out = chunked(rows, (a,), (-2,), out_axis=-3, chunk_size=chunk_size)
-    maskf = mask.astype(jnp.float32)
-    count = jnp.einsum("...sic,...sjc->...ijc", maskf, maskf)
+    count = jnp.einsum("...sic,...sjc->...ijc", maskf, maskf_j)
     return (out / (NORM_EPS + count)).astype(out.dtype)

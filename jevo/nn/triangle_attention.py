@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,11 +48,25 @@ class TriangleAttention(nnx.Module):
     c.check_pair("z", z, self.c_z)
     c.check_chunk_size(chunk_size)
     mask = None if pair_mask is None else c.check_mask("pair_mask", pair_mask, z.shape[:-1])
+    return self.update(z, mask, chunk_size=chunk_size)
+
+  def update(self, z: jax.Array, mask: jax.Array | None, *, chunk_size: int | None = None,
+             gather_bias: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """`__call__` without its argument checks, for callers that hold a slice of z.
+
+    Starting node: z `[*B, R, N_res, c_z]`, some R of the pair's rows; ending node:
+    `[*B, N_res, R, c_z]`, some R of its columns; mask bool of z's shape without channels, or
+    None. The bias of those rows (columns), `[*B, 1, H, R, N_res]`, passes through
+    `gather_bias` (identity when None), which returns the bias of all N_res: an all-gather
+    where each device holds a slice of z (`jevo.parallel`). The update has z's shape.
+    """
     if not self.starting:
       z = jnp.swapaxes(z, -2, -3)
       mask = None if mask is None else jnp.swapaxes(mask, -1, -2)
     x = self.query_norm(z)
     bias = pair_to_bias(x, self.pair_bias)
+    if gather_bias is not None:
+      bias = gather_bias(bias)
 
     def rows(x_rows, mask_rows):
       return self.attention(x_rows, mask_rows, bias)

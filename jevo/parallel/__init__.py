@@ -20,12 +20,14 @@ attention) and along residues for column-wise work (column attention, transition
 mean); the pair `z` along its rows (both triangle multiplications, starting-node attention) or its
 columns (ending-node attention, transition). `all_to_all` switches layouts; `all_gather` brings
 only what every device needs whole: attention biases `[H, N_res, N_res]` and the outer product
-mean's low-channel right projection. The triangle multiplications pass their projections around
-a ring of devices (`ppermute`) block by block instead: the outgoing one brings every device's
-rows of its right projection in turn; the incoming one, which sums over the pair rows, passes
-partial sums of each output block along until they reach the device that holds those rows.
-Backward communication is JAX's transpose of these (all_to_all, reduce-scatter, all_gather)
-and, for the rings, rings again. Each shard calls `jevo.evoformer_attention` on its rows.
+mean's low-channel right projection (with its MSA mask). The triangle multiplications pass
+their projections around a ring of devices (`ppermute`) block by block instead: the outgoing
+one brings every device's rows of its right projection in turn; the incoming one, which sums
+over the pair rows, passes partial sums of each output block along until they reach the device
+that holds those rows. Backward communication is JAX's transpose of these (all_to_all,
+reduce-scatter, all_gather) and, for the rings, rings again. Each shard runs the modules' own
+code: their `update` methods, given the gather, and the triangle multiplication's
+`projections`, `combine` and `finish`; attention is `jevo.evoformer_attention` on its rows.
 
 Per block and device, with n devices: two all_to_alls of the MSA shard, two of the pair shard,
 all_gathers of 3 attention biases and the outer product mean's right projection, and two rings

@@ -63,8 +63,7 @@ def block_on_shard(block: EvoformerBlock, m: jax.Array, z: jax.Array, masks: Mas
   with jax.named_scope("msa_transition"):
     m = add(m, block.msa_transition(m, masks.msa_cols, **cs))
   with jax.named_scope("outer_product_mean"):
-    z = add(z, outer_product_mean(block.outer_product_mean, m, masks.msa_cols, masks.msa, ax,
-                                  **cs))
+    z = add(z, outer_product_mean(block.outer_product_mean, m, masks.msa_cols, ax, **cs))
   m = ax.to_rows(m)
 
   rowwise, columnwise = block.pair_dropout_rowwise, block.pair_dropout_columnwise

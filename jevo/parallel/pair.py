@@ -1,4 +1,4 @@
-"""The pair-side modules of a block on one DAP shard, with the modules' own parameters.
+"""The pair-side modules of a block on one DAP shard, with the modules' own parameters and code.
 
 Both triangle multiplications and starting-node attention work on pair rows (rows layout);
 ending-node attention on pair columns (columns layout). Attention gathers the triangle bias
@@ -11,10 +11,10 @@ shard as it is.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import functools
 
-from jevo.nn.attention import pair_to_bias
+import jax
+
 from jevo.nn.chunking import chunked
 from jevo.nn.triangle_attention import TriangleAttention
 from jevo.nn.triangle_multiplication import TriangleMultiplication
@@ -54,20 +54,11 @@ def triangle_multiplication(module: TriangleMultiplication, z_local: jax.Array,
 
 def triangle_attention(module: TriangleAttention, z_local: jax.Array, mask_local: jax.Array,
                        ax: DapAxis, *, chunk_size: int | None) -> jax.Array:
-  """The update of this device's shard of `z`.
+  """The update of this device's shard of `z`, by the module's own `update`.
 
   Starting node: z_local and mask_local in rows layout (`[*B, N_res/n, N_res, ...]`); ending
   node: in columns layout (`[*B, N_res, N_res/n, ...]`), i.e. the rows of the transposed pair
   that the module attends along. The bias rows are gathered. The result has z_local's layout.
   """
-  if not module.starting:
-    z_local = jnp.swapaxes(z_local, -2, -3)
-    mask_local = jnp.swapaxes(mask_local, -1, -2)
-  x = module.query_norm(z_local)
-  bias = ax.gather(pair_to_bias(x, module.pair_bias), axis=-2)
-
-  def rows(x_r, mask_r):
-    return module.attention(x_r, mask_r, bias)
-
-  out = chunked(rows, (x, mask_local), (-3, -2), out_axis=-3, chunk_size=chunk_size)
-  return out if module.starting else jnp.swapaxes(out, -2, -3)
+  return module.update(z_local, mask_local, chunk_size=chunk_size,
+                       gather_bias=functools.partial(ax.gather, axis=-2))

@@ -27,7 +27,6 @@ class Masks(NamedTuple):
 
   msa_rows: jax.Array   # [*B, N_seq/n, N_res]
   msa_cols: jax.Array   # [*B, N_seq, N_res/n]
-  msa: jax.Array        # [*B, N_seq, N_res], whole (the outer product mean's pair counts)
   pair_rows: jax.Array  # [*B, N_res/n, N_res]
   pair_cols: jax.Array  # [*B, N_res, N_res/n]
 
@@ -85,12 +84,11 @@ def run_sharded(body: ShardFn, module: nnx.Module, m: jax.Array, z: jax.Array,
 
   run = mesh_lib.shard_map(
       per_shard, mesh=mesh,
-      in_specs=(P(), P(), P(), rows, rows, mask_rows, mask_cols, P(), mask_rows, mask_cols),
+      in_specs=(P(), P(), P(), rows, rows, mask_rows, mask_cols, mask_rows, mask_cols),
       out_specs=(rows, rows, P()))
   m, z, state = run(params, state, replicated, place(m, rows), place(z, rows),
                     place(msa_mask, mask_rows), place(msa_mask, mask_cols),
-                    place(msa_mask, P()), place(pair_mask, mask_rows),
-                    place(pair_mask, mask_cols))
+                    place(pair_mask, mask_rows), place(pair_mask, mask_cols))
   if write_back:
     nnx.update(module, state)
   return (_unpad(m, (sizes.n_seq, sizes.n_res), mesh, axis),
