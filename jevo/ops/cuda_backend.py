@@ -11,6 +11,12 @@ sm80 (mma.sync, every GPU from A100 on) and sm90 (wgmma, H100/H200 only; forward
 its backward is sm80's). By default each call picks the family from the device it runs on, so
 one exported program runs on both; `family_backend("sm80")` and `family_backend("sm90")` are the
 backends `implementation="cuda_sm80"` and `"cuda_sm90"` that ask for one.
+
+Under `jax.jit` with sharded inputs, each FFI call is partitioned over the batch, N and the
+heads (`jevo.ops.partitioning`): every device runs the kernels on its own block and nothing is
+gathered; the bias gradient, a sum over N, is summed over N's mesh axes. The per-device calls
+are a parameter (`Kernels`), so that the same path runs on CPU in the tests with a pure-JAX
+stand-in for the kernels.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import types
+from typing import Callable, NamedTuple
 
 from jevo._cuda_lib import BACKWARD_TARGET, FORWARD_TARGET, cuda_status, kernel_family
+from jevo.ops import partitioning
 from jevo.ops.varying import vary_like
 
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -93,12 +101,15 @@ def unsupported_reason(q, k, v, mask, bias, *, family=None):
   return None
 
 
-def attention(q, k, v, mask, bias, *, scale, deterministic, family=None):
+def attention(q, k, v, mask, bias, *, scale, deterministic, family=None, kernels=None):
+  """The op on canonical-layout inputs. `kernels` replaces the FFI calls by other per-device
+  calls (a `Kernels`; the tests' CPU stand-in); None runs jevo's CUDA kernels."""
   del deterministic  # the kernels are always deterministic
   mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
   bias_arg = jnp.zeros((0,), q.dtype) if bias is None else bias  # already in q's dtype
   value = AUTO_FAMILY if family is None else kernel_family(family).value
-  return _attention(q, k, v, mask_arg, bias_arg, float(scale), value)
+  return _attention(q, k, v, mask_arg, bias_arg, float(scale), value,
+                    FFI_KERNELS if kernels is None else kernels)
 
 
 def family_backend(name):
@@ -131,10 +142,15 @@ def _vmap_rule(call, axis_size, in_batched, *args):
   return split, tuple(o.size != 0 for o in outs)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_call(scale: float, family: int, with_residual: bool = False):
-  """The forward kernel: (out, lse), and with_residual also out's rounding residual."""
-  @jax.custom_batching.custom_vmap
+# The arrays' layouts for the partitioner (see jevo.ops.partitioning): q, k, v, mask, bias.
+_FORWARD_OPERANDS = ("bnihd", "bnjhd", "bnjhd", "bnj", "bhij")
+# ... and dout, lse, delta; the results dq, dk, dv and dbias, the sum over N.
+_BACKWARD_OPERANDS = _FORWARD_OPERANDS + ("bnihd", "bnhi", "bnhi")
+_BACKWARD_RESULTS = ("bnihd", "bnjhd", "bnjhd", "bhij")
+
+
+def _ffi_forward(scale: float, family: int, with_residual: bool):
+  """The forward FFI call on one device's inputs: (out, lse[, out_lo])."""
   def forward(q, k, v, mask, bias):
     b, n, s, h, _ = q.shape
     outs = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h, s), jnp.float32)]
@@ -142,6 +158,50 @@ def _forward_call(scale: float, family: int, with_residual: bool = False):
       outs.append(jax.ShapeDtypeStruct(q.shape, RESIDUAL_DTYPE))
     call = jax.ffi.ffi_call(FORWARD_TARGET, tuple(outs))
     return tuple(call(q, k, v, mask, bias, scale=np.float32(scale), family=np.int64(family)))
+  return forward
+
+
+def _ffi_backward(scale: float, family: int):
+  """The backward FFI call on one device's inputs: (dq, dk, dv, dbias), dbias summed over the
+  device's N rows."""
+  def backward(q, k, v, mask, bias, dout, lse, delta):
+    b, n, s, h, _ = q.shape
+    chunks = bias_grad_chunks(b, n, s, h) if bias.size else 0
+    outs = [jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3
+    outs.append(jax.ShapeDtypeStruct(bias.shape, q.dtype))
+    # fp32 partials of the bias gradient, one per chunk of N; XLA allocates and frees them.
+    outs.append(jax.ShapeDtypeStruct((chunks, b, h, s, s) if chunks else (0,), jnp.float32))
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, tuple(outs))
+    return tuple(call(q, k, v, mask, bias, dout, lse, delta, scale=np.float32(scale),
+                      family=np.int64(family), n_chunks=np.int64(max(chunks, 1)))[:4])
+  return backward
+
+
+class Kernels(NamedTuple):
+  """The per-device calls behind the op. `forward(scale, family, with_residual)` gives
+  `f(q, k, v, mask, bias) -> (out, lse[, out_lo])`, `backward(scale, family)` gives
+  `f(q, k, v, mask, bias, dout, lse, delta) -> (dq, dk, dv, dbias)`, in the FFI calls' shapes
+  and dtypes (an absent mask or bias is a `(0,)` array, and so is its dbias)."""
+
+  forward: Callable
+  backward: Callable
+
+
+FFI_KERNELS = Kernels(_ffi_forward, _ffi_backward)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_call(scale: float, family: int, with_residual: bool = False,
+                  kernels: Kernels = FFI_KERNELS):
+  """The forward kernel: (out, lse), and with_residual also out's rounding residual."""
+  results = ("bnihd", "bnhi") + (("bnihd",) if with_residual else ())
+  like = (0, None) + ((0,) if with_residual else ())  # out and out_lo sharded like q
+  call = partitioning.shard_kernel(kernels.forward(scale, family, with_residual),
+                                   _FORWARD_OPERANDS, results, like)
+
+  @jax.custom_batching.custom_vmap
+  def forward(q, k, v, mask, bias):
+    return call(q, k, v, mask, bias)
 
   @forward.def_vmap
   def forward_vmap(axis_size, in_batched, *args):
@@ -169,18 +229,13 @@ def bias_grad_chunks(batch, n, seq, heads, sm_count=None, query_tile=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_call(scale: float, family: int):
+def _backward_call(scale: float, family: int, kernels: Kernels = FFI_KERNELS):
+  call = partitioning.shard_kernel(kernels.backward(scale, family), _BACKWARD_OPERANDS,
+                                   _BACKWARD_RESULTS, like=(0, 1, 2, 4))  # like q, k, v, bias
+
   @jax.custom_batching.custom_vmap
   def backward(q, k, v, mask, bias, dout, lse, delta):
-    b, n, s, h, _ = q.shape
-    chunks = bias_grad_chunks(b, n, s, h) if bias.size else 0
-    outs = [jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3
-    outs.append(jax.ShapeDtypeStruct(bias.shape, q.dtype))
-    # fp32 partials of the bias gradient, one per chunk of N; XLA allocates and frees them.
-    outs.append(jax.ShapeDtypeStruct((chunks, b, h, s, s) if chunks else (0,), jnp.float32))
-    call = jax.ffi.ffi_call(BACKWARD_TARGET, tuple(outs))
-    return tuple(call(q, k, v, mask, bias, dout, lse, delta, scale=np.float32(scale),
-                      family=np.int64(family), n_chunks=np.int64(max(chunks, 1)))[:4])
+    return call(q, k, v, mask, bias, dout, lse, delta)
 
   @backward.def_vmap
   def backward_vmap(axis_size, in_batched, *args):
@@ -189,20 +244,20 @@ def _backward_call(scale: float, family: int):
   return backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, mask, bias, scale, family):
-  out, _ = _forward_call(scale, family)(q, k, v, mask, bias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, mask, bias, scale, family, kernels):
+  out, _ = _forward_call(scale, family, False, kernels)(q, k, v, mask, bias)
   return vary_like(out, q, k, v, mask, bias)
 
 
-def _attention_fwd(q, k, v, mask, bias, scale, family):
+def _attention_fwd(q, k, v, mask, bias, scale, family, kernels):
   # Besides out, the kernel writes out_lo = bf16(O - out), O its fp32 output: the backward's
   # delta = rowsum(dO * O) needs O to more bits than out has. With a peaked softmax (large
   # biases) dS = P * (dP - delta) is a small difference of nearly equal terms, and delta from
   # the rounded out made dq, dk and dbias about 3.5x less accurate than XLA's own gradients
   # (tests/test_attention_delta_model.py). out + out_lo holds O to 8 more bits than out at half
   # the cost of an fp32 copy. The primal (inference) forward does not write it.
-  out, lse, out_lo = _forward_call(scale, family, True)(q, k, v, mask, bias)
+  out, lse, out_lo = _forward_call(scale, family, True, kernels)(q, k, v, mask, bias)
   # Inside shard_map the FFI call's results carry no varying axes; each device computed its own.
   out, lse, out_lo = (vary_like(x, q, k, v, mask, bias) for x in (out, lse, out_lo))
   return out, (q, k, v, mask, bias, out, out_lo, lse)
@@ -214,11 +269,12 @@ def row_delta(dout, out, out_lo):
   return jnp.swapaxes(jnp.sum(dout.astype(jnp.float32) * o, axis=-1), -1, -2)
 
 
-def _attention_bwd(scale, family, residuals, dout):
+def _attention_bwd(scale, family, kernels, residuals, dout):
   q, k, v, mask, bias, out, out_lo, lse = residuals
   dout = dout.astype(q.dtype)
   delta = row_delta(dout, out, out_lo)
-  dq, dk, dv, dbias = _backward_call(scale, family)(q, k, v, mask, bias, dout, lse, delta)
+  dq, dk, dv, dbias = _backward_call(scale, family, kernels)(q, k, v, mask, bias, dout, lse,
+                                                             delta)
   # custom_vjp wants each cotangent typed like its primal, varying axes included (shard_map).
   dq, dk, dv, dbias = (vary_like(g, x) for g, x in ((dq, q), (dk, k), (dv, v), (dbias, bias)))
   return dq, dk, dv, None, (dbias if bias.size else None)
