@@ -149,7 +149,11 @@ def plan_table(planned: dict | None, on_gpu: bool) -> str:
   measured_peak = peak if peak is not None else planned["xla_whole_step_bytes"]
   if peak is not None and measured.get("peak_is_upper_bound"):
     peak_label += "; reached before the step ran, so the step's own peak is at most this"
-  rows = [["peak device memory", f"{plan['predicted_peak'] / GIB:.3f} GiB",
+  planned_peak = f"{plan['predicted_peak'] / GIB:.3f} GiB"
+  if plan.get("xla_peak") is not None:
+    planned_peak += (f" (checked at planning: XLA's analysis of the whole step "
+                     f"{plan['xla_peak'] / GIB:.3f} GiB)")
+  rows = [["peak device memory", planned_peak,
            f"{measured_peak / GIB:.3f} GiB ({peak_label})"],
           ["step time", f"{plan['predicted_ms']:.1f} ms ({plan['time_source']})",
            f"{measured['ms']:.1f} ms"]]

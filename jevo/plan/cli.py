@@ -41,6 +41,12 @@ def main(argv=None) -> int:
   p.add_argument("--candidates", nargs="+", metavar="NAME",
                  help="what the planner may choose per block (default: all of everything, "
                  "all_products, linear_outputs, block_inputs, offload)")
+  p.add_argument("--no-verify", action="store_true",
+                 help="skip the check of the chosen plan against XLA's memory analysis of the "
+                 "whole planned step (one compile of the stack per plan checked)")
+  p.add_argument("--headroom", metavar="SIZE",
+                 help="device memory XLA's figure must leave free for the allocator (default: "
+                 "256MiB on a GPU, 0 elsewhere)")
   p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the cache")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
   args = p.parse_args(argv)
@@ -48,6 +54,8 @@ def main(argv=None) -> int:
   from jevo.plan import plan as planning
   try:
     budget = planning.parse_bytes(args.budget)
+    if args.headroom is not None:
+      planning.parse_headroom(args.headroom)
     spec, blocks = _spec_for(args)
   except ValueError as err:
     p.error(str(err))
@@ -62,7 +70,8 @@ def main(argv=None) -> int:
   try:
     result = planning.plan_stack(spec, blocks, budget=budget, training=not args.inference,
                                  measure=args.measure, use_cache=not args.no_cache,
-                                 candidates=chosen)
+                                 candidates=chosen, verify=not args.no_verify,
+                                 headroom=args.headroom)
   except planning.PlanError as err:
     print(f"jevo.plan: {err}", file=sys.stderr)
     return 1

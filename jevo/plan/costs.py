@@ -2,7 +2,8 @@
 stacks of two and three blocks (the difference is what one more block keeps for the backward
 pass; the rest is the working memory of one block and the step's fixed buffers), and a time per
 block, measured on the device or, where no device time is wanted, from XLA's cost analysis.
-Figures are cached on disk by device, sizes, jevo and jax version."""
+`whole_step_bytes` is the same analysis of a whole planned stack, the planner's check of its
+extrapolation. Figures are cached on disk by device, sizes, jevo and jax version."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import pathlib
+import time
 
 from jevo.bench.block_case import sum_of_squares
 from jevo.bench.measure import median_ms, xla_analysis
@@ -208,15 +210,19 @@ def _measured_ms(compiled, concrete, repeats: int = 5) -> float:
   return median_ms(compiled, concrete(), repeats, warmup=1)["ms"]
 
 
-def _fit(step_of_depth, remat, measure: bool, estimate) -> dict:
+def _fit(step_of_depth, remat, measure: bool, estimate, record=None) -> dict:
   """Cost fields from the compiled steps of stacks of DEPTHS[0] and DEPTHS[1] blocks
   (`step_of_depth(depth)` -> stack_step's triple): the difference is what one block adds, the
-  rest is fixed; time per block measured as the same difference, or `estimate()`."""
+  rest is fixed; time per block measured as the same difference, or `estimate()`.
+  `record(depth, value)` receives each step's `whole_step_bytes` figure."""
   points, times = [], []
   for depth in DEPTHS:
     fn, args, concrete = step_of_depth(depth)
+    start = time.perf_counter()
     compiled = _compile(fn, args, remat)
     points.append(_device_bytes(compiled))
+    if record is not None:
+      record(depth, dict(bytes=sum(points[-1]), compile_s=time.perf_counter() - start))
     if measure:
       times.append(_measured_ms(compiled, concrete))
   (t2, io2), (t3, io3) = points
@@ -246,9 +252,12 @@ def _as_cost(value: dict) -> Cost:
 
 def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool = True) -> Cost:
   """The Cost of running every block of `spec`'s stack as `candidate` in a training step."""
+  def record(depth, value):  # the uniform plan of this depth needs no compile to check
+    _store_whole_step(spec, depth, ((depth, candidate.name),), None, True, value, use_cache)
+
   def compute():
     return _fit(lambda depth: stack_step(spec, depth, candidate.stack_remat()),
-                candidate.remat, measure, lambda: _estimated_block_ms(spec, candidate))
+                candidate.remat, measure, lambda: _estimated_block_ms(spec, candidate), record)
   value = cached(spec, "training", dict(candidate=candidate.name, measure=measure), compute,
                  use_cache)
   return _as_cost(value)
@@ -256,8 +265,48 @@ def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool 
 
 def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: bool = True) -> Cost:
   """The Cost of the inference forward with `chunk_size` (None: no chunking)."""
+  def record(depth, value):
+    _store_whole_step(spec, depth, (), chunk_size, False, value, use_cache)
+
   def compute():
     return _fit(lambda depth: stack_step(spec, depth, "none", chunk_size, training=False),
-                "none", measure, lambda: _estimated_block_ms(spec, None, chunk_size))
+                "none", measure, lambda: _estimated_block_ms(spec, None, chunk_size), record)
   return _as_cost(cached(spec, "inference", dict(chunk_size=chunk_size, measure=measure),
                          compute, use_cache))
+
+
+def _whole_step_extra(blocks, runs, chunk_size, training) -> dict:
+  return dict(blocks=blocks, runs=[[int(n), str(name)] for n, name in runs],
+              chunk_size=chunk_size, training=training)
+
+
+def _store_whole_step(spec, blocks, runs, chunk_size, training, value, use_cache):
+  if use_cache:
+    cached(spec, "whole step", _whole_step_extra(blocks, runs, chunk_size, training),
+           lambda: value)
+
+
+def whole_step_bytes(spec: StackSpec, blocks: int, runs, chunk_size=None, training=True, *,
+                     use_cache: bool = True) -> dict:
+  """XLA's memory analysis of the whole planned step: the training step of a stack of `blocks`
+  blocks in `runs` ((blocks, candidate name) pairs in block order, what a Plan's runs say), or
+  the inference forward chunked by `chunk_size` (`runs` empty). Returns `bytes` (device
+  memory: temporaries, arguments and outputs, as `_fit` counts them) and `compile_s` (how long
+  the compile took when it ran; a cached figure takes no compile)."""
+  from jevo.plan.candidates import by_name
+
+  def compute():
+    if not training:
+      remat = "none"
+    elif len(runs) == 1:
+      remat = by_name(runs[0][1]).stack_remat()
+    else:
+      remat = tuple((n, by_name(name).stack_remat()) for n, name in runs)
+    offload = training and any(by_name(name).remat == "offload" for _, name in runs)
+    fn, args, _ = stack_step(spec, blocks, remat, chunk_size, training)
+    start = time.perf_counter()
+    temp, io = _device_bytes(_compile(fn, args, "offload" if offload else "none"))
+    return dict(bytes=temp + io, compile_s=time.perf_counter() - start)
+
+  return cached(spec, "whole step", _whole_step_extra(blocks, runs, chunk_size, training),
+                compute, use_cache)

@@ -45,6 +45,13 @@ class Plan:
   product mean, triangle multiplications, transitions: the stack's `chunk_size`). With the
   predicted peak device bytes and step time, and why.
 
+  `xla_peak` is XLA's memory analysis of the whole planned step, compiled once the plan was
+  chosen (None where `verify=False`): the figure the plan was checked against, at most
+  `budget - headroom`. `predicted_peak` is the cost model's extrapolation from stacks of 2 and
+  3 blocks (before any correction from a check). `planning_s` is the planner's own time,
+  `check_s` the part of it spent compiling whole steps to check them (`checks` of them,
+  rejected plans included).
+
   `stack_remat` is what `EvoformerStack(..., remat=...)` takes; `chunk_size` what its call takes.
   """
 
@@ -58,6 +65,10 @@ class Plan:
   time_source: str
   reasons: tuple[str, ...]
   planning_s: float
+  xla_peak: int | None = None
+  headroom: int = 0
+  checks: int = 0
+  check_s: float = 0.0
 
   @property
   def stack_remat(self):
@@ -66,12 +77,26 @@ class Plan:
       return cand.by_name(self.runs[0].candidate).stack_remat()
     return tuple((r.blocks, cand.by_name(r.candidate).stack_remat()) for r in self.runs)
 
+  @property
+  def verified(self) -> bool:
+    return self.xla_peak is not None
+
   def describe(self) -> str:
     kind = "training step" if self.training else "inference forward"
-    lines = [f"Plan for a {self.blocks}-block {kind} within {size_text(self.budget)}: "
-             f"predicted peak {size_text(self.predicted_peak)}, step "
-             f"{self.predicted_ms:.1f} ms ({self.time_source}); planned in "
-             f"{self.planning_s:.1f} s."]
+    within = size_text(self.budget)
+    if self.headroom:
+      within += f" ({size_text(self.headroom)} of it left for the allocator)"
+    if self.verified:
+      peak = (f"XLA's analysis of the whole planned step {size_text(self.xla_peak)} "
+              f"(predicted {size_text(self.predicted_peak)})")
+      cost = (f"planned in {self.planning_s:.1f} s, {self.check_s:.1f} s of it checking "
+              f"{self.checks} whole step{'s' if self.checks != 1 else ''}")
+    else:
+      peak = (f"predicted peak {size_text(self.predicted_peak)} (not checked against the "
+              "whole step: verify=False)")
+      cost = f"planned in {self.planning_s:.1f} s"
+    lines = [f"Plan for a {self.blocks}-block {kind} within {within}: {peak}, step "
+             f"{self.predicted_ms:.1f} ms ({self.time_source}); {cost}."]
     for r in self.runs:
       lines.append(f"- {r.blocks} blocks keep {cand.by_name(r.candidate).keeps} "
                    f"(remat={r.remat!r})")
@@ -99,9 +124,60 @@ def parse_bytes(text) -> int:
   return int(float(match.group(1)) * _UNITS[unit])
 
 
+def parse_headroom(text) -> int:
+  """A headroom in bytes: None for the default (GPU_HEADROOM on a GPU, else 0), 0, or a size."""
+  if text is None:
+    return GPU_HEADROOM if _measures_on_device() else 0
+  if text in (0, "0"):
+    return 0
+  try:
+    return parse_bytes(text)
+  except ValueError:
+    raise ValueError(f"headroom must be a size such as 256MiB, or 0, got {text!r}") from None
+
+
 def _measures_on_device() -> bool:
   import jax
   return jax.devices()[0].platform == "gpu"
+
+
+# The check of a plan: XLA's analysis of the whole planned step, compiled once. A training plan
+# over the budget corrects the cost model (each of its blocks is charged an equal share of what
+# the model under-predicted it by) and is re-planned within the budget less this fraction of
+# it; an inference plan over the budget moves on to smaller chunks, each checked, within the
+# budget less that margin. At most MAX_CHECKS whole steps are compiled per plan, the last
+# kept for the leanest plan (every block as the choice that keeps least, or the chunk size
+# with the least peak), which is returned if it fits and otherwise names the smallest budget.
+MAX_CHECKS = 4
+REPLAN_MARGIN = 0.01
+# XLA's figure must leave this much of the budget free on a GPU: on an H200 the allocator's
+# peak was about 0.07 and 0.08 GiB above XLA's analysis of the whole step (7.82 against 7.75
+# GiB for an offload plan, 14.19 against 14.11 GiB for a block_inputs plan).
+GPU_HEADROOM = 256 * 2 ** 20
+
+
+class _Checks:
+  """Compiles whole planned steps (or reads them from the cache) and keeps what they gave."""
+
+  def __init__(self, spec, blocks, training, use_cache):
+    self.spec, self.blocks, self.training, self.use_cache = spec, blocks, training, use_cache
+    self.seen = {}  # what -> (predicted, XLA's bytes)
+    self.seconds = 0.0
+
+  def __call__(self, what: str, runs, chunk_size, predicted: int) -> int:
+    if what not in self.seen:
+      start = time.perf_counter()
+      nbytes = cst.whole_step_bytes(self.spec, self.blocks, runs, chunk_size, self.training,
+                                    use_cache=self.use_cache)["bytes"]
+      self.seconds += time.perf_counter() - start
+      self.seen[what] = (predicted, nbytes)
+    return self.seen[what][1]
+
+  def reasons(self, limit: int) -> list[str]:
+    return [f"checked {what}: XLA's analysis of the whole step {size_text(nbytes)}, predicted "
+            f"{size_text(predicted)}: "
+            + ("fits" if nbytes <= limit else f"{size_text(nbytes - limit)} over the limit")
+            for what, (predicted, nbytes) in self.seen.items()]
 
 
 def spec_of(stack, m, z) -> cst.StackSpec:
@@ -124,39 +200,96 @@ def plan_for(stack, m, z, *, budget, training: bool = True, **kwargs) -> Plan:
 
 
 def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = True,
-               measure: bool | None = None, candidates=None, use_cache: bool = True) -> Plan:
-  """The fastest plan for a stack of `blocks` blocks of `spec` whose peak device memory, as
-  XLA's memory analysis of the compiled step predicts it, fits `budget` (bytes or '16GiB').
+               measure: bool | None = None, candidates=None, use_cache: bool = True,
+               verify: bool = True, headroom=None) -> Plan:
+  """The fastest plan for a stack of `blocks` blocks of `spec` whose peak device memory fits
+  `budget` (bytes or '16GiB'), less `headroom` (bytes or a size; default 256 MiB on a GPU,
+  where the allocator's peak runs a little above XLA's analysis, none elsewhere).
 
   Memory: for each candidate, the compiled training step of stacks of 2 and 3 blocks (or the
-  inference forward for each chunk size); time: measured on the device when it is a GPU (or
-  `measure=True`), else XLA's cost analysis. Figures are cached on disk (`costs.cache_dir()`).
-  Raises PlanError naming the smallest budget that can be met.
+  inference forward for each chunk size), extrapolated linearly to `blocks`; time: measured on
+  the device when it is a GPU (or `measure=True`), else XLA's cost analysis. With `verify`
+  (the default) the chosen plan's whole step is then compiled and its peak read from XLA's
+  memory analysis; a plan over the limit is re-planned a bounded number of times (MAX_CHECKS
+  compiles in all), and where no checked plan fits, PlanError names the smallest budget that
+  does (the leanest plan's checked peak plus the headroom). Figures, the checks' included, are
+  cached on disk (`costs.cache_dir()`). Raises PlanError naming the smallest budget that can be
+  met.
+
+  The planner's own cost is compiles: two per candidate (five for training, up to twelve chunk
+  sizes for inference) and one per check, each about as long as compiling one step of the
+  stack (its scans make that nearly independent of the number of blocks). On a busy 2-core CPU
+  at tiny sizes (8 x 12, c_m 32, 6 blocks, candidates "everything" and "block_inputs", a budget
+  that needs a mix) planning from an empty cache took 74 s without the check and 91 s with it
+  (one check, 25 s: the mix's two scans compile slower than one); a cost model made to
+  under-predict took two checks, 13 s; with every figure cached, under 0.01 s either way. The
+  check is not idle there: XLA gave that mix 3.75 MiB where the model predicted 3.40 MiB.
   """
   start = time.perf_counter()
   budget = parse_bytes(budget)
   if not isinstance(blocks, int) or blocks <= 0:
     raise ValueError(f"blocks must be a positive integer, got {blocks!r}")
   measure = _measures_on_device() if measure is None else measure
+  headroom = parse_headroom(headroom)
+  checks = _Checks(spec, blocks, training, use_cache) if verify else None
   if training:
-    return _plan_training(spec, blocks, budget, measure, candidates, use_cache, start)
-  return _plan_inference(spec, blocks, budget, measure, use_cache, start)
+    return _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cache,
+                          checks, start)
+  return _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start)
 
 
-def _plan_training(spec, blocks, budget, measure, candidates, use_cache, start):
+def _headroom_text(headroom: int) -> str:
+  return f" plus {size_text(headroom)} left for the allocator" if headroom else ""
+
+
+def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cache, checks,
+                   start):
   chosen = candidates or cand.TRAINING_CANDIDATES
   costs = {c.name: cst.training_cost(spec, c, measure=measure, use_cache=use_cache)
            for c in chosen}
-  choice = search.best_training_choice(costs, blocks, budget)
-  if choice is None:
-    least = search.smallest_training_peak(costs, blocks)
-    raise PlanError(f"no plan for {blocks} blocks at {spec.n_seq} x {spec.n_res} fits a budget "
-                    f"of {size_text(budget)}: the smallest budget the planner can meet is "
-                    f"{size_text(least)} ({least} bytes; every block keeping only its inputs"
-                    f"{' in host memory' if 'offload' in costs else ''})", least)
   order = [c.name for c in chosen]  # fastest first
-  runs = tuple(Run(choice.counts[n], n, cand.by_name(n).remat) for n in order
-               if n in choice.counts)
+  limit = budget - headroom
+  runs_of = lambda counts: tuple((counts[n], n) for n in order if n in counts)  # noqa: E731
+  what = lambda counts: " + ".join(f"{k} x {n}" for k, n in runs_of(counts))  # noqa: E731
+  # `model` is the cost model as corrected by the checks: a checked plan over the limit charges
+  # each of its blocks an equal share of what the model under-predicted it by.
+  model, choice, xla_peak, search_limit, fallback = dict(costs), None, None, limit, None
+  for _ in range(MAX_CHECKS - 1 if checks is not None else 1):
+    found = search.best_training_choice(model, blocks, search_limit)
+    if found is None:
+      break
+    if checks is None:
+      choice = found
+      break
+    nbytes = checks(what(found.counts), runs_of(found.counts), None,
+                    search.peak_of(costs, found.counts, blocks))
+    if nbytes <= limit:
+      choice, xla_peak = found, nbytes
+      break
+    share = -(-(nbytes - found.peak) // blocks)  # > 0: found.peak <= limit < nbytes
+    for n in found.counts:
+      model[n] = dataclasses.replace(model[n], kept=model[n].kept + share)
+    search_limit = limit - int(REPLAN_MARGIN * limit)
+  if choice is None:
+    leanest = min(order, key=lambda n: (model[n].peak(blocks), order.index(n)))
+    least = costs[leanest].peak(blocks)
+    every = (f"every block as {leanest!r}, keeping {cand.by_name(leanest).keeps}")
+    if checks is None:
+      raise PlanError(f"no plan for {blocks} blocks at {spec.n_seq} x {spec.n_res} fits a "
+                      f"budget of {size_text(budget)}: the smallest budget the planner can "
+                      f"meet is {size_text(least + headroom)} ({least + headroom} bytes; "
+                      f"{every}; predicted{_headroom_text(headroom)})", least + headroom)
+    nbytes = checks(what({leanest: blocks}), ((blocks, leanest),), None, least)
+    if nbytes > limit:
+      smallest = nbytes + headroom
+      raise PlanError(f"no plan for {blocks} blocks at {spec.n_seq} x {spec.n_res} fits a "
+                      f"budget of {size_text(budget)}: the smallest budget the planner can "
+                      f"meet is {size_text(smallest)} ({smallest} bytes; {every}: XLA's "
+                      f"analysis of that whole step {size_text(nbytes)}, predicted "
+                      f"{size_text(least)}{_headroom_text(headroom)})", smallest)
+    choice = search.Choice({leanest: blocks}, least, blocks * costs[leanest].ms)
+    xla_peak, fallback = nbytes, f"no faster plan checked fits: {every}"
+  runs = tuple(Run(k, n, cand.by_name(n).remat) for k, n in runs_of(choice.counts))
   fastest = order[0]
   reasons = [f"{n}: {costs[n].kept / 2**20:.1f} MiB kept per block, working memory "
              f"{costs[n].fixed / 2**20:.1f} MiB, {costs[n].ms:.2f} ms per block"
@@ -167,30 +300,67 @@ def _plan_training(spec, blocks, budget, measure, candidates, use_cache, start):
     reasons.insert(0, f"keeping everything in all {blocks} blocks would need "
                    f"{size_text(costs[fastest].peak(blocks))}; the programme over blocks "
                    "picked the fastest mix that fits")
-  return Plan(True, blocks, budget, runs, None, choice.peak, choice.ms,
-              costs[fastest].time_source, tuple(reasons), time.perf_counter() - start)
+  if fallback:
+    reasons[0] = fallback
+  if checks is not None:
+    reasons[1:1] = checks.reasons(limit)
+  return Plan(True, blocks, budget, runs, None, search.peak_of(costs, choice.counts, blocks),
+              choice.ms,
+              costs[fastest].time_source, tuple(reasons), time.perf_counter() - start,
+              xla_peak, headroom, len(checks.seen) if checks is not None else 0,
+              checks.seconds if checks is not None else 0.0)
 
 
-def _plan_inference(spec, blocks, budget, measure, use_cache, start):
+def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start):
   # Time grows as the chunk shrinks, so the first chunk (largest first) that fits is best.
   # Memory mostly falls with the chunk, but not always at small sizes, so each is tried.
   chunks = [c for c in cand.INFERENCE_CHUNKS if c is None or c < max(spec.n_seq, spec.n_res)]
+  limit = budget - headroom
+  cost_of = lambda i: cst.inference_cost(spec, chunks[i], measure=measure,  # noqa: E731
+                                         use_cache=use_cache)
   tried = {}
-  for i, chunk in enumerate(chunks):
-    tried[i] = cst.inference_cost(spec, chunk, measure=measure, use_cache=use_cache)
-    if tried[i].peak(blocks) <= budget:
+  chosen, xla_peak, search_limit = None, None, limit
+  for i in range(len(chunks)):
+    tried[i] = cost_of(i)
+    predicted = tried[i].peak(blocks)
+    if predicted > search_limit:
+      continue
+    if checks is None:
+      chosen = i
       break
-  else:
+    if len(checks.seen) >= MAX_CHECKS - 1:
+      break
+    nbytes = checks(f"chunk_size={chunks[i]}", (), chunks[i], predicted)
+    if nbytes <= limit:
+      chosen, xla_peak = i, nbytes
+      break
+    search_limit = limit - int(REPLAN_MARGIN * limit)  # one chunk's error says little of another's
+  if chosen is None:
+    for i in range(len(chunks)):  # the leanest of all
+      if i not in tried:
+        tried[i] = cost_of(i)
     i = min(tried, key=lambda j: tried[j].peak(blocks))
     least = tried[i].peak(blocks)
-    raise PlanError(f"no chunk size fits a budget of {size_text(budget)} for {blocks} "
-                    f"blocks at {spec.n_seq} x {spec.n_res}: the smallest budget the planner "
-                    f"can meet is {size_text(least)} ({least} bytes; chunk_size={chunks[i]})",
-                    least)
-  lo = i
-  best = tried[lo]
-  reasons = [f"chunk_size={chunks[i]}: peak {size_text(c.peak(blocks))}, "
-             f"{c.ms:.2f} ms per block" for i, c in sorted(tried.items(), key=lambda kv: kv[0])]
+    head = (f"no chunk size fits a budget of {size_text(budget)} for {blocks} blocks at "
+            f"{spec.n_seq} x {spec.n_res}: the smallest budget the planner can meet is ")
+    if checks is None:
+      raise PlanError(f"{head}{size_text(least + headroom)} ({least + headroom} bytes; "
+                      f"chunk_size={chunks[i]}; predicted{_headroom_text(headroom)})",
+                      least + headroom)
+    nbytes = checks(f"chunk_size={chunks[i]}", (), chunks[i], least)
+    if nbytes > limit:
+      smallest = nbytes + headroom
+      raise PlanError(f"{head}{size_text(smallest)} ({smallest} bytes; chunk_size={chunks[i]}"
+                      f": XLA's analysis of that whole step {size_text(nbytes)}, predicted "
+                      f"{size_text(least)}{_headroom_text(headroom)})", smallest)
+    chosen, xla_peak = i, nbytes
+  best = tried[chosen]
+  reasons = [f"chunk_size={chunks[j]}: peak {size_text(c.peak(blocks))}, "
+             f"{c.ms:.2f} ms per block" for j, c in sorted(tried.items(), key=lambda kv: kv[0])]
   reasons.insert(0, "the largest chunk that fits (smaller chunks only cost time)")
-  return Plan(False, blocks, budget, (), chunks[lo], best.peak(blocks), blocks * best.ms,
-              best.time_source, tuple(reasons), time.perf_counter() - start)
+  if checks is not None:
+    reasons[1:1] = checks.reasons(limit)
+  return Plan(False, blocks, budget, (), chunks[chosen], best.peak(blocks), blocks * best.ms,
+              best.time_source, tuple(reasons), time.perf_counter() - start, xla_peak,
+              headroom, len(checks.seen) if checks is not None else 0,
+              checks.seconds if checks is not None else 0.0)

@@ -81,6 +81,13 @@ def best_training_choice(costs: dict, blocks: int, budget: int) -> Choice | None
   return best
 
 
+def peak_of(costs: dict, counts: dict, blocks: int) -> int:
+  """The predicted peak of `counts` (name -> blocks): as the programme counts it."""
+  first = costs[next(iter(costs))]
+  return (first.io_fixed + blocks * first.io_per_block + max(costs[n].fixed for n in counts)
+          + sum(k * costs[n].kept for n, k in counts.items()))
+
+
 def smallest_training_peak(costs: dict, blocks: int) -> int:
   """The least peak any assignment reaches: every block as the candidate that keeps least."""
   return min(c.io_fixed + blocks * (c.io_per_block + c.kept) + c.fixed for c in costs.values())
