@@ -16,9 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import without_command_buffers  # noqa: E402  (benchmarks/ is the script's directory)
 
 # No XLA command buffers: each kernel is launched on its own, outside CUDA graphs, as kernel
-# replay needs. Even so, ncu 2026-11-21 on an H200 (jax 0.11.2) stopped at the first profiled
-# kernel ("Failed to profile", application error code 9), with or without command buffers; its
-# memory save and restore around a replay is one suspect (try --replay-mode application).
+# replay needs. With them off, ncu profiles the forward kernels on an H200 (2026-12-01, jax
+# 0.11.2, the command above with --section SpeedOfLight --section WarpStateStats ...); on
+# 2026-11-21 it had stopped at the first profiled kernel ("Failed to profile").
 os.environ["XLA_FLAGS"] = without_command_buffers(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
