@@ -98,6 +98,11 @@ def test_one_device_lowers_the_plain_kernel_calls():
   text = f.trace(q, bias).lower(lowering_platforms=("cuda",)).as_text()
   assert cuda_backend.FORWARD_TARGET in text and cuda_backend.BACKWARD_TARGET in text
   assert "CustomSPMDPartitioning" not in text
+  # In a process with one device the partitioned primitive is not even traced: the program is
+  # the one it was before partitioning existed.
+  if jax.device_count() == 1:
+    jaxpr = str(jax.make_jaxpr(f)(q, bias))
+    assert partitioning._sharded_kernel_p.name not in jaxpr
 
 
 # --------------------------------------------------------------- on two or more GPUs

@@ -367,6 +367,10 @@ def shard_kernel(kernel: Callable, operands: Sequence[str], results: Sequence[st
     mesh, explicit = _explicit_mesh(args[0])
     if explicit:
       return _shard_map_call(kernel, layouts, mesh, args)
+    if jax.device_count() <= 1:
+      # Nothing to partition over: the kernel call itself, exactly as without this module
+      # (the common single-GPU case never meets the primitive below).
+      return tuple(kernel(*args))
     return tuple(_sharded_kernel_p.bind(
         *args, partitioned=_partitioned(kernel, layouts),
         out_types=tuple((tuple(o.shape), jnp.dtype(o.dtype)) for o in out_types)))
