@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include "attention/fwd_epilogue.h"
 #include "attention/grid.h"
 #include "attention/sm80/kernel_traits.h"
 #include "attention/logits.h"
@@ -166,39 +167,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksFwd) atte
     }
   }
 
-  // Normalise, write O (and its residual) and the log-sum-exp. A fully masked row has sum 0:
-  // output 0 (residual 0), LSE +inf (so that the backward's exp(s - LSE) is 0 there, never NaN).
   Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
   float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
   using Residual = cutlass::bfloat16_t;
   Residual* o_res = kWriteResidual ? static_cast<Residual*>(p.o_residual) + base : nullptr;
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const float sum = quad_sum(row_sum[r]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int qi = m0 + at.row(r);
-    if (qi < S) {
-#pragma unroll
-      for (int c = 0; c < size<1>(o_rc); c += 2) {
-        const int d = at.col(c);  // d and d + 1, both < D or both >= D (D % 8 == 0)
-        if (d < D) {
-          const float o0 = o_rc(r, c) * inv, o1 = o_rc(r, c + 1) * inv;
-          cutlass::Array<Element, 2> pair;
-          pair[0] = static_cast<Element>(o0);
-          pair[1] = static_cast<Element>(o1);
-          *reinterpret_cast<cutlass::Array<Element, 2>*>(o + int64_t(qi) * row_stride + d) = pair;
-          if constexpr (kWriteResidual) {
-            // Exact in fp32 (Sterbenz): the rounding is within a factor of two of o0.
-            cutlass::Array<Residual, 2> res;
-            res[0] = static_cast<Residual>(o0 - static_cast<float>(pair[0]));
-            res[1] = static_cast<Residual>(o1 - static_cast<float>(pair[1]));
-            *reinterpret_cast<cutlass::Array<Residual, 2>*>(o_res + int64_t(qi) * row_stride + d) = res;
-          }
-        }
-      }
-      if ((tid & 3) == 0) lse[qi] = sum > 0.f ? row_max[r] + __logf(sum) : INFINITY;
-    }
-  }
+  write_forward_rows<kWriteResidual>(o_rc, at, row_max, row_sum, o, o_res, lse, row_stride, m0, S, D);
 }
 
 }  // namespace sm80
