@@ -5,10 +5,19 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "attention/params.h"
 #include "attention/tiles.h"
 
 namespace jevo {
+
+// The forward's residual output is a compile-time choice of its kernel: run(std::true_type{})
+// launches the kernel that writes it (p.o_residual set), run(std::false_type{}) the other.
+template <typename Run>
+cudaError_t with_residual_choice(const FwdParams& p, Run&& run) {
+  return p.o_residual != nullptr ? run(std::true_type{}) : run(std::false_type{});
+}
 
 template <Arch kArch, typename Element, int kHeadDim>
 cudaError_t run_attention_fwd(const FwdParams& p, cudaStream_t stream);

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include "attention/launch.h"
 #include "attention/sm80/fwd_kernel.h"
 
 namespace jevo {
@@ -25,11 +26,11 @@ cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The residual output is a compile-time choice of the kernel, made here from p.o_residual.
 template <typename Traits>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  return p.o_residual != nullptr ? launch_fwd_kernel<Traits, true>(p, stream)
-                                 : launch_fwd_kernel<Traits, false>(p, stream);
+  return with_residual_choice(p, [&](auto residual) {
+    return launch_fwd_kernel<Traits, decltype(residual)::value>(p, stream);
+  });
 }
 
 }  // namespace sm80

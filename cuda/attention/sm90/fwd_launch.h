@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include "attention/launch.h"
 #include "attention/sm90/fwd_kernel.h"
 #include "attention/sm90/tma.h"
 
@@ -45,14 +46,14 @@ cudaError_t launch_fwd_kernel(const FwdParams& p, const FwdTensorMaps& maps, cud
   return cudaGetLastError();
 }
 
-// The residual output is a compile-time choice of the kernel, made here from p.o_residual.
 template <typename Traits>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   FwdTensorMaps maps;
   cudaError_t err = encode_fwd_maps<Traits>(p, &maps);
   if (err != cudaSuccess) return err;
-  return p.o_residual != nullptr ? launch_fwd_kernel<Traits, true>(p, maps, stream)
-                                 : launch_fwd_kernel<Traits, false>(p, maps, stream);
+  return with_residual_choice(p, [&](auto residual) {
+    return launch_fwd_kernel<Traits, decltype(residual)::value>(p, maps, stream);
+  });
 }
 
 }  // namespace sm90

@@ -43,6 +43,13 @@ inline CUtensorMapSwizzle swizzle_for_row_bytes(int bytes) {
                       : (bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B);
 }
 
+template <typename Element>
+constexpr CUtensorMapDataType tensor_map_type() {
+  static_assert(sizeof(Element) == 2, "the kernels take bfloat16 or float16");
+  return std::is_same_v<Element, cutlass::half_t> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                  : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+}
+
 // Tiles of `rows` token rows by `box_d` head-dim elements of one (b * n, head) of a
 // [B * N, S, H, D] tensor: dims (D, H, S, B * N), so that the strides grow; elements past D or
 // S read as zeros. The box's row is box_d * 2 bytes, swizzled as the GMMA layouts expect.
@@ -51,9 +58,6 @@ cudaError_t encode_activation_map(CUtensorMap* map, const void* base, const Atte
                                   int rows, int box_d) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
-  const CUtensorMapDataType type = sizeof(Element) == 2 && std::is_same_v<Element, cutlass::half_t>
-                                       ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                       : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const cuuint64_t dims[4] = {cuuint64_t(sh.head_dim), cuuint64_t(sh.heads), cuuint64_t(sh.seq),
                               cuuint64_t(sh.batch * sh.n)};
   const cuuint64_t elem = sizeof(Element);
@@ -61,7 +65,7 @@ cudaError_t encode_activation_map(CUtensorMap* map, const void* base, const Atte
                                  elem * sh.head_dim * sh.heads * sh.seq};
   const cuuint32_t box[4] = {cuuint32_t(box_d), 1, cuuint32_t(rows), 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
-  CUresult r = encode(map, type, 4, const_cast<void*>(base), dims, strides, box, unit,
+  CUresult r = encode(map, tensor_map_type<Element>(), 4, const_cast<void*>(base), dims, strides, box, unit,
                       CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle_for_row_bytes(box_d * int(elem)),
                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
@@ -74,15 +78,12 @@ cudaError_t encode_bias_map(CUtensorMap* map, const void* base, const AttentionS
                             int cols) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
-  const CUtensorMapDataType type = std::is_same_v<Element, cutlass::half_t>
-                                       ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                       : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const cuuint64_t elem = sizeof(Element);
   const cuuint64_t dims[3] = {cuuint64_t(sh.seq), cuuint64_t(sh.seq), cuuint64_t(sh.batch * sh.heads)};
   const cuuint64_t strides[2] = {elem * sh.seq, elem * sh.seq * sh.seq};
   const cuuint32_t box[3] = {cuuint32_t(cols), cuuint32_t(rows), 1};
   const cuuint32_t unit[3] = {1, 1, 1};
-  CUresult r = encode(map, type, 3, const_cast<void*>(base), dims, strides, box, unit,
+  CUresult r = encode(map, tensor_map_type<Element>(), 3, const_cast<void*>(base), dims, strides, box, unit,
                       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
