@@ -28,7 +28,7 @@ class TestCuda(AttentionBackendSuite):
 def _family_unusable(name):
   """Why the kernel family `name` cannot run here, or None."""
   from jevo.ops import cuda_backend
-  return cuda_backend._family_reason(name)
+  return cuda_backend.family_unsupported_reason(name)
 
 
 class TestCudaSm80(AttentionBackendSuite):

@@ -37,9 +37,9 @@ ffi::Error ReadShape(const ffi::AnyBuffer& q, AttentionShape* shape) {
     return ffi::Error::InvalidArgument("jevo attention: head dim must be a multiple of 8 and at "
                                        "most 128, got " + std::to_string(shape->head_dim));
   }
-  // The kernels' one-dimensional grids have a CTA per (b * n, head, tile of 64 queries).
-  static_assert(sm80::kBlockM == 64 && sm90::kBlockM == 64);
-  const int64_t tiles = (shape->seq + 63) / 64;
+  // The kernels' one-dimensional grids have a CTA per (b * n, head, query tile).
+  static_assert(sm80::kBlockM == sm90::kBlockM, "both families tile the queries alike");
+  const int64_t tiles = (shape->seq + sm80::kBlockM - 1) / sm80::kBlockM;
   if (!FitsInt(shape->seq) || shape->batch * shape->n * shape->heads * tiles >
                                   std::numeric_limits<int32_t>::max()) {
     return ffi::Error::InvalidArgument("jevo attention: q shape " + DimsToString(d) +

@@ -89,7 +89,7 @@ class Jevo(Implementation):
         return status.reason
     if self.backend.startswith("cuda_"):  # one kernel family: cuda_sm80, cuda_sm90
       from jevo.ops import cuda_backend
-      return cuda_backend._family_reason(self.backend.removeprefix("cuda_"))
+      return cuda_backend.family_unsupported_reason(self.backend.removeprefix("cuda_"))
     return None
 
   def setup(self, case, key):

@@ -62,7 +62,7 @@ def _placement_reason(*arrays):
 AUTO_FAMILY = 0
 
 
-def _family_reason(name):
+def family_unsupported_reason(name):
   """Why the kernel family `name` cannot run on this process's CUDA devices, or None."""
   family = kernel_family(name)
   if family is None:
@@ -97,7 +97,7 @@ def unsupported_reason(q, k, v, mask, bias, *, family=None):
     return (f"the CUDA kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM}, "
             f"got {head_dim}")
   if family is not None:
-    return _family_reason(family)
+    return family_unsupported_reason(family)
   return None
 
 
