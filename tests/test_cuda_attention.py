@@ -40,7 +40,7 @@ class TestCudaSm80(AttentionBackendSuite):
 @pytest.mark.skipif(_family_unusable("sm90") is not None,
                     reason=f"sm90 kernels: {_family_unusable('sm90')}")
 class TestCudaSm90(AttentionBackendSuite):
-  """The wgmma family (H100/H200): its forward, with sm80's backward."""
+  """The wgmma family (H100/H200), forward and backward."""
   implementation = "cuda_sm90"
   dtypes = ("bf16", "fp16")
 

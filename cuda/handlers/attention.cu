@@ -11,7 +11,7 @@
 // Attribute `family`: 0 picks the kernel family from the device's compute capability at run
 // time (so one exported program runs on A100 and H100 alike); 80 or 90 asks for that family,
 // which is an error where it was not built or cannot run. A family that does not implement a
-// direction (sm90 has no backward yet) falls back to sm80 for it.
+// direction falls back to sm80 for it (today both families implement both).
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -110,8 +110,11 @@ cudaError_t DispatchFwd(Arch arch, const FwdParams& p, cudaStream_t stream) {
 }
 
 template <typename Element>
-cudaError_t DispatchBwd(const BwdParams& p, cudaStream_t stream) {
+cudaError_t DispatchBwd(Arch arch, const BwdParams& p, cudaStream_t stream) {
   return ByHeadDim(p.shape.head_dim, HeadDims{}, [&](auto dim) {
+#if JEVO_BUILD_SM90
+    if (arch == Arch::kSm90) return run_attention_bwd<Arch::kSm90, Element, decltype(dim)::value>(p, stream);
+#endif
     return run_attention_bwd<Arch::kSm80, Element, decltype(dim)::value>(p, stream);
   });
 }
@@ -256,9 +259,8 @@ ffi::Error AttentionBwdImpl(cudaStream_t stream, float scale, int64_t family, in
   JEVO_RETURN_IF_ERROR(CheckDims(delta, {sh.batch, sh.n, sh.heads, sh.seq}, "delta"));
   if (has_bias) JEVO_RETURN_IF_ERROR(CheckDims(*dbias, {sh.batch, sh.heads, sh.seq, sh.seq}, "dbias"));
   if (sh.batch * sh.n * sh.seq * sh.heads == 0) return ffi::Error::Success();
-  Arch arch;  // every family's backward is sm80's today; the call still checks the request
+  Arch arch;
   JEVO_RETURN_IF_ERROR(ChooseFamily(family, /*forward=*/false, &arch));
-  (void)arch;
 
   // The bias gradient is reduced over N in n_chunks fp32 partials held in `workspace`
   // ([n_chunks, B, H, S, S], allocated by XLA); without a bias every n is its own chunk.
@@ -292,8 +294,8 @@ ffi::Error AttentionBwdImpl(cudaStream_t stream, float scale, int64_t family, in
               scale};
   cudaError_t err;
   switch (q.element_type()) {
-    case ffi::DataType::BF16: err = DispatchBwd<cutlass::bfloat16_t>(p, stream); break;
-    case ffi::DataType::F16: err = DispatchBwd<cutlass::half_t>(p, stream); break;
+    case ffi::DataType::BF16: err = DispatchBwd<cutlass::bfloat16_t>(arch, p, stream); break;
+    case ffi::DataType::F16: err = DispatchBwd<cutlass::half_t>(arch, p, stream); break;
     default: return ffi::Error::InvalidArgument("jevo attention: q must be bfloat16 or float16");
   }
   return CudaError(err, "attention backward launch");

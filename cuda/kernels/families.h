@@ -26,7 +26,7 @@ struct FamilyInfo {
 
 inline constexpr FamilyInfo kFamilies[] = {
     {Arch::kSm80, "sm80", "80", 8, 99, true, true, JEVO_BUILD_SM80 != 0, sm80::kBlockM, sm80::kBlockN},
-    {Arch::kSm90, "sm90", "90a", 9, 9, true, false, JEVO_BUILD_SM90 != 0, sm90::kBlockM, sm90::kBlockN},
+    {Arch::kSm90, "sm90", "90a", 9, 9, true, true, JEVO_BUILD_SM90 != 0, sm90::kBlockM, sm90::kBlockN},
 };
 
 using HeadDims = std::integer_sequence<int, 16, 32, 64, 128>;

@@ -20,14 +20,16 @@ class Family:
   max_major: int       # and up to which (sm_90a code runs on 9.x only)
   directions: tuple    # what it implements; the rest falls back to the sm80 family
   launcher: str        # namespace of its launch_fwd / launch_bwd
-  traits: str          # its traits template, <Element, head dim>
+  traits: dict         # its traits template per direction, <Element, head dim>
 
 
 FAMILIES = (
     # mma.sync kernels: run on every GPU from sm_80 on (compiled for each listed architecture).
-    Family("sm80", "80", "Arch::kSm80", 8, 99, ("fwd", "bwd"), "sm80", "sm80::AttentionTraits"),
+    Family("sm80", "80", "Arch::kSm80", 8, 99, ("fwd", "bwd"), "sm80",
+           {"fwd": "sm80::AttentionTraits", "bwd": "sm80::AttentionTraits"}),
     # wgmma kernels for Hopper (sm_90a only).
-    Family("sm90", "90a", "Arch::kSm90", 9, 9, ("fwd",), "sm90", "sm90::FwdTraits"),
+    Family("sm90", "90a", "Arch::kSm90", 9, 9, ("fwd", "bwd"), "sm90",
+           {"fwd": "sm90::FwdTraits", "bwd": "sm90::BwdTraits"}),
 )
 ELEMENTS = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 HEAD_DIMS = (16, 32, 64, 128)  # padded head dims; a head dim D runs on the smallest >= D
@@ -89,7 +91,7 @@ def main() -> None:
         family.directions, ELEMENTS.items(), HEAD_DIMS):
       text = KERNEL.format(family=family.name, direction=direction, element=element,
                            head_dim=head_dim, enum=family.enum, params=DIRECTIONS[direction],
-                           launcher=family.launcher, traits=family.traits)
+                           launcher=family.launcher, traits=family.traits[direction])
       (out / f"{direction}_{tag}_d{head_dim}.cu").write_text(text)
   rows = "\n".join(
       f'    {{{f.enum}, "{f.name}", "{f.arch}", {f.min_major}, {f.max_major}, '

@@ -7,8 +7,8 @@ batch axis the kernels already have. The kernels are deterministic: the bias gra
 over N without atomics, so `deterministic=True` costs nothing.
 
 The library holds kernel families by GPU architecture (`jevo._cuda_lib.kernel_families()`):
-sm80 (mma.sync, every GPU from A100 on) and sm90 (wgmma, H100/H200 only; forward only so far,
-its backward is sm80's). By default each call picks the family from the device it runs on, so
+sm80 (mma.sync, every GPU from A100 on) and sm90 (wgmma, H100/H200 only), each with a forward
+and a backward. By default each call picks the family from the device it runs on, so
 one exported program runs on both; `family_backend("sm80")` and `family_backend("sm90")` are the
 backends `implementation="cuda_sm80"` and `"cuda_sm90"` that ask for one.
 
@@ -211,7 +211,7 @@ def _forward_call(scale: float, family: int, with_residual: bool = False,
 
 
 def _backward_query_tile():
-  """Query rows per CTA of the backward's dQ kernel (sm80's, the one backward there is)."""
+  """Query rows per CTA of the backward's dQ kernel (the same in every family)."""
   family = kernel_family("sm80")
   return family.block_m if family is not None else 64
 

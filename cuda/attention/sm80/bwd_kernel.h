@@ -9,130 +9,13 @@
 
 #include <cuda_runtime.h>
 
+#include "attention/bwd_common.h"
 #include "attention/grid.h"
-#include "attention/sm80/kernel_traits.h"
-#include "attention/logits.h"
 #include "attention/params.h"
-#include "attention/tile_utils.h"
+#include "attention/sm80/kernel_traits.h"
 
 namespace jevo {
 namespace sm80 {
-
-// The saved log-sum-exp (times log2(e)) and delta = rowsum(dO * O) of this thread's rows of a
-// query tile, loaded a step before they are needed so that the loads' latency is hidden.
-template <int kRows>
-struct RowStats {
-  float lse_log2[kRows];
-  float delta[kRows];
-
-  template <int kNWarps>
-  CUTE_DEVICE void load(const float* lse, const float* delta_rows, int m0, int S,
-                        AccCoords<kNWarps> const& at) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int qi = m0 + at.row(r);
-      // Rows past S (and fully masked rows, whose LSE is +inf) get P = 0.
-      lse_log2[r] = qi < S ? lse[qi] * kLog2e : INFINITY;
-      delta[r] = qi < S ? delta_rows[qi] : 0.f;
-    }
-  }
-};
-
-// P = exp(s - lse) and dS = P * (dP - delta) for the rows of one tile, in place in s and dp.
-template <typename STensor, typename DPTensor, int kRows>
-CUTE_DEVICE void softmax_grad(STensor& s, DPTensor& dp, RowStats<kRows> const& stats) {
-  static_assert(decltype(size<0>(s))::value == kRows);
-  constexpr int kCols = decltype(size<1>(s))::value;
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      const float pv = exp2f(fmaf(s(r, c), kLog2e, -stats.lse_log2[r]));
-      s(r, c) = pv;
-      dp(r, c) = pv * (dp(r, c) - stats.delta[r]);
-    }
-  }
-}
-
-// Writes the (rows, cols) view of an fp32 accumulator tile to a shared [kBlockM, kBlockN] tile
-// in the element type, two neighbouring columns (one 32-bit word) at a time.
-template <typename Element, int kNWarps, typename RowCol, typename SmemTensor>
-CUTE_DEVICE void store_tile_pairs(RowCol const& rc, AccCoords<kNWarps> const& at, SmemTensor& smem) {
-#pragma unroll
-  for (int r = 0; r < size<0>(rc); ++r) {
-#pragma unroll
-    for (int c = 0; c < size<1>(rc); c += 2) {
-      cutlass::Array<Element, 2> pair;  // columns col and col + 1 share a 16-byte swizzle chunk
-      pair[0] = static_cast<Element>(rc(r, c));
-      pair[1] = static_cast<Element>(rc(r, c + 1));
-      *reinterpret_cast<cutlass::Array<Element, 2>*>(&smem(at.row(r), at.col(c))) = pair;
-    }
-  }
-}
-
-// Writes an fp32 [rows, head dim] accumulator times `scale` to rows row0.. of a [S, D] slice
-// with `row_stride` between rows, two neighbouring head-dim values at a time.
-template <int kNWarps, typename Acc, typename Element>
-CUTE_DEVICE void store_rows(Acc const& acc, AccCoords<kNWarps> const& at, Element* out,
-                            int64_t row_stride, int row0, int S, int D, float scale) {
-  Tensor rc = make_tensor(acc.data(), acc_rowcol_layout(acc.layout()));
-#pragma unroll
-  for (int r = 0; r < size<0>(rc); ++r) {
-    const int row = row0 + at.row(r);
-    if (row >= S) continue;
-#pragma unroll
-    for (int c = 0; c < size<1>(rc); c += 2) {
-      const int d = at.col(c);  // d and d + 1 are both < D or both >= D (D % 8 == 0)
-      if (d < D) {
-        cutlass::Array<Element, 2> pair;
-        pair[0] = static_cast<Element>(rc(r, c) * scale);
-        pair[1] = static_cast<Element>(rc(r, c + 1) * scale);
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(out + int64_t(row) * row_stride + d) = pair;
-      }
-    }
-  }
-}
-
-// partial[m0.., n0..] = (first ? 0 : old) + db for this thread's elements of a tile, where old
-// is the staged copy of the partial tile (use_staged) or the partial itself. Whole tiles of an
-// even S take two neighbouring columns (8 bytes) at a time and skip the bounds checks.
-template <int kBlockM, int kBlockN, int kStride, int kNWarps, typename RowCol>
-CUTE_DEVICE void accumulate_partial(RowCol const& db, AccCoords<kNWarps> const& at, float* partial,
-                                    const float* staged, bool first, bool use_staged, int m0, int n0,
-                                    int S) {
-  if (m0 + kBlockM <= S && n0 + kBlockN <= S && S % 2 == 0) {
-#pragma unroll
-    for (int r = 0; r < size<0>(db); ++r) {
-      const int row = at.row(r);
-      float* out = partial + int64_t(m0 + row) * S + n0;
-#pragma unroll
-      for (int c = 0; c < size<1>(db); c += 2) {
-        const int col = at.col(c);
-        float2 old = make_float2(0.f, 0.f);
-        if (!first) {
-          old = use_staged ? *reinterpret_cast<const float2*>(staged + row * kStride + col)
-                           : *reinterpret_cast<const float2*>(out + col);
-        }
-        *reinterpret_cast<float2*>(out + col) = make_float2(old.x + db(r, c), old.y + db(r, c + 1));
-      }
-    }
-    return;
-  }
-#pragma unroll
-  for (int r = 0; r < size<0>(db); ++r) {
-    const int qi = m0 + at.row(r);
-#pragma unroll
-    for (int c = 0; c < size<1>(db); ++c) {
-      const int kj = n0 + at.col(c);
-      if (qi < S && kj < S) {
-        const float old = first        ? 0.f
-                          : use_staged ? staged[at.row(r) * kStride + at.col(c)]
-                                       : partial[int64_t(qi) * S + kj];
-        partial[int64_t(qi) * S + kj] = old + db(r, c);
-      }
-    }
-  }
-}
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) attention_bwd_dkdv_kernel(const BwdParams p) {
@@ -278,8 +161,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
 
   Element* dk = static_cast<Element*>(p.dk) + base;
   Element* dv = static_cast<Element*>(p.dv) + base;
-  store_rows(acc_dk, at, dk, row_stride, n0, S, D, p.scale);
-  store_rows(acc_dv, at, dv, row_stride, n0, S, D, 1.f);
+  store_rows(make_tensor(acc_dk.data(), acc_rowcol_layout(acc_dk.layout())), at, dk, row_stride, n0, S,
+             D, p.scale);
+  store_rows(make_tensor(acc_dv.data(), acc_rowcol_layout(acc_dv.layout())), at, dv, row_stride, n0, S,
+             D, 1.f);
 }
 
 // Shared memory of the dQ / bias-gradient kernel: two stages (by group parity) of kGroup (Q, dO)
@@ -360,25 +245,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
 
   const int n_blocks = (S + kBlockN - 1) / kBlockN;
   auto offset = [&](int64_t n) { return (b * sh.n + n) * sh.seq * row_stride + h * sh.head_dim; };
-  // One step: the key tile nb of n = n0 + sub, in the group of `size` n starting at n0.
-  struct Step {
-    int64_t n0;
-    int size, nb, sub, group, parity;
-  };
-  auto advance = [&](Step st) {
-    st.parity ^= 1;
-    if (++st.sub < st.size) return st;
-    st.sub = 0;
-    if (++st.nb < n_blocks) return st;
-    st.nb = 0;
-    st.n0 += st.size;
-    st.size = static_cast<int>(min<int64_t>(kGroup, n_end - st.n0));
-    ++st.group;
-    return st;
-  };
-  // A step's partial tile may be prefetched a step early unless the step before wrote that very
-  // tile (one key tile and a group of one n: consecutive read-modify-writes of one tile).
-  auto staged_rmw = [&](const Step& st) { return n_blocks > 1 || st.size > 1; };
+  using Schedule = DqSchedule<kGroup>;
+  using Step = typename Schedule::Step;
+  const Schedule schedule{n_begin, n_end, n_blocks};
   auto issue = [&](const Step& st) {
     const int n0 = st.nb * kBlockN;
     if (st.nb == 0 && st.sub == 0) {
@@ -396,13 +265,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
     load_tile_async<kNThreads>(sK, static_cast<const Element*>(p.k) + base, row_stride, S - n0, D, tid);
     load_tile_async<kNThreads>(sV, static_cast<const Element*>(p.v) + base, row_stride, S - n0, D, tid);
     if (kHasBias) load_bias_tile<kBlockM, kBlockN, kNThreads>(stage_bias(st.parity), bias, m0, n0, S, tid);
-    if (kHasBias && st.sub + 1 == st.size && st.n0 != n_begin && staged_rmw(st)) {
+    if (kHasBias && schedule.stages_partial(st)) {
       load_square_tile<kBlockM, kBlockN, kPartialStride, kNThreads>(
           partial_stages + st.parity * kPartialElems, dbias, m0, n0, S, tid);
     }
     cp_async_fence();
   };
-  Step cur{n_begin, static_cast<int>(min<int64_t>(kGroup, n_end - n_begin)), 0, 0, 0, 0};
+  Step cur = schedule.first();
   issue(cur);
 
   typename Traits::TiledMma mma;
@@ -439,7 +308,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
   AccS acc_bias;
 
   while (cur.n0 < n_end) {
-    const Step next = advance(cur);
+    const Step next = schedule.advance(cur);
     const int64_t n = cur.n0 + cur.sub;
     const int n0 = cur.nb * kBlockN;
     const uint64_t valid = key_mask.bits();
@@ -479,7 +348,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
         Tensor db = make_tensor(acc_bias.data(), acc_rowcol_layout(acc_bias.layout()));
         accumulate_partial<kBlockM, kBlockN, kPartialStride>(
             db, at, dbias, partial_stages + cur.parity * kPartialElems, cur.n0 == n_begin,
-            staged_rmw(cur), m0, n0, S);
+            schedule.staged_rmw(cur), m0, n0, S);
       }
     }
 
@@ -491,7 +360,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
       if (g != cur.sub) continue;
       gemm_rs(acc_dq[g], rdS, rKt, thr_copy_bt.partition_S(sKt), mma, copy_bt, thr_copy_bt);
       if (cur.nb + 1 == n_blocks) {
-        store_rows(acc_dq[g], at, static_cast<Element*>(p.dq) + offset(n), row_stride, m0, S, D, p.scale);
+        store_rows(make_tensor(acc_dq[g].data(), acc_rowcol_layout(acc_dq[g].layout())), at,
+                   static_cast<Element*>(p.dq) + offset(n), row_stride, m0, S, D, p.scale);
         clear(acc_dq[g]);
       }
     }
@@ -499,17 +369,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kHeadDim <= 64 ? (k
     cur = next;
     key_mask = next_key_mask;
     stats = next_stats;
-  }
-}
-
-template <typename Element>
-__global__ void reduce_dbias_kernel(const float* partial, int64_t n_chunks, int64_t count,
-                                    Element* dbias) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    float sum = 0.f;
-    for (int64_t c = 0; c < n_chunks; ++c) sum += partial[c * count + i];
-    dbias[i] = static_cast<Element>(sum);
   }
 }
 

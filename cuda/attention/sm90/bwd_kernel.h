@@ -1,0 +1,370 @@
+// Backward Evoformer attention for Hopper (sm_90a): the sm80 backward's contract and its three
+// deterministic launches (dK/dV; dQ and the bias gradient's per-chunk partials; the partials'
+// reduction, shared with sm80), with every matrix product on wgmma. The loads are the sm80
+// kernels' cp.async pipelines into GMMA-swizzled tiles; the products read those tiles directly
+// (no ldmatrix, no per-warp operand copies) and run beside the warpgroup's own instructions:
+// P = exp(S - lse) is computed while dP = dO V^T is still on the tensor cores, and in the dQ
+// kernel the bias-gradient partial's read-modify-write runs while dQ += dS K does.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cutlass/arch/barrier.h>
+
+#include "attention/bwd_common.h"
+#include "attention/grid.h"
+#include "attention/params.h"
+#include "attention/sm90/bwd_traits.h"
+#include "attention/sm90/fwd_kernel.h"
+
+namespace jevo {
+namespace sm90 {
+
+// Data written to shared memory by the threads (cp.async or stores) is read by wgmma through
+// the async proxy: each writer fences before the barrier that publishes it.
+CUTE_DEVICE void publish_shared_to_wgmma() {
+  cutlass::arch::fence_view_async_shared();
+  __syncthreads();
+}
+
+// Shared memory of the dK/dV kernel: the CTA's K and V, P and dS of the current query tile, and
+// two stages of (Q, dO, bias tile) so that the next query tile streams in during this one.
+template <typename Traits>
+struct DkdvSmem {
+  using Element = typename Traits::Element;
+  alignas(1024) Element k[Traits::kTileElemsKV];
+  alignas(1024) Element v[Traits::kTileElemsKV];
+  alignas(1024) Element p[Traits::kTileElemsP];
+  alignas(1024) Element ds[Traits::kTileElemsP];
+  alignas(1024) Element q[2 * Traits::kTileElemsQ];
+  alignas(1024) Element dout[2 * Traits::kTileElemsQ];
+  alignas(16) Element bias[2 * Traits::kBiasElems];
+};
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
+    attention_bwd_dkdv_kernel(const BwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+
+  const AttentionShape& sh = p.shape;
+  const int S = static_cast<int>(sh.seq);
+  const int D = static_cast<int>(sh.head_dim);
+  const TileCoord tc = decode_tile_coord((S + kBlockN - 1) / kBlockN, sh.heads);
+  const int64_t bn = tc.outer;
+  const int n0 = tc.tile * kBlockN;
+  const int64_t h = tc.head;
+  const int tid = threadIdx.x;
+  const int64_t b = bn / sh.n;
+  const int64_t row_stride = sh.heads * sh.head_dim;
+  const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
+
+  const Element* q = static_cast<const Element*>(p.q) + base;
+  const Element* k = static_cast<const Element*>(p.k) + base;
+  const Element* v = static_cast<const Element*>(p.v) + base;
+  const Element* dout = static_cast<const Element*>(p.dout) + base;
+  const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
+  const Element* bias =
+      p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+  const float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
+  const float* delta = p.delta + (bn * sh.heads + h) * sh.seq;
+
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<DkdvSmem<Traits>*>(smem_raw);
+  using Rows1 = typename Traits::template SmemLayoutRows<1>;
+  using Rows2 = typename Traits::template SmemLayoutRows<2>;
+  using RowsT2 = typename Traits::template SmemLayoutRowsT<2>;
+  Tensor sK = make_tensor(make_smem_ptr(smem.k), Rows1{})(_, _, 0);       // (n, d)
+  Tensor sV = make_tensor(make_smem_ptr(smem.v), Rows1{})(_, _, 0);       // (n, d)
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q), Rows2{});                // (m, d, stage)
+  Tensor sdO = make_tensor(make_smem_ptr(smem.dout), Rows2{});            // (m, d, stage)
+  Tensor sQt = make_tensor(make_smem_ptr(smem.q), RowsT2{});              // (d, m, stage)
+  Tensor sdOt = make_tensor(make_smem_ptr(smem.dout), RowsT2{});          // (d, m, stage)
+  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutP{});     // (m, n)
+  Tensor sdS = make_tensor(make_smem_ptr(smem.ds), typename Traits::SmemLayoutP{});   // (m, n)
+  Tensor sPt = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutPt{});   // (n, m)
+  Tensor sdSt = make_tensor(make_smem_ptr(smem.ds), typename Traits::SmemLayoutPt{}); // (n, m)
+
+  auto issue = [&](int mb) {  // loads of query tile mb into stage mb % 2
+    const int st = mb & 1;
+    const int m0 = mb * kBlockM;
+    Tensor sQ_st = sQ(_, _, st);
+    Tensor sdO_st = sdO(_, _, st);
+    load_tile_async<kNThreads>(sQ_st, q + m0 * row_stride, row_stride, S - m0, D, tid);
+    load_tile_async<kNThreads>(sdO_st, dout + m0 * row_stride, row_stride, S - m0, D, tid);
+    if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(smem.bias + st * Traits::kBiasElems, bias, m0, n0, S, tid);
+    cp_async_fence();
+  };
+  load_tile_async<kNThreads>(sK, k + n0 * row_stride, row_stride, S - n0, D, tid);
+  load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
+  issue(0);
+
+  typename Traits::MmaQK mma_qk;
+  typename Traits::MmaKV mma_kv;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_kv = mma_kv.get_thread_slice(tid);
+  Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));        // (.., .., k, stage)
+  Tensor tSrdO = thr_qk.make_fragment_A(thr_qk.partition_A(sdO));
+  Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));        // (.., .., k)
+  Tensor tSrV = thr_qk.make_fragment_B(thr_qk.partition_B(sV));
+  Tensor tKrPt = thr_kv.make_fragment_A(thr_kv.partition_A(sPt));      // (.., .., k)
+  Tensor tKrdSt = thr_kv.make_fragment_A(thr_kv.partition_A(sdSt));
+  Tensor tKrdOt = thr_kv.make_fragment_B(thr_kv.partition_B(sdOt));    // (.., .., k, stage)
+  Tensor tKrQt = thr_kv.make_fragment_B(thr_kv.partition_B(sQt));
+  Tensor acc_dk = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  Tensor acc_dv = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+  Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor acc_dp = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
+  Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
+
+  const AccCoords<Traits::kNWarps> at(tid);
+  KeyMaskPrefetch key_mask;
+  key_mask.fetch<kBlockN>(mask, n0, S);
+  const uint64_t valid = key_mask.bits();  // the keys of this CTA
+  const int m_blocks = (S + kBlockM - 1) / kBlockM;
+  constexpr int kRows = decltype(size<0>(s))::value;
+  RowStats<kRows> stats, next_stats;
+  stats.load(lse, delta, 0, S, at);
+
+  for (int mb = 0; mb < m_blocks; ++mb) {
+    const int st = mb & 1;
+    if (mb + 1 < m_blocks) {
+      issue(mb + 1);  // into the stage the previous iteration finished with
+      next_stats.load(lse, delta, (mb + 1) * kBlockM, S, at);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    publish_shared_to_wgmma();
+
+    wgmma_batch<true>(mma_qk, tSrQ(_, _, _, st), tSrK, acc_s);
+    wgmma_batch<true>(mma_qk, tSrdO(_, _, _, st), tSrV, acc_dp);
+    warpgroup_wait<1>();  // S; dP may still run
+    warpgroup_fence_operand(acc_s);  // no read of S moves above the wait
+    logits(s, at, p.scale, bias ? smem.bias + st * Traits::kBiasElems : nullptr, valid);
+    probs_from_logits(s, stats);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_dp);
+    dscores_from_probs(s, dp, stats);
+    store_tile_pairs<Element>(s, at, sP);
+    store_tile_pairs<Element>(dp, at, sdS);
+    publish_shared_to_wgmma();
+
+    wgmma_batch<false>(mma_kv, tKrPt, tKrdOt(_, _, _, st), acc_dv);
+    wgmma_batch<false>(mma_kv, tKrdSt, tKrQt(_, _, _, st), acc_dk);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_dv);
+    warpgroup_fence_operand(acc_dk);
+    __syncthreads();  // every warp is done with this stage, P and dS
+    stats = next_stats;
+  }
+
+  Element* dk = static_cast<Element*>(p.dk) + base;
+  Element* dv = static_cast<Element*>(p.dv) + base;
+  store_rows(make_tensor(acc_dk.data(), acc_rowcol_layout(acc_dk.layout())), at, dk, row_stride, n0, S,
+             D, p.scale);
+  store_rows(make_tensor(acc_dv.data(), acc_rowcol_layout(acc_dv.layout())), at, dv, row_stride, n0, S,
+             D, 1.f);
+}
+
+// Shared memory of the dQ / bias-gradient kernel: with a bias, two stages (by step parity) of
+// the fp32 partial tile that the step's read-modify-write reads (first, for alignment); two
+// stages (by group parity) of kGroup (Q, dO) tile pairs; two stages (by step parity) of
+// (K, V, bias tile).
+template <typename Traits, int kGroup, bool kHasBias>
+struct DqSmem {
+  using Element = typename Traits::Element;
+  static constexpr int kPartialStride = Traits::kBlockN + 8;  // floats; 16-byte aligned rows
+  static constexpr int kPartialElems = Traits::kBlockM * kPartialStride;
+  alignas(1024) float partial[kHasBias ? 2 * kPartialElems : 1];
+  alignas(1024) Element q[2 * kGroup * Traits::kTileElemsQ];
+  alignas(1024) Element dout[2 * kGroup * Traits::kTileElemsQ];
+  alignas(1024) Element k[2 * Traits::kTileElemsKV];
+  alignas(1024) Element v[2 * Traits::kTileElemsKV];
+  alignas(16) Element bias[kHasBias ? 2 * Traits::kBiasElems : 1];
+};
+
+// kGroup n share each read-modify-write of the bias-gradient partial (see DqSchedule).
+template <typename Traits, int kGroup, bool kHasBias>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
+    attention_bwd_dq_kernel(const BwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+  using Smem = DqSmem<Traits, kGroup, kHasBias>;
+  constexpr int kPartialStride = Smem::kPartialStride;
+
+  const AttentionShape& sh = p.shape;
+  const int S = static_cast<int>(sh.seq);
+  const int D = static_cast<int>(sh.head_dim);
+  const TileCoord tc = decode_tile_coord((S + kBlockM - 1) / kBlockM, sh.heads);
+  const int64_t chunk = tc.outer % p.n_chunks;
+  const int64_t b = tc.outer / p.n_chunks;
+  const int m0 = tc.tile * kBlockM;
+  const int64_t h = tc.head;
+  const int tid = threadIdx.x;
+  const int64_t row_stride = sh.heads * sh.head_dim;
+  const int64_t n_begin = chunk * sh.n / p.n_chunks;
+  const int64_t n_end = (chunk + 1) * sh.n / p.n_chunks;
+  const Element* bias =
+      kHasBias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+  float* dbias = kHasBias ? p.dbias_partial + ((chunk * sh.batch + b) * sh.heads + h) * sh.seq * sh.seq
+                        : nullptr;
+
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<Smem*>(smem_raw);
+  using RowsQ = typename Traits::template SmemLayoutRows<2 * kGroup>;
+  using RowsKV = typename Traits::template SmemLayoutRows<2>;
+  using RowsKVt = typename Traits::template SmemLayoutRowsT<2>;
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q), RowsQ{});       // (m, d, slot)
+  Tensor sdO = make_tensor(make_smem_ptr(smem.dout), RowsQ{});   // (m, d, slot)
+  Tensor sK = make_tensor(make_smem_ptr(smem.k), RowsKV{});      // (n, d, parity)
+  Tensor sV = make_tensor(make_smem_ptr(smem.v), RowsKV{});      // (n, d, parity)
+  Tensor sKt = make_tensor(make_smem_ptr(smem.k), RowsKVt{});    // (d, n, parity)
+
+  const int n_blocks = (S + kBlockN - 1) / kBlockN;
+  auto offset = [&](int64_t n) { return (b * sh.n + n) * sh.seq * row_stride + h * sh.head_dim; };
+  using Schedule = DqSchedule<kGroup>;
+  using Step = typename Schedule::Step;
+  const Schedule schedule{n_begin, n_end, n_blocks};
+  auto slot = [](const Step& st) { return (st.group & 1) * kGroup + st.sub; };
+  auto issue = [&](const Step& st) {
+    const int n0 = st.nb * kBlockN;
+    if (st.nb == 0 && st.sub == 0) {
+      for (int sub = 0; sub < st.size; ++sub) {
+        const int64_t base = offset(st.n0 + sub) + m0 * row_stride;
+        Tensor sQ_s = sQ(_, _, (st.group & 1) * kGroup + sub);
+        Tensor sdO_s = sdO(_, _, (st.group & 1) * kGroup + sub);
+        load_tile_async<kNThreads>(sQ_s, static_cast<const Element*>(p.q) + base, row_stride, S - m0, D, tid);
+        load_tile_async<kNThreads>(sdO_s, static_cast<const Element*>(p.dout) + base, row_stride, S - m0, D, tid);
+      }
+    }
+    const int64_t base = offset(st.n0 + st.sub) + n0 * row_stride;
+    Tensor sK_s = sK(_, _, st.parity);
+    Tensor sV_s = sV(_, _, st.parity);
+    load_tile_async<kNThreads>(sK_s, static_cast<const Element*>(p.k) + base, row_stride, S - n0, D, tid);
+    load_tile_async<kNThreads>(sV_s, static_cast<const Element*>(p.v) + base, row_stride, S - n0, D, tid);
+    if constexpr (kHasBias) {
+      load_bias_tile<kBlockM, kBlockN, kNThreads>(smem.bias + st.parity * Traits::kBiasElems, bias, m0, n0, S, tid);
+      if (schedule.stages_partial(st)) {
+        load_square_tile<kBlockM, kBlockN, kPartialStride, kNThreads>(
+            smem.partial + st.parity * Smem::kPartialElems, dbias, m0, n0, S, tid);
+      }
+    }
+    cp_async_fence();
+  };
+  Step cur = schedule.first();
+  issue(cur);
+
+  typename Traits::MmaQK mma_qk;
+  typename Traits::MmaDQ mma_dq;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+  Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));       // (.., .., k, slot)
+  Tensor tSrdO = thr_qk.make_fragment_A(thr_qk.partition_A(sdO));
+  Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));       // (.., .., k, parity)
+  Tensor tSrV = thr_qk.make_fragment_B(thr_qk.partition_B(sV));
+  Tensor tQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt));     // (.., .., k, parity)
+
+  const AccCoords<Traits::kNWarps> at(tid);
+  using AccQ = decltype(partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using AccS = decltype(partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  AccS acc_s, acc_dp, acc_bias;
+  Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
+  Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
+  constexpr int kRows = decltype(size<0>(s))::value;
+  // The key mask and row statistics of a step, fetched one step ahead.
+  auto prefetch = [&](const Step& st, KeyMaskPrefetch& key_mask, RowStats<kRows>& stats) {
+    const int64_t bn = b * sh.n + st.n0 + st.sub;
+    key_mask.fetch<kBlockN>(p.mask ? p.mask + bn * sh.seq : nullptr, st.nb * kBlockN, S);
+    stats.load(p.lse + (bn * sh.heads + h) * sh.seq, p.delta + (bn * sh.heads + h) * sh.seq, m0, S, at);
+  };
+  KeyMaskPrefetch key_mask, next_key_mask;
+  RowStats<kRows> stats, next_stats;
+  prefetch(cur, key_mask, stats);
+  AccQ acc_dq[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) clear(acc_dq[g]);
+  Tensor ds_frag = make_tensor<Element>(acc_dp.layout());
+  Tensor ds_rc = make_tensor(ds_frag.data(), acc_rowcol_layout(ds_frag.layout()));
+  Tensor bias_rc = make_tensor(acc_bias.data(), acc_rowcol_layout(acc_bias.layout()));
+  Tensor tOrdS = acc_as_a_operand<kBlockN>(ds_frag);
+
+  while (cur.n0 < n_end) {
+    const Step next = schedule.advance(cur);
+    const int64_t n = cur.n0 + cur.sub;
+    const int n0 = cur.nb * kBlockN;
+    const uint64_t valid = key_mask.bits();
+    if (next.n0 < n_end) {
+      issue(next);  // into the stages the previous step finished with
+      prefetch(next, next_key_mask, next_stats);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    publish_shared_to_wgmma();
+
+    wgmma_batch<true>(mma_qk, tSrQ(_, _, _, slot(cur)), tSrK(_, _, _, cur.parity), acc_s);
+    wgmma_batch<true>(mma_qk, tSrdO(_, _, _, slot(cur)), tSrV(_, _, _, cur.parity), acc_dp);
+    warpgroup_wait<1>();  // S; dP may still run
+    warpgroup_fence_operand(acc_s);  // no read of S moves above the wait
+    logits_tile<kHasBias>(s, at, p.scale,
+                          PaddedBiasTile<kBlockN, Element>{smem.bias + cur.parity * Traits::kBiasElems}, valid);
+    probs_from_logits(s, stats);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_dp);
+    // dS = P (dP - delta), written to the dQ product's operand and summed into the bias
+    // gradient; the accumulators themselves are only read, so that no wgmma waits on them.
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < size<1>(s); ++c) {
+        const float ds = s(r, c) * (dp(r, c) - stats.delta[r]);
+        ds_rc(r, c) = static_cast<Element>(ds);
+        if constexpr (kHasBias) bias_rc(r, c) = cur.sub == 0 ? ds : bias_rc(r, c) + ds;
+      }
+    }
+    // dQ += dS K runs while the bias gradient's partial is updated (which reads no wgmma
+    // accumulator, so that the products are not serialized). Static indices only, so that the
+    // accumulators stay in registers.
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      if (g == cur.sub) wgmma_batch<false>(mma_dq, tOrdS, tQrKt(_, _, _, cur.parity), acc_dq[g]);
+    }
+    if constexpr (kHasBias) {
+      if (cur.sub + 1 == cur.size) {
+        // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
+        accumulate_partial<kBlockM, kBlockN, kPartialStride>(
+            bias_rc, at, dbias, smem.partial + cur.parity * Smem::kPartialElems, cur.n0 == n_begin,
+            schedule.staged_rmw(cur), m0, n0, S);
+      }
+    }
+    warpgroup_wait<0>();
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) warpgroup_fence_operand(acc_dq[g]);
+    if (cur.nb + 1 == n_blocks) {
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (g != cur.sub) continue;
+        store_rows(make_tensor(acc_dq[g].data(), acc_rowcol_layout(acc_dq[g].layout())), at,
+                   static_cast<Element*>(p.dq) + offset(n), row_stride, m0, S, D, p.scale);
+        clear(acc_dq[g]);
+      }
+    }
+    __syncthreads();  // every warp is done with this step's stages
+    cur = next;
+    key_mask = next_key_mask;
+    stats = next_stats;
+  }
+}
+
+}  // namespace sm90
+}  // namespace jevo
