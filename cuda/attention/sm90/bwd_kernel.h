@@ -27,6 +27,47 @@ CUTE_DEVICE void publish_shared_to_wgmma() {
   __syncthreads();
 }
 
+// Stores of this thread's accumulator pairs into a [64, 64] 16-bit tile laid out as
+// SmemLayoutP (128-byte rows whose 16-byte chunk c sits at c ^ (row % 8), the GMMA and TMA
+// 128-byte swizzle). A thread's rows are row0 and row0 + 8, which share row % 8, so the byte
+// address of its pair in column group j is one of 8 per-tile values (plus 1024 for row0 + 8):
+// computed once, outside the loop, so that each store is a single st.shared with an immediate.
+// The byte offset, in that tile, of the pair in column group j of row `row` (columns
+// 8 j + col0 and + 1, col0 even and < 8). Checked against CuTe's SmemLayoutP by
+// tests/test_smem_layouts.py.
+CUTE_HOST_DEVICE constexpr uint32_t swizzle128_pair_offset(int row, int col0, int j) {
+  return uint32_t(row * 128 + col0 * 2 + ((j ^ (row & 7)) << 4));
+}
+
+struct Swizzle128PairStores {
+  uint32_t addr[8];  // shared-window byte address of the pair (row0, 8 j + col0), j < 8
+
+  template <int kNWarps>
+  CUTE_DEVICE Swizzle128PairStores(const void* tile, AccCoords<kNWarps> const& at) {
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+#pragma unroll
+    for (int j = 0; j < 8; ++j) addr[j] = base + swizzle128_pair_offset(at.row0, at.col0, j);
+  }
+
+  // rc: the (rows, cols) view of an fp32 [64, 64] accumulator; tile_offset: the byte offset of
+  // the destination tile from the one the addresses were computed for.
+  template <typename Element, int kTileOffset, typename RowCol>
+  CUTE_DEVICE void store(RowCol const& rc) const {
+    static_assert(decltype(size<0>(rc))::value == 2 && decltype(size<1>(rc))::value == 16);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int c = 0; c < 16; c += 2) {
+        cutlass::Array<Element, 2> pair;
+        pair[0] = static_cast<Element>(rc(r, c));
+        pair[1] = static_cast<Element>(rc(r, c + 1));
+        const uint32_t bits = reinterpret_cast<const uint32_t&>(pair);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr[c >> 1] + r * 1024 + kTileOffset), "r"(bits));
+      }
+    }
+  }
+};
+
 // Shared memory of the dK/dV kernel: the CTA's K and V, P and dS of the current query tile, and
 // two stages of (Q, dO, bias tile) so that the next query tile streams in during this one.
 template <typename Traits>
@@ -83,8 +124,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   Tensor sdO = make_tensor(make_smem_ptr(smem.dout), Rows2{});            // (m, d, stage)
   Tensor sQt = make_tensor(make_smem_ptr(smem.q), RowsT2{});              // (d, m, stage)
   Tensor sdOt = make_tensor(make_smem_ptr(smem.dout), RowsT2{});          // (d, m, stage)
-  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutP{});     // (m, n)
-  Tensor sdS = make_tensor(make_smem_ptr(smem.ds), typename Traits::SmemLayoutP{});   // (m, n)
+  // P and dS [m, n] are written by Swizzle128PairStores (SmemLayoutP) and read as [n, m].
   Tensor sPt = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutPt{});   // (n, m)
   Tensor sdSt = make_tensor(make_smem_ptr(smem.ds), typename Traits::SmemLayoutPt{}); // (n, m)
 
@@ -124,6 +164,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
 
   const AccCoords<Traits::kNWarps> at(tid);
+  const Swizzle128PairStores pair_stores(smem.p, at);  // P at smem.p, dS right after it
+  constexpr int kDsOffset = int(offsetof(DkdvSmem<Traits>, ds) - offsetof(DkdvSmem<Traits>, p));
   KeyMaskPrefetch key_mask;
   key_mask.fetch<kBlockN>(mask, n0, S);
   const uint64_t valid = key_mask.bits();  // the keys of this CTA
@@ -152,8 +194,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dp);
     dscores_from_probs(s, dp, stats);
-    store_tile_pairs<Element>(s, at, sP);
-    store_tile_pairs<Element>(dp, at, sdS);
+    pair_stores.template store<Element, 0>(s);
+    pair_stores.template store<Element, kDsOffset>(dp);
     publish_shared_to_wgmma();
 
     wgmma_batch<false>(mma_kv, tKrPt, tKrdOt(_, _, _, st), acc_dv);
@@ -333,23 +375,24 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
       }
     }
     // dQ += dS K runs while the bias gradient's partial is updated (which reads no wgmma
-    // accumulator, so that the products are not serialized). Static indices only, so that the
-    // accumulators stay in registers.
+    // accumulator). Static indices only, so that the accumulators stay in registers; each
+    // branch waits for its own product, so that no accumulator is merged (copied) across the
+    // branches while a product still writes it.
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
-      if (g == cur.sub) wgmma_batch<false>(mma_dq, tOrdS, tQrKt(_, _, _, cur.parity), acc_dq[g]);
-    }
-    if constexpr (kHasBias) {
-      if (cur.sub + 1 == cur.size) {
-        // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
-        accumulate_partial<kBlockM, kBlockN, kPartialStride>(
-            bias_rc, at, dbias, smem.partial + cur.parity * Smem::kPartialElems, cur.n0 == n_begin,
-            schedule.staged_rmw(cur), m0, n0, S);
+      if (g != cur.sub) continue;
+      wgmma_batch<false>(mma_dq, tOrdS, tQrKt(_, _, _, cur.parity), acc_dq[g]);
+      if constexpr (kHasBias) {
+        if (cur.sub + 1 == cur.size) {
+          // This CTA alone owns these elements of its chunk's partial: plain read-modify-write.
+          accumulate_partial<kBlockM, kBlockN, kPartialStride>(
+              bias_rc, at, dbias, smem.partial + cur.parity * Smem::kPartialElems, cur.n0 == n_begin,
+              schedule.staged_rmw(cur), m0, n0, S);
+        }
       }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dq[g]);
     }
-    warpgroup_wait<0>();
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) warpgroup_fence_operand(acc_dq[g]);
     if (cur.nb + 1 == n_blocks) {
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
