@@ -5,10 +5,73 @@
 
 #include <cuda_runtime.h>
 
+#include "attention/grid.h"
 #include "attention/logits.h"
+#include "attention/params.h"
 #include "attention/tile_utils.h"
 
 namespace jevo {
+
+// What one dK/dV CTA reads and writes: the (b, n, head) of its grid position, its key tile
+// n0.., and the [S, D] slices of that (b, n, head), token rows row_stride elements apart.
+template <typename Element, int kBlockN>
+struct DkdvSlice {
+  int S, D, n0;
+  int64_t row_stride, base;
+  const Element *q, *k, *v, *dout, *bias;
+  const uint8_t* mask;
+  const float *lse, *delta;
+
+  CUTE_DEVICE explicit DkdvSlice(const BwdParams& p) {
+    const AttentionShape& sh = p.shape;
+    S = static_cast<int>(sh.seq);
+    D = static_cast<int>(sh.head_dim);
+    const TileCoord tc = decode_tile_coord((S + kBlockN - 1) / kBlockN, sh.heads);
+    const int64_t bn = tc.outer, h = tc.head, b = bn / sh.n;
+    n0 = tc.tile * kBlockN;
+    row_stride = sh.heads * sh.head_dim;
+    base = bn * sh.seq * row_stride + h * sh.head_dim;
+    q = static_cast<const Element*>(p.q) + base;
+    k = static_cast<const Element*>(p.k) + base;
+    v = static_cast<const Element*>(p.v) + base;
+    dout = static_cast<const Element*>(p.dout) + base;
+    mask = p.mask ? p.mask + bn * sh.seq : nullptr;
+    bias = p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+    lse = p.lse + (bn * sh.heads + h) * sh.seq;
+    delta = p.delta + (bn * sh.heads + h) * sh.seq;
+  }
+};
+
+// What one dQ / bias-gradient CTA reads and writes: the (b, chunk of N, head) of its grid
+// position, its query tile m0.., the n of its chunk, the bias plane and the chunk's fp32
+// partial of the bias gradient.
+template <typename Element, int kBlockM, bool kHasBias>
+struct DqSlice {
+  int S, D, m0;
+  int64_t b, h, row_stride, n_begin, n_end;
+  const Element* bias;
+  float* dbias;
+
+  CUTE_DEVICE explicit DqSlice(const BwdParams& p) {
+    const AttentionShape& sh = p.shape;
+    S = static_cast<int>(sh.seq);
+    D = static_cast<int>(sh.head_dim);
+    const TileCoord tc = decode_tile_coord((S + kBlockM - 1) / kBlockM, sh.heads);
+    const int64_t chunk = tc.outer % p.n_chunks;
+    b = tc.outer / p.n_chunks;
+    m0 = tc.tile * kBlockM;
+    h = tc.head;
+    row_stride = sh.heads * sh.head_dim;
+    n_begin = chunk * sh.n / p.n_chunks;
+    n_end = (chunk + 1) * sh.n / p.n_chunks;
+    bias = kHasBias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
+    dbias = kHasBias ? p.dbias_partial + ((chunk * sh.batch + b) * sh.heads + h) * sh.seq * sh.seq : nullptr;
+  }
+  // The offset of row 0 of (b, n, h) in q, k, v, dout and dq.
+  CUTE_DEVICE int64_t offset(const AttentionShape& sh, int64_t n) const {
+    return (b * sh.n + n) * sh.seq * row_stride + h * sh.head_dim;
+  }
+};
 
 // The saved log-sum-exp (times log2(e)) and delta = rowsum(dO * O) of this thread's rows of a
 // query tile, loaded a step before they are needed so that the loads' latency is hidden.
@@ -187,6 +250,19 @@ __global__ void reduce_dbias_kernel(const float* partial, int64_t n_chunks, int6
     for (int64_t c = 0; c < n_chunks; ++c) sum += partial[c * count + i];
     dbias[i] = static_cast<Element>(sum);
   }
+}
+
+
+// Launches the bias gradient's reduction over the chunks' partials (nothing without a bias).
+template <typename Element>
+cudaError_t launch_reduce_dbias(const BwdParams& p, cudaStream_t stream) {
+  if (p.bias == nullptr) return cudaSuccess;
+  const AttentionShape& sh = p.shape;
+  const int64_t count = sh.batch * sh.heads * sh.seq * sh.seq;
+  const int64_t blocks = (count + 255) / 256 < 65536 ? (count + 255) / 256 : 65536;
+  reduce_dbias_kernel<Element><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      p.dbias_partial, p.n_chunks, count, static_cast<Element*>(p.dbias));
+  return cudaGetLastError();
 }
 
 }  // namespace jevo

@@ -19,6 +19,19 @@ cudaError_t with_residual_choice(const FwdParams& p, Run&& run) {
   return p.o_residual != nullptr ? run(std::true_type{}) : run(std::false_type{});
 }
 
+// Launches `kernel` on a one-dimensional grid with `smem_bytes` of dynamic shared memory, opting
+// in to more than the default 48 KiB where it needs it.
+template <typename Kernel, typename... Args>
+cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
+                          const Args&... args) {
+  if (smem_bytes > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, threads, smem_bytes, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 template <Arch kArch, typename Element, int kHeadDim>
 cudaError_t run_attention_fwd(const FwdParams& p, cudaStream_t stream);
 

@@ -4,8 +4,7 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
+#include "attention/launch.h"
 #include "attention/sm80/bwd_kernel.h"
 
 namespace jevo {
@@ -13,15 +12,9 @@ namespace sm80 {
 
 template <typename Traits, int kGroup, bool kHasBias>
 cudaError_t launch_dq(const BwdParams& p, unsigned m_tiles, cudaStream_t stream) {
-  constexpr int kSmem = DqSmem<Traits, kGroup, kHasBias>::kBytes;
-  auto dq = attention_bwd_dq_kernel<Traits, kGroup, kHasBias>;
-  if (kSmem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-  }
-  dq<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.n_chunks), Traits::kNThreads, kSmem,
-       stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(attention_bwd_dq_kernel<Traits, kGroup, kHasBias>,
+                       tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.n_chunks), Traits::kNThreads,
+                       DqSmem<Traits, kGroup, kHasBias>::kBytes, stream, p);
 }
 
 template <typename Traits>
@@ -35,24 +28,15 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   constexpr int kSmemDkdv =
       (2 * Traits::kTileElemsKV + 2 * Traits::kTileElemsP + 2 * (2 * Traits::kTileElemsQ + kBiasElems)) *
       sizeof(Element);
-  auto dkdv = attention_bwd_dkdv_kernel<Traits>;
-  if (kSmemDkdv > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemDkdv);
-    if (err != cudaSuccess) return err;
-  }
-  dkdv<<<tile_grid(n_tiles, sh.heads, sh.batch * sh.n), Traits::kNThreads, kSmemDkdv, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(attention_bwd_dkdv_kernel<Traits>, tile_grid(n_tiles, sh.heads, sh.batch * sh.n),
+                                  Traits::kNThreads, kSmemDkdv, stream, p);
   if (err != cudaSuccess) return err;
 
   err = p.bias ? launch_dq<Traits, Traits::kDqGroup, true>(p, m_tiles, stream)
                : launch_dq<Traits, 1, false>(p, m_tiles, stream);
-  if (err != cudaSuccess || p.bias == nullptr) return err;
+  if (err != cudaSuccess) return err;
 
-  const int64_t count = sh.batch * sh.heads * sh.seq * sh.seq;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((count + 255) / 256, 65536));
-  reduce_dbias_kernel<Element><<<blocks, 256, 0, stream>>>(
-      p.dbias_partial, p.n_chunks, count, static_cast<Element*>(p.dbias));
-  return cudaGetLastError();
+  return launch_reduce_dbias<Element>(p, stream);
 }
 
 }  // namespace sm80

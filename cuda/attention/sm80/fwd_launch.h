@@ -15,15 +15,10 @@ cudaError_t launch_fwd_kernel(const FwdParams& p, cudaStream_t stream) {
       2 * Traits::kTileElemsKV + BiasTileLayout<Traits::kBlockM, Traits::kBlockN>::kElems;
   constexpr int kSmem =
       (Traits::kTileElemsQ + Traits::kStagesFwd * kStageElems) * sizeof(typename Traits::Element);
-  auto kernel = attention_fwd_kernel<Traits, kWriteResidual>;
-  if (kSmem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-  }
   const int64_t m_tiles = (p.shape.seq + Traits::kBlockM - 1) / Traits::kBlockM;
-  kernel<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads, kSmem,
-           stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(attention_fwd_kernel<Traits, kWriteResidual>,
+                       tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads,
+                       kSmem, stream, p);
 }
 
 template <typename Traits>

@@ -91,27 +91,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kNThreads = Traits::kNThreads;
 
-  const AttentionShape& sh = p.shape;
-  const int S = static_cast<int>(sh.seq);
-  const int D = static_cast<int>(sh.head_dim);
-  const TileCoord tc = decode_tile_coord((S + kBlockN - 1) / kBlockN, sh.heads);
-  const int64_t bn = tc.outer;
-  const int n0 = tc.tile * kBlockN;
-  const int64_t h = tc.head;
+  const DkdvSlice<Element, kBlockN> slice(p);
+  const int S = slice.S, D = slice.D, n0 = slice.n0;
+  const int64_t row_stride = slice.row_stride, base = slice.base;
+  const Element *q = slice.q, *k = slice.k, *v = slice.v, *dout = slice.dout, *bias = slice.bias;
+  const uint8_t* mask = slice.mask;
+  const float *lse = slice.lse, *delta = slice.delta;
   const int tid = threadIdx.x;
-  const int64_t b = bn / sh.n;
-  const int64_t row_stride = sh.heads * sh.head_dim;
-  const int64_t base = bn * sh.seq * row_stride + h * sh.head_dim;
-
-  const Element* q = static_cast<const Element*>(p.q) + base;
-  const Element* k = static_cast<const Element*>(p.k) + base;
-  const Element* v = static_cast<const Element*>(p.v) + base;
-  const Element* dout = static_cast<const Element*>(p.dout) + base;
-  const uint8_t* mask = p.mask ? p.mask + bn * sh.seq : nullptr;
-  const Element* bias =
-      p.bias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
-  const float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
-  const float* delta = p.delta + (bn * sh.heads + h) * sh.seq;
 
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<DkdvSmem<Traits>*>(smem_raw);
@@ -245,21 +231,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
   constexpr int kPartialStride = Smem::kPartialStride;
 
   const AttentionShape& sh = p.shape;
-  const int S = static_cast<int>(sh.seq);
-  const int D = static_cast<int>(sh.head_dim);
-  const TileCoord tc = decode_tile_coord((S + kBlockM - 1) / kBlockM, sh.heads);
-  const int64_t chunk = tc.outer % p.n_chunks;
-  const int64_t b = tc.outer / p.n_chunks;
-  const int m0 = tc.tile * kBlockM;
-  const int64_t h = tc.head;
+  const DqSlice<Element, kBlockM, kHasBias> slice(p);
+  const int S = slice.S, D = slice.D, m0 = slice.m0;
+  const int64_t b = slice.b, h = slice.h, row_stride = slice.row_stride;
+  const int64_t n_begin = slice.n_begin, n_end = slice.n_end;
+  const Element* bias = slice.bias;
+  float* dbias = slice.dbias;
   const int tid = threadIdx.x;
-  const int64_t row_stride = sh.heads * sh.head_dim;
-  const int64_t n_begin = chunk * sh.n / p.n_chunks;
-  const int64_t n_end = (chunk + 1) * sh.n / p.n_chunks;
-  const Element* bias =
-      kHasBias ? static_cast<const Element*>(p.bias) + (b * sh.heads + h) * sh.seq * sh.seq : nullptr;
-  float* dbias = kHasBias ? p.dbias_partial + ((chunk * sh.batch + b) * sh.heads + h) * sh.seq * sh.seq
-                        : nullptr;
 
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<Smem*>(smem_raw);
@@ -273,7 +251,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
   Tensor sKt = make_tensor(make_smem_ptr(smem.k), RowsKVt{});    // (d, n, parity)
 
   const int n_blocks = (S + kBlockN - 1) / kBlockN;
-  auto offset = [&](int64_t n) { return (b * sh.n + n) * sh.seq * row_stride + h * sh.head_dim; };
+  auto offset = [&](int64_t n) { return slice.offset(sh, n); };
   using Schedule = DqSchedule<kGroup>;
   using Step = typename Schedule::Step;
   const Schedule schedule{n_begin, n_end, n_blocks};

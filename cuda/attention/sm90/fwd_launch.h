@@ -35,15 +35,10 @@ cudaError_t encode_fwd_maps(const FwdParams& p, FwdTensorMaps* maps) {
 template <typename Traits, bool kWriteResidual>
 cudaError_t launch_fwd_kernel(const FwdParams& p, const FwdTensorMaps& maps, cudaStream_t stream) {
   constexpr int kSmem = int(sizeof(FwdSmem<Traits>));
-  auto kernel = attention_fwd_kernel<Traits, kWriteResidual>;
-  if (kSmem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-  }
   const int64_t m_tiles = (p.shape.seq + Traits::kBlockM - 1) / Traits::kBlockM;
-  kernel<<<tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads, kSmem,
-           stream>>>(p, maps);
-  return cudaGetLastError();
+  return launch_kernel(attention_fwd_kernel<Traits, kWriteResidual>,
+                       tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.shape.n), Traits::kNThreads,
+                       kSmem, stream, p, maps);
 }
 
 template <typename Traits>
