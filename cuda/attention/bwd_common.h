@@ -164,6 +164,17 @@ CUTE_DEVICE void store_rows(RowCol const& rc, AccCoords<kNWarps> const& at, Elem
   }
 }
 
+// Writes a dK/dV CTA's gradients, given as the (rows, cols) views of their fp32 accumulators:
+// dK = scale * dS^T Q and dV = P^T dO for the key rows n0.. of its slice.
+template <typename Element, int kBlockN, int kNWarps, typename RowColK, typename RowColV>
+CUTE_DEVICE void store_dk_dv(RowColK const& dk, RowColV const& dv, AccCoords<kNWarps> const& at,
+                             const BwdParams& p, const DkdvSlice<Element, kBlockN>& slice) {
+  store_rows(dk, at, static_cast<Element*>(p.dk) + slice.base, slice.row_stride, slice.n0, slice.S,
+             slice.D, p.scale);
+  store_rows(dv, at, static_cast<Element*>(p.dv) + slice.base, slice.row_stride, slice.n0, slice.S,
+             slice.D, 1.f);
+}
+
 // partial[m0.., n0..] = (first ? 0 : old) + db for this thread's elements of a tile, where old
 // is the staged copy of the partial tile (use_staged) or the partial itself. Whole tiles of an
 // even S take two neighbouring columns (8 bytes) at a time and skip the bounds checks.

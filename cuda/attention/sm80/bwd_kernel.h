@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
 
   const DkdvSlice<Element, kBlockN> slice(p);
   const int S = slice.S, D = slice.D, n0 = slice.n0;
-  const int64_t row_stride = slice.row_stride, base = slice.base;
+  const int64_t row_stride = slice.row_stride;
   const Element *q = slice.q, *k = slice.k, *v = slice.v, *dout = slice.dout, *bias = slice.bias;
   const uint8_t* mask = slice.mask;
   const float *lse = slice.lse, *delta = slice.delta;
@@ -145,12 +145,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv) att
     stats = next_stats;
   }
 
-  Element* dk = static_cast<Element*>(p.dk) + base;
-  Element* dv = static_cast<Element*>(p.dv) + base;
-  store_rows(make_tensor(acc_dk.data(), acc_rowcol_layout(acc_dk.layout())), at, dk, row_stride, n0, S,
-             D, p.scale);
-  store_rows(make_tensor(acc_dv.data(), acc_rowcol_layout(acc_dv.layout())), at, dv, row_stride, n0, S,
-             D, 1.f);
+  store_dk_dv(make_tensor(acc_dk.data(), acc_rowcol_layout(acc_dk.layout())),
+              make_tensor(acc_dv.data(), acc_rowcol_layout(acc_dv.layout())), at, p, slice);
 }
 
 // Shared memory of the dQ / bias-gradient kernel: two stages (by group parity) of kGroup (Q, dO)
