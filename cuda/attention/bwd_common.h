@@ -229,25 +229,26 @@ struct DqSchedule {
   int64_t n_begin, n_end;
   int n_blocks;
 
-  CUTE_DEVICE Step first() const {
-    return Step{n_begin, static_cast<int>(min<int64_t>(kGroup, n_end - n_begin)), 0, 0, 0, 0};
+  CUTE_HOST_DEVICE static int group_size(int64_t left) {
+    return left < kGroup ? static_cast<int>(left) : kGroup;
   }
-  CUTE_DEVICE Step advance(Step st) const {
+  CUTE_HOST_DEVICE Step first() const { return Step{n_begin, group_size(n_end - n_begin), 0, 0, 0, 0}; }
+  CUTE_HOST_DEVICE Step advance(Step st) const {
     st.parity ^= 1;
     if (++st.sub < st.size) return st;
     st.sub = 0;
     if (++st.nb < n_blocks) return st;
     st.nb = 0;
     st.n0 += st.size;
-    st.size = static_cast<int>(min<int64_t>(kGroup, n_end - st.n0));
+    st.size = group_size(n_end - st.n0);
     ++st.group;
     return st;
   }
   // A step's partial tile may be prefetched a step early unless the step before wrote that very
   // tile (one key tile and a group of one n: consecutive read-modify-writes of one tile).
-  CUTE_DEVICE bool staged_rmw(const Step& st) const { return n_blocks > 1 || st.size > 1; }
+  CUTE_HOST_DEVICE bool staged_rmw(const Step& st) const { return n_blocks > 1 || st.size > 1; }
   // Whether step st's loads include the partial tile its read-modify-write will read.
-  CUTE_DEVICE bool stages_partial(const Step& st) const {
+  CUTE_HOST_DEVICE bool stages_partial(const Step& st) const {
     return st.sub + 1 == st.size && st.n0 != n_begin && staged_rmw(st);
   }
 };

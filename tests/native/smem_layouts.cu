@@ -2,7 +2,7 @@
 // CuTe layouts that the wgmma descriptors read: the swizzled offsets of Swizzle128PairStores
 // (sm90/bwd_kernel.h) against SmemLayoutP and its transposed view SmemLayoutPt. Prints the
 // number of mismatches and exits non-zero if there is one. Built and run by
-// tests/test_smem_layouts.py.
+// tests/test_kernel_host_checks.py.
 #include <cstdint>
 #include <cstdio>
 

@@ -34,7 +34,7 @@ CUTE_DEVICE void publish_shared_to_wgmma() {
 // computed once, outside the loop, so that each store is a single st.shared with an immediate.
 // The byte offset, in that tile, of the pair in column group j of row `row` (columns
 // 8 j + col0 and + 1, col0 even and < 8). Checked against CuTe's SmemLayoutP by
-// tests/test_smem_layouts.py.
+// tests/test_kernel_host_checks.py.
 CUTE_HOST_DEVICE constexpr uint32_t swizzle128_pair_offset(int row, int col0, int j) {
   return uint32_t(row * 128 + col0 * 2 + ((j ^ (row & 7)) << 4));
 }

@@ -1,6 +1,8 @@
-"""The sm90 kernels' hand-written shared-memory addresses match the CuTe layouts that wgmma
-reads (tests/native/smem_layouts.cu, compiled for the host with nvcc). Needs nvcc and the CUTLASS
-headers (the nvidia-cutlass wheel, or the copy a CUDA build of jevo staged in build/)."""
+"""Host checks of kernel logic that can be run without a GPU (tests/native/*.cu, compiled for
+the host with nvcc): the sm90 kernels' hand-written shared-memory addresses against the CuTe
+layouts that wgmma reads, and the dQ kernels' visiting order of their (n, key tile) pairs. Needs
+nvcc and the CUTLASS headers (the nvidia-cutlass wheel, or the copy a CUDA build of jevo staged
+in build/)."""
 
 from __future__ import annotations
 
@@ -25,12 +27,14 @@ def _cutlass_include():
 @pytest.mark.skipif(shutil.which("nvcc") is None or _cutlass_include() is None
                     or not (ROOT / "cuda" / "attention").is_dir(),
                     reason="needs nvcc, the CUTLASS headers and the source tree")
-def test_pair_stores_match_the_wgmma_layouts(tmp_path):
-  exe = tmp_path / "smem_layouts"
+@pytest.mark.parametrize("check,passed", [("smem_layouts", "mismatches: 0"),
+                                          ("dq_schedule", "violations: 0")])
+def test_host_check(check, passed, tmp_path):
+  exe = tmp_path / check
   build = subprocess.run(
       ["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-I", str(ROOT / "cuda"),
-       "-I", str(_cutlass_include()), "-o", str(exe), str(ROOT / "tests" / "native" / "smem_layouts.cu")],
+       "-I", str(_cutlass_include()), "-o", str(exe), str(ROOT / "tests" / "native" / f"{check}.cu")],
       capture_output=True, text=True, timeout=600)
   assert build.returncode == 0, build.stderr[-3000:]
   run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
-  assert run.returncode == 0 and "mismatches: 0" in run.stdout, run.stdout
+  assert run.returncode == 0 and passed in run.stdout, run.stdout
