@@ -12,7 +12,7 @@
 namespace jevo {
 namespace sm90 {
 
-// The dK/dV kernel's TMA descriptors. The bias's needs 16-byte row strides (S % 8 == 0): the
+// The backward kernels' TMA descriptors (one set serves both). The bias's needs 16-byte row strides (S % 8 == 0): the
 // handler runs other shapes with a bias on the sm80 backward (Sm90BwdSupports).
 template <typename Traits>
 cudaError_t encode_dkdv_maps(const BwdParams& p, DkdvTensorMaps* maps) {
@@ -35,10 +35,10 @@ cudaError_t encode_dkdv_maps(const BwdParams& p, DkdvTensorMaps* maps) {
 }
 
 template <typename Traits, int kGroup, bool kHasBias>
-cudaError_t launch_dq(const BwdParams& p, unsigned m_tiles, cudaStream_t stream) {
+cudaError_t launch_dq(const BwdParams& p, const DqTensorMaps& maps, unsigned m_tiles, cudaStream_t stream) {
   return launch_kernel(attention_bwd_dq_kernel<Traits, kGroup, kHasBias>,
                        tile_grid(m_tiles, p.shape.heads, p.shape.batch * p.n_chunks), Traits::kNThreads,
-                       int(sizeof(DqSmem<Traits, kGroup, kHasBias>)), stream, p);
+                       int(sizeof(DqSmem<Traits, kGroup, kHasBias>)), stream, p, maps);
 }
 
 template <typename Traits>
@@ -55,8 +55,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
                       Traits::kNThreads, int(sizeof(DkdvSmem<Traits>)), stream, p, maps);
   if (err != cudaSuccess) return err;
 
-  err = p.bias ? launch_dq<Traits, Traits::kDqGroup, true>(p, m_tiles, stream)
-               : launch_dq<Traits, 1, false>(p, m_tiles, stream);
+  err = p.bias ? launch_dq<Traits, Traits::kDqGroup, true>(p, maps, m_tiles, stream)
+               : launch_dq<Traits, 1, false>(p, maps, m_tiles, stream);
   if (err != cudaSuccess) return err;
 
   return launch_reduce_dbias<Element>(p, stream);
