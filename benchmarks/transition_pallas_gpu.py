@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jevo.bench.implementations import transition_inputs  # noqa: E402
 from jevo.bench.measure import median_ms, xla_analysis  # noqa: E402
 from jevo.ops import transition_pallas as tp  # noqa: E402
 from jevo.ops.transition import (pallas_unsupported_reason, resolve_implementation,  # noqa: E402
@@ -59,17 +60,7 @@ def attempt(what, fn, *args, **kwargs):
 
 
 def make_inputs(lead, c, seed=0):
-  hidden = 4 * c
-  k = jax.random.split(jax.random.key(seed), 8)
-  x = (0.5 + 2.0 * jax.random.normal(k[0], lead + (c,), jnp.float32)).astype(jnp.bfloat16)
-  params = (1.0 + 0.2 * jax.random.normal(k[1], (c,)),
-            0.2 * jax.random.normal(k[2], (c,)),
-            jax.random.normal(k[3], (c, hidden)) * (2.0 / c) ** 0.5,
-            0.2 * jax.random.normal(k[4], (hidden,)),
-            jax.random.normal(k[5], (hidden, c)) * hidden ** -0.5,
-            0.2 * jax.random.normal(k[6], (c,)))
-  g = jax.random.normal(k[7], x.shape, jnp.float32).astype(jnp.bfloat16)
-  return x, tuple(p.astype(jnp.float32) for p in params), g
+  return transition_inputs(lead, c, 4, jnp.bfloat16, seed)
 
 
 # ---- implementations: f(x, ln_scale, ln_offset, w1, b1, w2, b2) -> out --------------------------

@@ -332,3 +332,13 @@ def full_precision_matmuls():
 
   with jax.default_matmul_precision("highest"):
     yield
+
+
+def assert_close(actual, expected, what: str, tol: float) -> None:
+  """Agreement to `tol` relative to each value and to the largest: |a - e| <= tol * (|e| +
+  max |e|), elementwise, with equal shapes and finite values."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+  assert np.all(np.isfinite(actual)), f"{what}: not finite"
+  scale = np.abs(expected).max(initial=1.0)
+  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)

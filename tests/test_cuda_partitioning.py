@@ -8,11 +8,7 @@ here.
 
 from __future__ import annotations
 
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,22 +18,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jevo
 from jevo.ops import cuda_backend, partitioning
+from four_cpu_devices import run_pytest
 from partitioning_hlo import gathers_of, input_shapes, kernel_calls
-
-TESTS = pathlib.Path(__file__).resolve().parent
-ROOT = TESTS.parent
-XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
 
 
 def test_multidevice_partitioning_tests_pass_on_four_cpu_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip())
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-       str(TESTS / "test_cuda_partitioning_multidevice.py")],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-  output = (proc.stdout + proc.stderr)[-6000:]
+  proc, output = run_pytest("test_cuda_partitioning_multidevice.py")
   assert proc.returncode == 0, output
   summary = proc.stdout.strip().splitlines()[-1]
   passed = re.search(r"(\d+) passed", summary)

@@ -40,11 +40,7 @@ C_M = 6
 
 def close(actual, expected, what: str) -> None:
   """fp32 agreement: |a - e| <= 1e-6 * (|e| + max |e|), elementwise."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  assert np.all(np.isfinite(actual)), f"{what}: not finite"
-  scale = np.abs(expected).max(initial=1.0)
-  np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6 * scale, err_msg=what)
+  ref.assert_close(actual, expected, what, 1e-6)
 
 
 def inputs(n_seq: int, n_res: int, c_m: int, c_z: int, seed: int):

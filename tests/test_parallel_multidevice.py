@@ -38,11 +38,7 @@ TRAIN_SIZES = {2: (6, 8), 4: (6, 10)}
 
 def close(actual, expected, what: str) -> None:
   """fp32 agreement: |a - e| <= 1e-5 * (|e| + max |e|), elementwise."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  assert np.all(np.isfinite(actual)), f"{what}: not finite"
-  scale = np.abs(expected).max(initial=1.0)
-  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale, err_msg=what)
+  ref.assert_close(actual, expected, what, 1e-5)
 
 
 def random_module(cls, *args, seed: int = 0, **kwargs):

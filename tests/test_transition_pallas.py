@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jevo.bench.implementations import transition_inputs
 from jevo.ops import transition_pallas as tp
 from jevo.ops.transition import (fused_transition, pallas_unsupported_reason,
                                  resolve_implementation, xla_transition)
@@ -24,19 +25,8 @@ PARAMS = ("ln_scale", "ln_offset", "w1", "b1", "w2", "b2")
 
 
 def _inputs(rows, c, factor, dtype, seed=0, lead=()):
-  """x with a non-zero mean and spread, parameters of the size AlphaFold's initialisers give
-  (never zeros), and an output cotangent; parameters in float32."""
-  hidden = factor * c
-  k = jax.random.split(jax.random.key(seed), 8)
-  x = 0.5 + 2.0 * jax.random.normal(k[0], lead + (rows, c), jnp.float32)
-  params = (1.0 + 0.2 * jax.random.normal(k[1], (c,)),
-            0.2 * jax.random.normal(k[2], (c,)),
-            jax.random.normal(k[3], (c, hidden)) * (2.0 / c) ** 0.5,
-            0.2 * jax.random.normal(k[4], (hidden,)),
-            jax.random.normal(k[5], (hidden, c)) * hidden ** -0.5,
-            0.2 * jax.random.normal(k[6], (c,)))
-  g = jax.random.normal(k[7], x.shape, jnp.float32)
-  return x.astype(dtype), tuple(p.astype(jnp.float32) for p in params), g.astype(dtype)
+  """x `[*lead, rows, c]`, float32 parameters and a cotangent (`transition_inputs`)."""
+  return transition_inputs(lead + (rows,), c, factor, dtype, seed)
 
 
 def _reference(x, ln_scale, ln_offset, w1, b1, w2, b2):

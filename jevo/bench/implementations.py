@@ -68,6 +68,25 @@ def random_inputs(case, key, dtype):
   return q, k, v, mask, bias
 
 
+def transition_inputs(shape, c, factor, dtype, seed=0):
+  """x `[*shape, c]` with a non-zero mean and spread, the transition's parameters (LayerNorm
+  scale and offset, w1 `[c, factor c]`, b1, w2, b2) of the size AlphaFold's initialisers give
+  (never zeros, float32), and an output cotangent like x; x and the cotangent in `dtype`."""
+  import jax
+  import jax.numpy as jnp
+  hidden = factor * c
+  k = jax.random.split(jax.random.key(seed), 8)
+  x = 0.5 + 2.0 * jax.random.normal(k[0], tuple(shape) + (c,), jnp.float32)
+  params = (1.0 + 0.2 * jax.random.normal(k[1], (c,)),
+            0.2 * jax.random.normal(k[2], (c,)),
+            jax.random.normal(k[3], (c, hidden)) * (2.0 / c) ** 0.5,
+            0.2 * jax.random.normal(k[4], (hidden,)),
+            jax.random.normal(k[5], (hidden, c)) * hidden ** -0.5,
+            0.2 * jax.random.normal(k[6], (c,)))
+  g = jax.random.normal(k[7], x.shape, jnp.float32)
+  return x.astype(dtype), tuple(p.astype(jnp.float32) for p in params), g.astype(dtype)
+
+
 def _diff(case):
   return (0, 1, 2, 4) if case.bias else (0, 1, 2)
 

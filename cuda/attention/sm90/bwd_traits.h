@@ -22,24 +22,20 @@ using namespace cute;
 
 template <typename Element_, int kHeadDim_>
 struct BwdTraits {
+  // The forward's tile shape and its two products, which the backward uses as they are.
+  using Fwd = FwdTraits<Element_, kHeadDim_>;
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // padded head dim the kernel runs (>= D)
-  static constexpr int kBlockM = sm90::kBlockM;
-  static constexpr int kBlockN = sm90::kBlockN;
-  static constexpr int kNThreads = 128;  // one warpgroup
-  static constexpr int kNWarps = 4;
-  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "head dim tile must be 16..128, step 16");
-  static_assert(kBlockM == 64 && kBlockN == 64, "one warpgroup's wgmma covers 64 rows");
+  static constexpr int kBlockM = Fwd::kBlockM;
+  static constexpr int kBlockN = Fwd::kBlockN;
+  static constexpr int kNThreads = Fwd::kNThreads;  // one warpgroup
+  static constexpr int kNWarps = Fwd::kNWarps;
 
-  using MmaQK = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>,
-                           GMMA::Major::K, GMMA::Major::K>()));
+  using MmaQK = typename Fwd::MmaQK;  // S = Q K^T and dP = dO V^T
+  using MmaDQ = typename Fwd::MmaPV;  // dQ += dS K: O += P V's shapes and majors
   using MmaKV = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>,
                            GMMA::Major::MN, GMMA::Major::MN>()));
-  using MmaDQ = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>,
-                           GMMA::Major::K, GMMA::Major::MN>()));
 
   // [rows, d] tiles (Q, dO, K, V), d contiguous, with a trailing mode of kSlots tiles, and the
   // same bytes seen as [d, rows] (the transposed operands). Rows run first through the atoms
