@@ -14,8 +14,11 @@ import jevo
 def main():
   key = jax.random.key(0)
   # 200 keys with D = 32 wrap the forward's 3-stage ring; 150 with D = 64 its 2-stage one.
+  # A bias with S % 8 == 0 (200, 136, 96) takes the sm90 kernels' TMA bias path; other S run
+  # sm80's with a bias.
   for s, d, dtype in ((19, 8, jnp.bfloat16), (70, 32, jnp.float16), (33, 128, jnp.bfloat16),
-                      (200, 32, jnp.bfloat16), (150, 64, jnp.float16)):
+                      (200, 32, jnp.bfloat16), (150, 64, jnp.float16), (136, 16, jnp.bfloat16),
+                      (96, 128, jnp.float16)):
     shape = (2, 3, s, 2, d)
     keys = jax.random.split(key, 6)
     q, k, v, d_out = (jax.random.normal(x, shape, dtype) for x in keys[:4])

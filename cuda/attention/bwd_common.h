@@ -17,7 +17,7 @@ namespace jevo {
 template <typename Element, int kBlockN>
 struct DkdvSlice {
   int S, D, n0;
-  int64_t row_stride, base;
+  int64_t bn, b, h, row_stride, base;  // bn = b * N + n
   const Element *q, *k, *v, *dout, *bias;
   const uint8_t* mask;
   const float *lse, *delta;
@@ -27,7 +27,9 @@ struct DkdvSlice {
     S = static_cast<int>(sh.seq);
     D = static_cast<int>(sh.head_dim);
     const TileCoord tc = decode_tile_coord((S + kBlockN - 1) / kBlockN, sh.heads);
-    const int64_t bn = tc.outer, h = tc.head, b = bn / sh.n;
+    bn = tc.outer;
+    h = tc.head;
+    b = bn / sh.n;
     n0 = tc.tile * kBlockN;
     row_stride = sh.heads * sh.head_dim;
     base = bn * sh.seq * row_stride + h * sh.head_dim;

@@ -109,8 +109,13 @@ cudaError_t DispatchFwd(Arch arch, const FwdParams& p, cudaStream_t stream) {
   });
 }
 
+// Whether the sm90 backward runs these inputs: its dK/dV kernel loads the bias by TMA, as the
+// forward does (S % 8 == 0 with a bias); the sm80 backward runs the rest.
+bool Sm90BwdSupports(const BwdParams& p) { return p.bias == nullptr || p.shape.seq % 8 == 0; }
+
 template <typename Element>
 cudaError_t DispatchBwd(Arch arch, const BwdParams& p, cudaStream_t stream) {
+  if (arch == Arch::kSm90 && !Sm90BwdSupports(p)) arch = Arch::kSm80;
   return ByHeadDim(p.shape.head_dim, HeadDims{}, [&](auto dim) {
 #if JEVO_BUILD_SM90
     if (arch == Arch::kSm90) return run_attention_bwd<Arch::kSm90, Element, decltype(dim)::value>(p, stream);

@@ -9,6 +9,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
 #include "attention/bwd_common.h"
@@ -68,8 +69,16 @@ struct Swizzle128PairStores {
   }
 };
 
+// The TMA descriptors of the dK/dV kernel (a kernel parameter, so __grid_constant__): the
+// activations as encode_activation_map gives them, the bias as encode_bias_map.
+struct DkdvTensorMaps {
+  CUtensorMap q, k, v, dout, bias;
+};
+
 // Shared memory of the dK/dV kernel: the CTA's K and V, P and dS of the current query tile, and
-// two stages of (Q, dO, bias tile) so that the next query tile streams in during this one.
+// two stages of (Q, dO, bias tile) so that the next query tile streams in during this one, all
+// filled by TMA (the bias tile with the 128-byte swizzle, as Swizzle128BiasTile reads it), and
+// the mbarriers that say K and V, or a stage, have landed.
 template <typename Traits>
 struct DkdvSmem {
   using Element = typename Traits::Element;
@@ -79,25 +88,31 @@ struct DkdvSmem {
   alignas(1024) Element ds[Traits::kTileElemsP];
   alignas(1024) Element q[2 * Traits::kTileElemsQ];
   alignas(1024) Element dout[2 * Traits::kTileElemsQ];
-  alignas(16) Element bias[2 * Traits::kBiasElems];
+  alignas(1024) Element bias[2 * Traits::kTileElemsP];
+  alignas(8) uint64_t kv_full;
+  uint64_t full[2];
 };
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
-    attention_bwd_dkdv_kernel(const BwdParams p) {
+    attention_bwd_dkdv_kernel(const BwdParams p, const __grid_constant__ DkdvTensorMaps maps) {
   using Element = typename Traits::Element;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kNThreads = Traits::kNThreads;
+  constexpr int kBoxD = kHeadDim > 64 ? 64 : kHeadDim;  // a TMA box row is at most 128 bytes
+  constexpr int kBoxesD = kHeadDim / kBoxD;
+  constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
 
   const DkdvSlice<Element, kBlockN> slice(p);
-  const int S = slice.S, D = slice.D, n0 = slice.n0;
-  const int64_t row_stride = slice.row_stride;
-  const Element *q = slice.q, *k = slice.k, *v = slice.v, *dout = slice.dout, *bias = slice.bias;
+  const int S = slice.S, n0 = slice.n0;
   const uint8_t* mask = slice.mask;
   const float *lse = slice.lse, *delta = slice.delta;
+  const bool has_bias = slice.bias != nullptr;
   const int tid = threadIdx.x;
+  const int32_t head = static_cast<int32_t>(slice.h), outer = static_cast<int32_t>(slice.bn);
+  const int32_t bias_plane = static_cast<int32_t>(slice.b * p.shape.heads + slice.h);
 
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<DkdvSmem<Traits>*>(smem_raw);
@@ -114,19 +129,45 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   Tensor sPt = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutPt{});   // (n, m)
   Tensor sdSt = make_tensor(make_smem_ptr(smem.ds), typename Traits::SmemLayoutPt{}); // (n, m)
 
-  auto issue = [&](int mb) {  // loads of query tile mb into stage mb % 2
+  const int m_blocks = (S + kBlockM - 1) / kBlockM;
+  constexpr uint32_t kTileBytes = Traits::kTileElemsQ * sizeof(Element);
+  constexpr uint32_t kBiasBytes = Traits::kTileElemsP * sizeof(Element);
+  // Thread 0 loads query tile mb (Q, dO and the bias tile) into stage mb % 2; its mbarrier
+  // completes when all their bytes have landed (rows past S arrive as zeros).
+  auto issue = [&](int mb) {
+    if (mb >= m_blocks) return;
     const int st = mb & 1;
-    const int m0 = mb * kBlockM;
-    Tensor sQ_st = sQ(_, _, st);
-    Tensor sdO_st = sdO(_, _, st);
-    load_tile_async<kNThreads>(sQ_st, q + m0 * row_stride, row_stride, S - m0, D, tid);
-    load_tile_async<kNThreads>(sdO_st, dout + m0 * row_stride, row_stride, S - m0, D, tid);
-    if (bias) load_bias_tile<kBlockM, kBlockN, kNThreads>(smem.bias + st * Traits::kBiasElems, bias, m0, n0, S, tid);
-    cp_async_fence();
+    const int32_t m0 = mb * kBlockM;
+    Barrier::arrive_and_expect_tx(&smem.full[st], 2 * kTileBytes + (has_bias ? kBiasBytes : 0));
+#pragma unroll
+    for (int part = 0; part < kBoxesD; ++part) {
+      const int offset = st * Traits::kTileElemsQ + part * kBlockM * kBoxD;
+      SM90_TMA_LOAD_4D::copy(&maps.q, &smem.full[st], kCacheHint, smem.q + offset, part * kBoxD, head, m0, outer);
+      SM90_TMA_LOAD_4D::copy(&maps.dout, &smem.full[st], kCacheHint, smem.dout + offset, part * kBoxD, head,
+                             m0, outer);
+    }
+    if (has_bias) {
+      SM90_TMA_LOAD_3D::copy(&maps.bias, &smem.full[st], kCacheHint, smem.bias + st * Traits::kTileElemsP, n0,
+                             m0, bias_plane);
+    }
   };
-  load_tile_async<kNThreads>(sK, k + n0 * row_stride, row_stride, S - n0, D, tid);
-  load_tile_async<kNThreads>(sV, v + n0 * row_stride, row_stride, S - n0, D, tid);
-  issue(0);
+  if (tid == 0) {
+    Barrier::init(&smem.kv_full, 1);
+    Barrier::init(&smem.full[0], 1);
+    Barrier::init(&smem.full[1], 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    Barrier::arrive_and_expect_tx(&smem.kv_full, 2 * Traits::kTileElemsKV * sizeof(Element));
+#pragma unroll
+    for (int part = 0; part < kBoxesD; ++part) {
+      const int offset = part * kBlockN * kBoxD;
+      SM90_TMA_LOAD_4D::copy(&maps.k, &smem.kv_full, kCacheHint, smem.k + offset, part * kBoxD, head, n0, outer);
+      SM90_TMA_LOAD_4D::copy(&maps.v, &smem.kv_full, kCacheHint, smem.v + offset, part * kBoxD, head, n0, outer);
+    }
+    issue(0);
+  }
 
   typename Traits::MmaQK mma_qk;
   typename Traits::MmaKV mma_kv;
@@ -155,27 +196,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   KeyMaskPrefetch key_mask;
   key_mask.fetch<kBlockN>(mask, n0, S);
   const uint64_t valid = key_mask.bits();  // the keys of this CTA
-  const int m_blocks = (S + kBlockM - 1) / kBlockM;
   constexpr int kRows = decltype(size<0>(s))::value;
   RowStats<kRows> stats, next_stats;
   stats.load(lse, delta, 0, S, at);
+  Barrier::wait(&smem.kv_full, 0);
 
   for (int mb = 0; mb < m_blocks; ++mb) {
     const int st = mb & 1;
-    if (mb + 1 < m_blocks) {
-      issue(mb + 1);  // into the stage the previous iteration finished with
-      next_stats.load(lse, delta, (mb + 1) * kBlockM, S, at);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    publish_shared_to_wgmma();
+    // Stage (mb + 1) % 2 held tile mb - 1, whose products every warp finished before the
+    // barrier that ended the last iteration.
+    if (tid == 0) issue(mb + 1);
+    if (mb + 1 < m_blocks) next_stats.load(lse, delta, (mb + 1) * kBlockM, S, at);
+    Barrier::wait(&smem.full[st], (mb >> 1) & 1);
 
     wgmma_batch<true>(mma_qk, tSrQ(_, _, _, st), tSrK, acc_s);
     wgmma_batch<true>(mma_qk, tSrdO(_, _, _, st), tSrV, acc_dp);
     warpgroup_wait<1>();  // S; dP may still run
     warpgroup_fence_operand(acc_s);  // no read of S moves above the wait
-    logits(s, at, p.scale, bias ? smem.bias + st * Traits::kBiasElems : nullptr, valid);
+    logits_from(s, at, p.scale,
+                Swizzle128BiasTile<Element>{has_bias ? smem.bias + st * Traits::kTileElemsP : nullptr}, valid);
     probs_from_logits(s, stats);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dp);
@@ -198,9 +237,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
 }
 
 // Shared memory of the dQ / bias-gradient kernel: with a bias, two stages (by step parity) of
-// the fp32 partial tile that the step's read-modify-write reads (first, for alignment); two
-// stages (by group parity) of kGroup (Q, dO) tile pairs; two stages (by step parity) of
-// (K, V, bias tile).
+// the fp32 partial tile that the step's read-modify-write reads (first, for alignment; loaded
+// by the threads with cp.async); two stages (by group parity) of kGroup (Q, dO) tile pairs; two
+// stages (by step parity) of (K, V, bias tile), these by TMA.
 template <typename Traits, int kGroup, bool kHasBias>
 struct DqSmem {
   using Element = typename Traits::Element;
@@ -211,29 +250,38 @@ struct DqSmem {
   alignas(1024) Element dout[2 * kGroup * Traits::kTileElemsQ];
   alignas(1024) Element k[2 * Traits::kTileElemsKV];
   alignas(1024) Element v[2 * Traits::kTileElemsKV];
-  alignas(16) Element bias[kHasBias ? 2 * Traits::kBiasElems : 1];
+  alignas(1024) Element bias[kHasBias ? 2 * Traits::kTileElemsP : 1];  // TMA's 128-byte swizzle
+  alignas(8) uint64_t q_full[2];   // a group's Q and dO tiles have landed (by group parity)
+  uint64_t kv_full[2];             // a step's K, V and bias tiles have landed (by step parity)
 };
+
+// The TMA descriptors of the dQ kernel: as the dK/dV kernel's.
+using DqTensorMaps = DkdvTensorMaps;
 
 // kGroup n share each read-modify-write of the bias-gradient partial (see DqSchedule).
 template <typename Traits, int kGroup, bool kHasBias>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
-    attention_bwd_dq_kernel(const BwdParams p) {
+    attention_bwd_dq_kernel(const BwdParams p, const __grid_constant__ DqTensorMaps maps) {
   using Element = typename Traits::Element;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kNThreads = Traits::kNThreads;
+  constexpr int kBoxD = kHeadDim > 64 ? 64 : kHeadDim;  // a TMA box row is at most 128 bytes
+  constexpr int kBoxesD = kHeadDim / kBoxD;
+  constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
   using Smem = DqSmem<Traits, kGroup, kHasBias>;
   constexpr int kPartialStride = Smem::kPartialStride;
 
   const AttentionShape& sh = p.shape;
   const DqSlice<Element, kBlockM, kHasBias> slice(p);
-  const int S = slice.S, D = slice.D, m0 = slice.m0;
-  const int64_t b = slice.b, h = slice.h, row_stride = slice.row_stride;
+  const int S = slice.S, m0 = slice.m0;
+  const int64_t b = slice.b, h = slice.h;
   const int64_t n_begin = slice.n_begin, n_end = slice.n_end;
-  const Element* bias = slice.bias;
   float* dbias = slice.dbias;
   const int tid = threadIdx.x;
+  const int32_t head = static_cast<int32_t>(h), bias_plane = static_cast<int32_t>(b * sh.heads + h);
 
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<Smem*>(smem_raw);
@@ -252,24 +300,43 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
   using Step = typename Schedule::Step;
   const Schedule schedule{n_begin, n_end, n_blocks};
   auto slot = [](const Step& st) { return (st.group & 1) * kGroup + st.sub; };
+  constexpr uint32_t kTileBytes = Traits::kTileElemsQ * sizeof(Element);
+  constexpr uint32_t kBiasBytes = Traits::kTileElemsP * sizeof(Element);
+  // The loads of step st: thread 0 issues the TMA copies of its K, V and bias tiles (and, at a
+  // group's first step, the group's Q and dO tiles); every thread stages its share of the
+  // partial tile the step's read-modify-write will read, by cp.async.
   auto issue = [&](const Step& st) {
-    const int n0 = st.nb * kBlockN;
-    if (st.nb == 0 && st.sub == 0) {
-      for (int sub = 0; sub < st.size; ++sub) {
-        const int64_t base = offset(st.n0 + sub) + m0 * row_stride;
-        Tensor sQ_s = sQ(_, _, (st.group & 1) * kGroup + sub);
-        Tensor sdO_s = sdO(_, _, (st.group & 1) * kGroup + sub);
-        load_tile_async<kNThreads>(sQ_s, static_cast<const Element*>(p.q) + base, row_stride, S - m0, D, tid);
-        load_tile_async<kNThreads>(sdO_s, static_cast<const Element*>(p.dout) + base, row_stride, S - m0, D, tid);
+    const int32_t n0 = st.nb * kBlockN;
+    if (tid == 0) {
+      if (st.nb == 0 && st.sub == 0) {
+        uint64_t* full = &smem.q_full[st.group & 1];
+        Barrier::arrive_and_expect_tx(full, 2 * kTileBytes * st.size);
+        for (int sub = 0; sub < st.size; ++sub) {
+          const int32_t outer = static_cast<int32_t>(b * sh.n + st.n0 + sub);
+#pragma unroll
+          for (int part = 0; part < kBoxesD; ++part) {
+            const int offset = ((st.group & 1) * kGroup + sub) * Traits::kTileElemsQ + part * kBlockM * kBoxD;
+            SM90_TMA_LOAD_4D::copy(&maps.q, full, kCacheHint, smem.q + offset, part * kBoxD, head, m0, outer);
+            SM90_TMA_LOAD_4D::copy(&maps.dout, full, kCacheHint, smem.dout + offset, part * kBoxD, head, m0,
+                                   outer);
+          }
+        }
+      }
+      uint64_t* full = &smem.kv_full[st.parity];
+      Barrier::arrive_and_expect_tx(full, 2 * kTileBytes + (kHasBias ? kBiasBytes : 0));
+      const int32_t outer = static_cast<int32_t>(b * sh.n + st.n0 + st.sub);
+#pragma unroll
+      for (int part = 0; part < kBoxesD; ++part) {
+        const int offset = st.parity * Traits::kTileElemsKV + part * kBlockN * kBoxD;
+        SM90_TMA_LOAD_4D::copy(&maps.k, full, kCacheHint, smem.k + offset, part * kBoxD, head, n0, outer);
+        SM90_TMA_LOAD_4D::copy(&maps.v, full, kCacheHint, smem.v + offset, part * kBoxD, head, n0, outer);
+      }
+      if constexpr (kHasBias) {
+        SM90_TMA_LOAD_3D::copy(&maps.bias, full, kCacheHint, smem.bias + st.parity * Traits::kTileElemsP, n0,
+                               m0, bias_plane);
       }
     }
-    const int64_t base = offset(st.n0 + st.sub) + n0 * row_stride;
-    Tensor sK_s = sK(_, _, st.parity);
-    Tensor sV_s = sV(_, _, st.parity);
-    load_tile_async<kNThreads>(sK_s, static_cast<const Element*>(p.k) + base, row_stride, S - n0, D, tid);
-    load_tile_async<kNThreads>(sV_s, static_cast<const Element*>(p.v) + base, row_stride, S - n0, D, tid);
     if constexpr (kHasBias) {
-      load_bias_tile<kBlockM, kBlockN, kNThreads>(smem.bias + st.parity * Traits::kBiasElems, bias, m0, n0, S, tid);
       if (schedule.stages_partial(st)) {
         load_square_tile<kBlockM, kBlockN, kPartialStride, kNThreads>(
             smem.partial + st.parity * Smem::kPartialElems, dbias, m0, n0, S, tid);
@@ -277,6 +344,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
     }
     cp_async_fence();
   };
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      Barrier::init(&smem.q_full[i], 1);
+      Barrier::init(&smem.kv_full[i], 1);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
   Step cur = schedule.first();
   issue(cur);
 
@@ -314,7 +390,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
   Tensor bias_rc = make_tensor(acc_bias.data(), acc_rowcol_layout(acc_bias.layout()));
   Tensor tOrdS = acc_as_a_operand<kBlockN>(ds_frag);
 
-  while (cur.n0 < n_end) {
+  for (int64_t step = 0; cur.n0 < n_end; ++step) {
     const Step next = schedule.advance(cur);
     const int64_t n = cur.n0 + cur.sub;
     const int n0 = cur.nb * kBlockN;
@@ -326,14 +402,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
     } else {
       cp_async_wait<0>();
     }
-    publish_shared_to_wgmma();
+    __syncthreads();  // this step's staged partial tile, from every thread's cp.async
+    if (cur.nb == 0 && cur.sub == 0) Barrier::wait(&smem.q_full[cur.group & 1], (cur.group >> 1) & 1);
+    Barrier::wait(&smem.kv_full[cur.parity], static_cast<int>((step >> 1) & 1));
 
     wgmma_batch<true>(mma_qk, tSrQ(_, _, _, slot(cur)), tSrK(_, _, _, cur.parity), acc_s);
     wgmma_batch<true>(mma_qk, tSrdO(_, _, _, slot(cur)), tSrV(_, _, _, cur.parity), acc_dp);
     warpgroup_wait<1>();  // S; dP may still run
     warpgroup_fence_operand(acc_s);  // no read of S moves above the wait
     logits_tile<kHasBias>(s, at, p.scale,
-                          PaddedBiasTile<kBlockN, Element>{smem.bias + cur.parity * Traits::kBiasElems}, valid);
+                          Swizzle128BiasTile<Element>{smem.bias + cur.parity * Traits::kTileElemsP}, valid);
     probs_from_logits(s, stats);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dp);
@@ -372,7 +450,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
       for (int g = 0; g < kGroup; ++g) {
         if (g != cur.sub) continue;
         store_rows(make_tensor(acc_dq[g].data(), acc_rowcol_layout(acc_dq[g].layout())), at,
-                   static_cast<Element*>(p.dq) + offset(n), row_stride, m0, S, D, p.scale);
+                   static_cast<Element*>(p.dq) + offset(n), slice.row_stride, m0, S, slice.D, p.scale);
         clear(acc_dq[g]);
       }
     }
