@@ -81,13 +81,13 @@ def variant_inputs(variant, dtype, seed=0):
               bias=None if bias is None else cast(bias))
 
 
-def _reference(inputs, d_out=None):
+def _reference(inputs, d_out=None, scale=None):
   args = [to_f64(inputs[name]) for name in ("q", "k", "v")]
   mask = None if inputs["mask"] is None else np.asarray(inputs["mask"])
   bias = to_f64(inputs["bias"])
   if d_out is None:
-    return reference.attention(*args, mask=mask, bias=bias)
-  return reference.attention_vjp(*args, to_f64(d_out), mask=mask, bias=bias)
+    return reference.attention(*args, mask=mask, bias=bias, scale=scale)
+  return reference.attention_vjp(*args, to_f64(d_out), mask=mask, bias=bias, scale=scale)
 
 
 def _logit_magnitude(inputs):
@@ -127,13 +127,13 @@ class AttentionBackendSuite:
                                                            implementation=implementation))
     return f(**inputs)
 
-  def outputs_and_grads(self, inputs, d_out, implementation=None):
+  def outputs_and_grads(self, inputs, d_out, implementation=None, scale=None):
     """out and (dq, dk, dv, dbias) of sum(d_out * out), under jit."""
 
     @jax.jit
     def run(q, k, v, mask, bias, d_out):
       f = lambda q, k, v, bias: self.attention(  # noqa: E731
-          q, k, v, mask=mask, bias=bias, implementation=implementation)
+          q, k, v, mask=mask, bias=bias, implementation=implementation, scale=scale)
       out, vjp = jax.vjp(f, q, k, v, bias)
       return out, vjp(d_out)
 
@@ -150,19 +150,20 @@ class AttentionBackendSuite:
                     ulps=self.ulps[dtype], logit_magnitude=_logit_magnitude(inputs))
     return out
 
-  def check_forward_and_gradients(self, inputs, d_out, dtype):
+  def check_forward_and_gradients(self, inputs, d_out, dtype, scale=None, logit_magnitude=None):
     """Checks the output and (dq, dk, dv, dbias) of sum(d_out * out); returns them."""
-    expected = _reference(inputs, d_out)
-    out, grads = self.outputs_and_grads(inputs, d_out)
+    expected = _reference(inputs, d_out, scale)
+    out, grads = self.outputs_and_grads(inputs, d_out, scale=scale)
     baseline_out, baseline_grads = None, (None,) * 4
     if self.baseline is not None:
-      baseline_out, baseline_grads = self.outputs_and_grads(inputs, d_out, self.baseline)
-    expected_out = _reference(inputs)
+      baseline_out, baseline_grads = self.outputs_and_grads(inputs, d_out, self.baseline, scale)
+    expected_out = _reference(inputs, scale=scale)
+    if logit_magnitude is None:
+      logit_magnitude = _logit_magnitude(inputs)
     assert_accurate(out, expected_out, dtype,
                     baseline_error=None if baseline_out is None else max_error(baseline_out,
                                                                                 expected_out),
-                    factor=self.factor, ulps=self.ulps[dtype],
-                    logit_magnitude=_logit_magnitude(inputs))
+                    factor=self.factor, ulps=self.ulps[dtype], logit_magnitude=logit_magnitude)
     # One scale for all four: a gradient can be exactly 0 (dq and dk when S = 1).
     magnitude = max(float(np.max(np.abs(g))) for g in expected if g is not None)
     for name, got, want, base in zip(("dq", "dk", "dv", "dbias"), grads, expected,
@@ -174,7 +175,7 @@ class AttentionBackendSuite:
       base_err = None if base is None else max_error(base, want)
       assert_accurate(got, want, dtype, baseline_error=base_err, factor=self.factor,
                       ulps=self.grad_ulps[dtype], magnitude=magnitude,
-                      logit_magnitude=_logit_magnitude(inputs), what=name)
+                      logit_magnitude=logit_magnitude, what=name)
     return out, grads
 
   # -- accuracy -----------------------------------------------------------------------------
@@ -201,6 +202,20 @@ class AttentionBackendSuite:
     case = Case(100, 32, dtype, bias="large")
     self.require(dtype, case.d)
     self.check_forward_and_gradients(make_inputs(case), random_cotangent(case), dtype)
+
+  @pytest.mark.parametrize("bias", ["none", "normal"])
+  @pytest.mark.parametrize("scale", [-0.7, 0.0, 1.5])
+  def test_any_finite_scale(self, scale, bias):
+    """A negative, zero or large logit scale, with and without a bias (kernels may fold a
+    positive scale into their exponentials and must hand the others to a path that does not)."""
+    case = Case(136, 32, "bf16", bias=bias)
+    self.require(case.dtype, case.d)
+    inputs = make_inputs(case)
+    q, k = to_f64(inputs["q"]), to_f64(inputs["k"])
+    logits = scale * np.einsum("...nihd,...njhd->...nhij", q, k)
+    magnitude = float(np.max(np.abs(logits))) + _logit_magnitude(inputs)
+    self.check_forward_and_gradients(inputs, random_cotangent(case), case.dtype, scale=scale,
+                                     logit_magnitude=magnitude)
 
   @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
   def test_fully_masked_rows_give_zero_output_and_gradient(self, dtype):

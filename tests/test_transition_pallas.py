@@ -17,8 +17,10 @@ import pytest
 
 from jevo.bench.implementations import transition_inputs
 from jevo.ops import transition_pallas as tp
-from jevo.ops.transition import (fused_transition, pallas_unsupported_reason,
-                                 resolve_implementation, xla_transition)
+from jevo.ops import transition as transition_op
+from jevo.ops.transition import (PALLAS_FORWARD_MAX_CHANNELS, fused_transition,
+                                 pallas_unsupported_reason, resolve_implementation,
+                                 xla_transition)
 
 EPS = 1e-5
 PARAMS = ("ln_scale", "ln_offset", "w1", "b1", "w2", "b2")
@@ -57,12 +59,19 @@ def _reference(x, ln_scale, ln_offset, w1, b1, w2, b2):
   return out, vjp
 
 
+@pytest.fixture(autouse=True)
+def _float32_products():
+  """Every product of these tests in full float32, on every platform: on a GPU, XLA's default
+  precision runs float32 products as TF32 (about 1e-3 relative). The setting must hold while the
+  jitted functions are lowered, not only while they are traced, so it spans the whole test."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def _pallas(config=None):
-  """The kernels in Pallas's interpreter, whose float32 products are exact float32 ones on every
-  platform: on a GPU, XLA's default precision would run them as TF32 (about 1e-3 relative)."""
+  """The kernels in Pallas's interpreter."""
   def run(x, *p):
-    with jax.default_matmul_precision("highest"):
-      return tp.transition(x, *p, eps=EPS, config=config, interpret=True)
+    return tp.transition(x, *p, eps=EPS, config=config, interpret=True)
   return run
 
 
@@ -198,8 +207,44 @@ def test_off_the_gpu_none_runs_xla_and_pallas_says_why():
   assert resolve_implementation(x, params[2]) == "xla"
   np.testing.assert_array_equal(fused_transition(x, *params, eps=EPS),
                                 xla_transition(x, *params, eps=EPS))
-  with pytest.raises(ValueError, match="cannot run here"):
-    fused_transition(x, *params, eps=EPS, implementation="pallas")
+  for implementation in ("pallas", "pallas_forward"):
+    with pytest.raises(ValueError, match=f"implementation='{implementation}'.*cannot run here"):
+      fused_transition(x, *params, eps=EPS, implementation=implementation)
+
+
+def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_differentiation(
+    monkeypatch):
+  """"pallas_forward" (None's choice on a GPU at c <= 128): its value is the fused kernel's, and
+  its gradients are XLA's, bit for bit; under vmap the kernel runs. The kernel
+  runs in Pallas's interpreter here, and counts its calls."""
+  calls = []
+
+  def interpreted(*args, **kwargs):
+    calls.append(1)
+    return tp.transition(*args, **{**kwargs, "interpret": True})
+
+  monkeypatch.setattr(transition_op, "_forward_kernel", interpreted)
+  x, params, g = _inputs(37, 32, 4, jnp.bfloat16, seed=3)
+  run = lambda x, *p: transition_op._pallas_forward(x, *p, EPS, None)
+
+  out = jax.jit(run)(x, *params)
+  assert calls, "the undifferentiated op did not run the kernel"
+  np.testing.assert_array_equal(out, _pallas()(x, *params))
+
+  calls.clear()
+  out_d, grads = jax.jit(lambda *a: _value_and_grads(run, a[0], a[1:-1], a[-1]))(x, *params, g)
+  want_out, want_grads = jax.jit(lambda *a: _value_and_grads(_xla, a[0], a[1:-1], a[-1]))(
+      x, *params, g)
+  assert not calls, "the differentiated op ran the kernel"
+  np.testing.assert_array_equal(out_d, want_out)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_array_equal(got, want)
+
+  calls.clear()
+  xs = jnp.stack([x, x[::-1]])
+  batched = jax.vmap(run, in_axes=(0,) + (None,) * len(params))(xs, *params)
+  assert calls
+  np.testing.assert_array_equal(batched[1], _pallas()(x[::-1], *params))
 
 
 def test_bad_arguments_raise():
@@ -217,7 +262,16 @@ def test_bad_arguments_raise():
 def test_on_the_gpu_pallas_matches_xla(rows, c):
   x, params, g = _inputs(rows, c, 4, jnp.bfloat16, seed=5)
   assert resolve_implementation(x, params[2], "pallas") == "pallas"
-  assert resolve_implementation(x, params[2]) == "xla"  # the default, faster in training
+  # The default: the fused forward where it was measured faster, XLA under differentiation.
+  default = "pallas_forward" if c <= PALLAS_FORWARD_MAX_CHANNELS else "xla"
+  assert resolve_implementation(x, params[2]) == default
+  if default == "pallas_forward":
+    np.testing.assert_array_equal(jax.jit(lambda *a: fused_transition(*a, eps=EPS))(x, *params),
+                                  jax.jit(lambda *a: fused_transition(
+                                      *a, eps=EPS, implementation="pallas"))(x, *params))
+    np.testing.assert_array_equal(
+        jax.jit(jax.grad(lambda *a: jnp.sum(fused_transition(*a, eps=EPS) * g)))(x, *params),
+        jax.jit(jax.grad(lambda *a: jnp.sum(_xla(*a) * g)))(x, *params))
   pallas = lambda x, *p: fused_transition(x, *p, eps=EPS, implementation="pallas")
   out, grads = jax.jit(lambda *a: _value_and_grads(pallas, a[0], a[1:-1], a[-1]))(x, *params, g)
   xla_out, xla_grads = jax.jit(lambda *a: _value_and_grads(_xla, a[0], a[1:-1], a[-1]))(
@@ -250,3 +304,4 @@ def test_module_computes_what_its_layers_did():
     np.testing.assert_array_equal(grad(t), grad(layers))
   with pytest.raises(ValueError, match="implementation"):
     Transition(16, implementation="cuda", rngs=nnx.Rngs(0))
+  Transition(16, implementation="pallas_forward", rngs=nnx.Rngs(0))  # a known name

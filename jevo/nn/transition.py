@@ -18,8 +18,10 @@ class Transition(nnx.Module):
 
   The update is zero where `mask` is False (OpenFold's convention; AlphaFold leaves padding
   positions as they come, which never reach valid ones). `implementation` is
-  `fused_transition`'s: None or "xla" runs XLA, "pallas" the fused Pallas kernels (a GPU,
-  bfloat16 or float16 compute dtype), which on an H200 are faster forward at c = 128 only.
+  `fused_transition`'s: "xla" runs XLA, "pallas" the fused Pallas kernels (a GPU, bfloat16 or
+  float16 compute dtype), "pallas_forward" the fused forward kernel where the module is not
+  differentiated and XLA where it is; None picks "pallas_forward" where the kernels can run and
+  c_in <= 128 (faster forward on an H200 there, slower at 256), else "xla".
 
   Example:
     >>> t = Transition(16, factor=2, rngs=nnx.Rngs(0))

@@ -1,8 +1,11 @@
 """`fused_transition`: the Evoformer's MSA and pair transition, `Linear2(relu(Linear1(LN(x))))`,
-as one op with two implementations: fused Pallas kernels on NVIDIA GPUs
-(`jevo.ops.transition_pallas`) and XLA (jevo's layer norm and dense ops) everywhere."""
+as one op with three implementations: fused Pallas kernels on NVIDIA GPUs
+(`jevo.ops.transition_pallas`), XLA (jevo's layer norm and dense ops) everywhere, and the two
+combined: the fused forward kernel when the op is not differentiated, XLA when it is."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,12 @@ from jevo.ops.dense import LINEAR_OUTPUT_NAME, dense
 from jevo.ops.layer_norm import layer_norm
 from jevo.ops.varying import match_varying_axes
 
-IMPLEMENTATIONS = ("pallas", "xla")
+IMPLEMENTATIONS = ("pallas", "pallas_forward", "xla")
+
+# The widest channel count at which None picks "pallas_forward" on a GPU. Measured on an H200
+# (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py): the fused forward takes 0.153 ms
+# against XLA's 0.290 at c = 128 (384 x 384 rows), but 1.03 against 0.84 ms at c = 256.
+PALLAS_FORWARD_MAX_CHANNELS = 128
 
 
 def fused_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float,
@@ -25,13 +33,17 @@ def fused_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float,
     ln_scale, ln_offset: `[c]`, LayerNorm's scale and offset; w1 `[c, hidden]`, b1 `[hidden]`,
       w2 `[hidden, c]`, b2 `[c]`. Float32 in jevo's modules.
     eps: LayerNorm's epsilon.
-    implementation: None or "xla" (XLA), or "pallas": the fused kernels, which run on a CUDA
-      GPU of compute capability 8.0 or newer with bfloat16 or float16 x and a power-of-two c
-      from 16 to 256 (ValueError saying why elsewhere). None is XLA because that is faster
-      where it counts: measured on an H200 (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py)
-      the fused forward is 1.9 times XLA's at c = 128 (0.153 against 0.290 ms at 384 x 384)
-      but 0.81 times at c = 256, and forward+backward is slower at both (1.00 against 0.72 ms;
-      9.4 against 2.0 ms).
+    implementation: "xla" (XLA); "pallas": the fused kernels forward and backward, which run on
+      a CUDA GPU of compute capability 8.0 or newer with bfloat16 or float16 x and a
+      power-of-two c from 16 to 256 (ValueError saying why elsewhere); "pallas_forward": the
+      fused forward kernel where the op is not differentiated (inference), and XLA's forward
+      and backward where it is (grad, vjp), with XLA's residuals, so that training computes
+      exactly what "xla" computes; same requirements as "pallas". None picks "pallas_forward"
+      where the kernels can run and c <= PALLAS_FORWARD_MAX_CHANNELS (128), else "xla":
+      measured on an H200 (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py) the fused
+      forward is 1.9 times XLA's at c = 128 (0.153 against 0.290 ms at 384 x 384) but 0.81
+      times at c = 256, and its forward+backward is slower at both (1.00 against 0.72 ms;
+      9.4 against 2.0 ms), which is why differentiation runs XLA.
     config: tiles of the Pallas kernels (`jevo.ops.transition_pallas.TransitionConfig`; None
       for the defaults), for measurements.
 
@@ -52,12 +64,42 @@ def fused_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float,
   x, ln_scale, ln_offset, w1, b1, w2, b2 = match_varying_axes(x, ln_scale, ln_offset, w1, b1,
                                                               w2, b2)
   implementation = resolve_implementation(x, w1, implementation)
+  params = (ln_scale, ln_offset, w1, b1, w2, b2)
   if implementation == "xla":
-    return xla_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, eps=eps)
+    return xla_transition(x, *params, eps=eps)
+  if implementation == "pallas_forward":
+    return _pallas_forward(x, *params, float(eps), config)
   from jevo.ops import transition_pallas
-  out = transition_pallas.transition(x, ln_scale, ln_offset, w1, b1, w2, b2, eps=eps,
-                                     config=config)
+  out = transition_pallas.transition(x, *params, eps=eps, config=config)
   return checkpoint_name(out, LINEAR_OUTPUT_NAME)
+
+
+# A custom_vjp whose forward rule is XLA's: JAX calls the primal function only where the op is
+# not differentiated, and the rules (XLA's forward, keeping XLA's residuals, and XLA's
+# backward) wherever it is.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _pallas_forward(x, ln_scale, ln_offset, w1, b1, w2, b2, eps, config):
+  return _forward_kernel(x, ln_scale, ln_offset, w1, b1, w2, b2, eps=eps, config=config)
+
+
+def _forward_kernel(*args, **kwargs):
+  """The fused kernels (Pallas imported only when they are used)."""
+  from jevo.ops import transition_pallas
+  return transition_pallas.transition(*args, **kwargs)
+
+
+def _pallas_forward_fwd(x, ln_scale, ln_offset, w1, b1, w2, b2, eps, config):
+  del config
+  return jax.vjp(functools.partial(xla_transition, eps=eps), x, ln_scale, ln_offset, w1, b1,
+                 w2, b2)
+
+
+def _pallas_forward_bwd(eps, config, xla_vjp, g):
+  del eps, config
+  return xla_vjp(g)
+
+
+_pallas_forward.defvjp(_pallas_forward_fwd, _pallas_forward_bwd)
 
 
 def xla_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float) -> jax.Array:
@@ -73,17 +115,22 @@ def xla_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float) -> jax
 
 
 def resolve_implementation(x, w1, implementation: str | None = None) -> str:
-  """The implementation `fused_transition` runs for these inputs: "pallas" when asked for
-  (ValueError if it cannot run them), else "xla" (see `fused_transition` for why None is XLA)."""
+  """The implementation `fused_transition` runs for these inputs: the one asked for
+  (ValueError if the kernels it needs cannot run them); for None, "pallas_forward" where the
+  kernels can run and c <= PALLAS_FORWARD_MAX_CHANNELS, else "xla" (see `fused_transition`)."""
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown transition implementation {implementation!r}; known: "
                      f"{', '.join(IMPLEMENTATIONS)} (or None)")
-  if implementation != "pallas":
+  if implementation == "xla":
     return "xla"
   reason = pallas_unsupported_reason(x, w1)
+  if implementation is None:
+    fits = reason is None and x.shape[-1] <= PALLAS_FORWARD_MAX_CHANNELS
+    return "pallas_forward" if fits else "xla"
   if reason is not None:
-    raise ValueError(f"fused_transition(implementation='pallas') cannot run here: {reason}")
-  return "pallas"
+    raise ValueError(f"fused_transition(implementation={implementation!r}) cannot run here: "
+                     f"{reason}")
+  return implementation
 
 
 def pallas_unsupported_reason(x, w1) -> str | None:
