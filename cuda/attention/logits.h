@@ -89,13 +89,9 @@ struct Swizzle128BiasTile {
 // exp2(x log2(e) - m log2(e)).
 // kMasked = false: every key of the tile exists and is unmasked (valid is all ones), so the
 // selects are left out.
-// kScaled = false (no bias only): s keeps q.k unscaled, for a caller that folds a positive
-// scale into its exponentials.
-template <bool kHasBias, bool kMasked = true, bool kScaled = true, int kNWarps, typename BiasTile,
-          typename STensor>
+template <bool kHasBias, bool kMasked = true, int kNWarps, typename BiasTile, typename STensor>
 CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float scale,
                              BiasTile const& bias, uint64_t valid) {
-  static_assert(kScaled || !kHasBias, "a bias is added to scaled logits");
   constexpr int kRows = decltype(size<0>(s))::value;
   constexpr int kCols = decltype(size<1>(s))::value;
   static_assert(kCols == 16, "a thread holds columns col0 + 8 j + {0, 1}, j < 8, of a 64-key tile");
@@ -106,11 +102,7 @@ CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float sca
   for (int r = 0; r < kRows; ++r) {
 #pragma unroll
     for (int c = 0; c < kCols; c += 2) {
-      float x0 = s(r, c), x1 = s(r, c + 1);
-      if constexpr (kScaled) {
-        x0 *= scale;
-        x1 *= scale;
-      }
+      float x0 = s(r, c) * scale, x1 = s(r, c + 1) * scale;
       if constexpr (kHasBias) {
         const auto pair = bias.pair(at, r, c);
         x0 += static_cast<float>(pair[0]);
@@ -131,8 +123,7 @@ CUTE_DEVICE void logits_tile(STensor& s, AccCoords<kNWarps> const& at, float sca
 // logits_tile with the bias and mask branches taken once per tile (a null tile: no bias; a
 // tile whose 64 keys are all there and unmasked, as most are with AlphaFold's padding masks:
 // no selects). `valid` is the same in every lane, so the branches do not diverge.
-// kScaleWithoutBias = false: without a bias, s keeps q.k unscaled (see logits_tile).
-template <bool kScaleWithoutBias = true, int kNWarps, typename BiasTile, typename STensor>
+template <int kNWarps, typename BiasTile, typename STensor>
 CUTE_DEVICE void logits_from(STensor& s, AccCoords<kNWarps> const& at, float scale,
                              BiasTile const& bias, uint64_t valid) {
   const bool all_valid = valid == ~uint64_t(0);
@@ -143,9 +134,9 @@ CUTE_DEVICE void logits_from(STensor& s, AccCoords<kNWarps> const& at, float sca
       logits_tile<true, true>(s, at, scale, bias, valid);
     }
   } else if (all_valid) {
-    logits_tile<false, false, kScaleWithoutBias>(s, at, scale, bias, valid);
+    logits_tile<false, false>(s, at, scale, bias, valid);
   } else {
-    logits_tile<false, true, kScaleWithoutBias>(s, at, scale, bias, valid);
+    logits_tile<false, true>(s, at, scale, bias, valid);
   }
 }
 

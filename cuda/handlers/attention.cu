@@ -96,11 +96,7 @@ cudaError_t ByHeadDim(int64_t d, std::integer_sequence<int, kDims...>, Run&& run
 
 // Whether the sm90 forward runs these inputs: its TMA descriptor of the bias needs 16-byte row
 // strides, S % 8 == 0 (sm90::fwd_supports); the sm80 kernel runs the rest.
-// Without a bias, the sm90 forward folds the scale into its exponentials and takes the max of
-// unscaled logits, which needs scale > 0.
-bool Sm90FwdSupports(const FwdParams& p) {
-  return p.bias == nullptr ? p.scale > 0.f : p.shape.seq % 8 == 0;
-}
+bool Sm90FwdSupports(const FwdParams& p) { return p.bias == nullptr || p.shape.seq % 8 == 0; }
 
 template <typename Element>
 cudaError_t DispatchFwd(Arch arch, const FwdParams& p, cudaStream_t stream) {

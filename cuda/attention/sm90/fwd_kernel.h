@@ -3,7 +3,7 @@
 // own instructions. The products of consecutive key tiles are pipelined: the step of tile j
 // issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, computes the softmax of
 // tile j while P V of tile j - 1 still runs on the tensor cores, and only then waits for it and
-// rescales O, where a row's max has moved (kMaxGrowthLog2: it rarely does after the first tile). Operands come from shared memory (Q, K, V) and registers (P), so no ldmatrix and
+// rescales O. Operands come from shared memory (Q, K, V) and registers (P), so no ldmatrix and
 // no per-warp copies of K and V. Q, K, V and the bias tiles arrive by TMA, issued by one thread
 // and awaited on one mbarrier per stage, so the warps spend no instructions on loads.
 #pragma once
@@ -23,11 +23,6 @@
 
 namespace jevo {
 namespace sm90 {
-
-// How far (log2 of the exponentials' factor) a row's logits may exceed the running max before
-// it moves: moving it costs a rescale of O, and a stale max only makes P larger, up to 2^8,
-// which neither fp32 sums nor 16-bit P (up to 65504 in fp16) mind.
-constexpr float kMaxGrowthLog2 = 8.f;
 
 // The wgmma accumulator layout ((2, 2, N / 8), MMA_M, MMA_N) seen as (rows, cols): the second
 // value mode is the row pair (r, r + 8), the first and third the columns 8 j + {0, 1}.
@@ -186,12 +181,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   constexpr int kCols = decltype(size<1>(s))::value;
   static_assert(kRows == 2, "a thread holds rows r and r + 8 of its warp's 16");
 
-  // Logits without a bias stay q.k unscaled and the (positive: Sm90FwdSupports) scale is
-  // folded into the exponentials' multiply-add; with a bias they are scale q.k + bias. So the
-  // row max is in units of s: exp_unit turns it into log2 units, nat_unit into natural ones.
-  const float exp_unit = has_bias ? kLog2e : p.scale * kLog2e;
-  const float nat_unit = has_bias ? 1.f : p.scale;
-  float row_max[kRows];  // units of s
+  float row_max[kRows];  // natural units
   float row_sum[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -218,9 +208,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       warpgroup_wait<0>();
     }
 
-    logits_from<false>(s, at, p.scale,
-                       Swizzle128BiasTile<Element>{has_bias ? smem.bias + st * Traits::kTileElemsBias : nullptr},
-                       valid);
+    logits_from(s, at, p.scale,
+                Swizzle128BiasTile<Element>{has_bias ? smem.bias + st * Traits::kTileElemsBias : nullptr},
+                valid);
     float correction[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -228,18 +218,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 #pragma unroll
       for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
       mx = quad_max(mx);
-      // The running max moves only when the tile's exceeds it by more than 2^kMaxGrowthLog2 in
-      // exponential terms, so that most tiles leave O unscaled; P stays below 2^kMaxGrowthLog2.
-      // A row with every key so far masked keeps max -inf (-inf - -inf is NaN: not moved).
-      const float old_max = row_max[r];
-      if ((mx - old_max) * exp_unit > kMaxGrowthLog2) row_max[r] = mx;
-      // Subtract 0 from a max of -inf, so no inf - inf.
-      const float base_log2 = row_max[r] == -INFINITY ? 0.f : row_max[r] * exp_unit;
-      correction[r] = exp2f(fmaf(old_max, exp_unit, -base_log2));  // 1 where the max stayed
+      // A row with every key so far masked keeps max -inf; subtract 0 then so no inf - inf.
+      const float base_log2 = (mx == -INFINITY ? 0.f : mx) * kLog2e;
+      correction[r] = exp2f(row_max[r] * kLog2e - base_log2);
+      row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
-        const float pv = exp2f(fmaf(s(r, c), exp_unit, -base_log2));
+        const float pv = exp2f(fmaf(s(r, c), kLog2e, -base_log2));
         s(r, c) = pv;
         sum += pv;
       }
@@ -247,15 +233,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     }
 
     warpgroup_wait<0>();  // P V of tile nb - 1: O and P are free again
-    bool rescale = false;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) rescale |= correction[r] != 1.f;
-    if (__any_sync(0xffffffffu, rescale)) {  // warp-uniform: most tiles skip the multiplies
+    for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-        for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= correction[r];
-      }
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= correction[r];
     }
 #pragma unroll
     for (int i = 0; i < size(acc_s); ++i) p_frag(i) = static_cast<Element>(acc_s(i));
@@ -265,8 +246,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     warpgroup_wait<0>();
   }
 
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) row_max[r] *= nat_unit;  // natural units (-inf stays)
   float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
   using Residual = cutlass::bfloat16_t;
   Residual* o_res = kWriteResidual ? static_cast<Residual*>(p.o_residual) + base : nullptr;
