@@ -19,8 +19,9 @@ from jevo.ops.varying import match_varying_axes
 IMPLEMENTATIONS = ("pallas", "pallas_forward", "xla")
 
 # The widest channel count at which None picks "pallas_forward" on a GPU. Measured on an H200
-# (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py): the fused forward takes 0.153 ms
-# against XLA's 0.290 at c = 128 (384 x 384 rows), but 1.03 against 0.84 ms at c = 256.
+# (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py): the fused forward takes 0.456 ms
+# against XLA's 1.565 at c = 64 (5120 x 384 rows), 0.149 against 0.289 at c = 128 (384 x 384),
+# but 1.03 against 0.84 ms at c = 256.
 PALLAS_FORWARD_MAX_CHANNELS = 128
 
 
@@ -41,8 +42,8 @@ def fused_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float,
       exactly what "xla" computes; same requirements as "pallas". None picks "pallas_forward"
       where the kernels can run and c <= PALLAS_FORWARD_MAX_CHANNELS (128), else "xla":
       measured on an H200 (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py) the fused
-      forward is 1.9 times XLA's at c = 128 (0.153 against 0.290 ms at 384 x 384) but 0.81
-      times at c = 256, and its forward+backward is slower at both (1.00 against 0.72 ms;
+      forward is 3.4 times XLA's at c = 64, 1.9 times at c = 128 (0.153 against 0.290 ms at
+      384 x 384) but 0.81 times at c = 256, and its forward+backward is slower at both (1.00 against 0.72 ms;
       9.4 against 2.0 ms), which is why differentiation runs XLA.
     config: tiles of the Pallas kernels (`jevo.ops.transition_pallas.TransitionConfig`; None
       for the defaults), for measurements.
