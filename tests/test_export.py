@@ -116,6 +116,21 @@ def test_kernels_export_for_cuda_only_with_their_custom_calls_accepted():
   assert cuda_backend.BACKWARD_TARGET in restored.vjp().mlir_module()
 
 
+def test_pallas_transition_exports_for_cuda_with_its_custom_call_accepted():
+  # The fused transition's kernels lower to XLA's Triton custom call (lowered for CUDA without
+  # running, on any machine with Pallas's Triton backend): refused by default, accepted with
+  # jevo.export_disabled_checks().
+  tp = pytest.importorskip("jevo.ops.transition_pallas")
+  from jevo.bench.implementations import transition_inputs
+  x, params, _ = transition_inputs((64,), 32, 4, jnp.bfloat16, 0)
+  f = jax.jit(lambda x, *p: tp.transition(x, *p, eps=1e-5))
+  with pytest.raises(ValueError, match="custom calls"):
+    export.export(f, platforms=["cuda"])(x, *params)
+  exported = export.export(f, platforms=["cuda"], disabled_checks=jevo.export_disabled_checks())(
+      x, *params)
+  assert "xla.gpu.triton" in export.deserialize(exported.serialize()).mlir_module()
+
+
 @pytest.mark.gpu
 def test_cuda_backend_round_trips_on_the_gpu():
   f = _attention("cuda")
