@@ -31,6 +31,17 @@ def test_default_run_writes_json_plots_report_and_trace(cpu_run):
   assert "] " in proc.stderr and "/" in proc.stderr  # the progress lines
 
 
+def test_every_job_s_records_are_written_as_the_run_goes(cpu_run):
+  """records_so_far.jsonl holds, a line each, the records of every finished job (what a run cut
+  short keeps): by the end, the same cases, implementations and passes as results.json."""
+  out, _ = cpu_run
+  lines = (out / run.RECORDS_SO_FAR).read_text().splitlines()
+  final = [r for r in json.loads((out / "results.json").read_text())["records"]]
+  key = lambda r: (r["kind"], r["case"], r["backend"], r["pass"], r["status"])  # noqa: E731
+  assert sorted(key(json.loads(line)) for line in lines) == sorted(key(r) for r in final)
+  assert any(json.loads(line)["status"] == "ok" for line in lines)
+
+
 def test_results_json_schema(cpu_run):
   out, _ = cpu_run
   data = report.load(out / "results.json")

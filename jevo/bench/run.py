@@ -17,6 +17,9 @@ from jevo.bench.progress import Progress
 from jevo.bench.trace import without_command_buffers
 
 WORKER = [sys.executable, "-m", "jevo.bench.worker"]
+# The file in the output directory that holds every finished job's records, one JSON object a
+# line, while the run goes on.
+RECORDS_SO_FAR = "records_so_far.jsonl"
 
 
 @dataclasses.dataclass
@@ -116,20 +119,27 @@ def run(options: Options) -> dict:
 
   progress = Progress(len(jobs) + do_trace + do_plan)
   records = []
+  # Each job's records as soon as it ends, so that a run cut short (a time limit, a lost
+  # machine) keeps what it measured; results.json is written only at the end.
+  partial = options.out / RECORDS_SO_FAR
+  partial.write_text("")
   for case, base, spec, reason in jobs:
     label = f"{base['case']} / {base['backend']}"
     progress.begin(label)
     if reason is not None:
-      records += [dict(base, **{"pass": p}, status="unavailable", reason=reason)
-                  for p in _passes(case)]
-      progress.finish(f"unavailable: {reason[:60]}")
-      continue
-    spec = dict(spec, preset=preset.name, repeats=repeats, batch=batch)
-    worker_record = run_worker(spec, progress, timeout_s=options.timeout_s)
-    new = _pass_records(base, worker_record, _passes(case))
+      new = [dict(base, **{"pass": p}, status="unavailable", reason=reason)
+             for p in _passes(case)]
+      done = f"unavailable: {reason[:60]}"
+    else:
+      spec = dict(spec, preset=preset.name, repeats=repeats, batch=batch)
+      worker_record = run_worker(spec, progress, timeout_s=options.timeout_s)
+      new = _pass_records(base, worker_record, _passes(case))
+      done = ", ".join(f"{r['pass']} {r['ms']:.3g} ms" if r["status"] == "ok"
+                       else f"{r['pass']} {r['status']}" for r in new)
     records += new
-    progress.finish(", ".join(f"{r['pass']} {r['ms']:.3g} ms" if r["status"] == "ok"
-                              else f"{r['pass']} {r['status']}" for r in new))
+    with partial.open("a") as f:
+      f.writelines(json.dumps(r, default=str) + "\n" for r in new)
+    progress.finish(done)
 
   profile = None
   if do_trace:
