@@ -9,6 +9,9 @@ from flax import nnx
 from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
 from jevo.nn.linear import linear, project
+from jevo.ops.forward_kernel import kernel_where_undifferentiated
+
+IMPLEMENTATIONS = (None, "xla", "pallas_forward")
 
 
 class TriangleMultiplication(nnx.Module):
@@ -20,6 +23,12 @@ class TriangleMultiplication(nnx.Module):
   `left_projection`/`right_projection` weights load unchanged), then LayerNorm, the output
   projection (zero-initialised) and a sigmoid gate from `LayerNorm(z)`.
 
+  `implementation`: None or "xla" computes everything with XLA; "pallas_forward" computes the
+  input side (`LayerNorm(z)`, the five projections, gates and mask) with one fused Pallas kernel
+  (`jevo.ops.gated_projections_pallas`) where the module is not differentiated, and with XLA,
+  forward and backward, where it is (a GPU, a bf16 or fp16 compute dtype, power-of-two channels
+  from 16 to 256; ValueError saying why elsewhere). Chunked calls run XLA.
+
   Example:
     >>> tri = TriangleMultiplication(16, 8, outgoing=False, rngs=nnx.Rngs(0))
     >>> tri(jnp.ones((5, 5, 16))).shape
@@ -30,11 +39,14 @@ class TriangleMultiplication(nnx.Module):
                kernel_init: c.Initializer = c.linear_init,
                output_kernel_init: c.Initializer = c.final_init,
                gate_kernel_init: c.Initializer = c.final_init,
-               layer_norm_eps: float = c.LAYER_NORM_EPS,
+               layer_norm_eps: float = c.LAYER_NORM_EPS, implementation: str | None = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     c.check_positive("c_z", c_z)
     c.check_positive("c_hidden", c_hidden)
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     self.c_z, self.c_hidden, self.outgoing = c_z, c_hidden, bool(outgoing)
+    self.implementation = implementation
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     gate = dict(kernel_init=gate_kernel_init, bias_init=nnx.initializers.ones, **kw)
     self.layer_norm_in = c.layer_norm(c_z, eps=layer_norm_eps, **kw)
@@ -51,10 +63,10 @@ class TriangleMultiplication(nnx.Module):
     c.check_pair("z", z, self.c_z)
     c.check_chunk_size(chunk_size)
     mask = c.check_mask("pair_mask", pair_mask, z.shape[:-1])[..., None]
-    x = self.layer_norm_in(z)
     if chunk_size is None or chunk_size >= z.shape[-3]:
-      left, right, gate = self.projections(x, mask, output_gate=True)
+      left, right, gate = self._input_side(z, mask)
       return self.finish(self.combine(left, right), gate)
+    x = self.layer_norm_in(z)
 
     # Output rows i are independent: one operand is projected whole, the other (and the output
     # gate) only for the rows in the chunk, which bounds memory to one [N_res, N_res, c_hidden].
@@ -84,6 +96,35 @@ class TriangleMultiplication(nnx.Module):
     outs = project(x, *layers, *([self.output_gate] if output_gate else []))
     left, right = _masked_gated(mask, *outs[0:2]), _masked_gated(mask, *outs[2:4])
     return left, right, (outs[4] if output_gate else None)
+
+  def _input_side(self, z: jax.Array, mask: jax.Array):
+    """`projections(layer_norm_in(z), mask, output_gate=True)`, through the fused kernel where
+    `implementation` asks for it and the module is not differentiated."""
+    if self.implementation is None or self.implementation == "xla":
+      return self.projections(self.layer_norm_in(z), mask, output_gate=True)
+    graphdef, state = nnx.split(self)
+
+    def reference(z, mask, state):
+      module = nnx.merge(graphdef, state)
+      return module.projections(module.layer_norm_in(z), mask, output_gate=True)
+
+    dtype = jax.eval_shape(reference, z, mask, state)[0].dtype
+    from jevo.ops import gated_projections as op  # Pallas only when asked for
+    reason = op.unsupported_reason(z, self.c_hidden, dtype)
+    if reason is not None:
+      raise ValueError(f"TriangleMultiplication(implementation={self.implementation!r}) cannot "
+                       f"run here: {reason}")
+
+    def kernel(z, mask, state):
+      module = nnx.merge(graphdef, state)
+      layers = (module.left_projection, module.left_gate, module.right_projection,
+                module.right_gate, module.output_gate)
+      return op.fused(z, mask, module.layer_norm_in.scale[...], module.layer_norm_in.bias[...],
+                      jnp.concatenate([l.kernel[...] for l in layers], axis=-1),
+                      jnp.concatenate([l.bias[...] for l in layers]), c_hidden=self.c_hidden,
+                      eps=module.layer_norm_in.epsilon, dtype=dtype)
+
+    return kernel_where_undifferentiated(kernel, reference)(z, mask, state)
 
   def combine(self, left: jax.Array, right: jax.Array) -> jax.Array:
     """The triangle update's sum over k (rows i of `left`/columns i of `right` may be a chunk)."""

@@ -5,14 +5,14 @@ combined: the fused forward kernel when the op is not differentiated, XLA when i
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jevo.ops.activation import relu
 from jevo.ops.dense import LINEAR_OUTPUT_NAME, dense
+from jevo.ops.forward_kernel import kernel_where_undifferentiated
+from jevo.ops.pallas_platform import kernels_reason
 from jevo.ops.layer_norm import layer_norm
 from jevo.ops.varying import match_varying_axes
 
@@ -75,32 +75,17 @@ def fused_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float,
   return checkpoint_name(out, LINEAR_OUTPUT_NAME)
 
 
-# A custom_vjp whose forward rule is XLA's: JAX calls the primal function only where the op is
-# not differentiated, and the rules (XLA's forward, keeping XLA's residuals, and XLA's
-# backward) wherever it is.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _pallas_forward(x, ln_scale, ln_offset, w1, b1, w2, b2, eps, config):
-  return _forward_kernel(x, ln_scale, ln_offset, w1, b1, w2, b2, eps=eps, config=config)
+  """The fused forward kernel where not differentiated, XLA where differentiated."""
+  kernel = lambda *a: _forward_kernel(*a, eps=eps, config=config)  # noqa: E731
+  reference = lambda *a: xla_transition(*a, eps=eps)  # noqa: E731
+  return kernel_where_undifferentiated(kernel, reference)(x, ln_scale, ln_offset, w1, b1, w2, b2)
 
 
 def _forward_kernel(*args, **kwargs):
   """The fused kernels (Pallas imported only when they are used)."""
   from jevo.ops import transition_pallas
   return transition_pallas.transition(*args, **kwargs)
-
-
-def _pallas_forward_fwd(x, ln_scale, ln_offset, w1, b1, w2, b2, eps, config):
-  del config
-  return jax.vjp(functools.partial(xla_transition, eps=eps), x, ln_scale, ln_offset, w1, b1,
-                 w2, b2)
-
-
-def _pallas_forward_bwd(eps, config, xla_vjp, g):
-  del eps, config
-  return xla_vjp(g)
-
-
-_pallas_forward.defvjp(_pallas_forward_fwd, _pallas_forward_bwd)
 
 
 def xla_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float) -> jax.Array:
@@ -138,46 +123,7 @@ def pallas_unsupported_reason(x, w1) -> str | None:
   """Why the Pallas kernels cannot run `x` here, or None: the platform (decided when the
   computation is traced: the default backend, concrete inputs' devices, `jax.default_device`)
   and then the shapes and dtypes."""
-  reason = _platform_reason(x)
-  if reason is not None:
-    return reason
-  try:
-    from jevo.ops import transition_pallas
-  except ImportError as err:  # a jax without Pallas's Triton backend
-    return f"Pallas's Triton backend cannot be imported ({err})"
-  return transition_pallas.unsupported_reason(x, w1)
-
-
-# Pallas's Triton backend (and XLA's Triton) needs Ampere or newer.
-_MIN_COMPUTE_CAPABILITY = (8, 0)
-
-
-def _platform_reason(x) -> str | None:
-  if jax.default_backend() != "gpu":
-    return f"JAX's default backend is {jax.default_backend()}, not a GPU"
-  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-    platforms = sorted({d.platform for d in x.devices()})
-    if platforms and platforms != ["gpu"]:
-      return f"x lives on {', '.join(platforms)}, not on a GPU"
-  default = jax.config.jax_default_device
-  platform = default if isinstance(default, str) else getattr(default, "platform", None)
-  if platform is not None and platform not in ("gpu", "cuda"):
-    return f"the default device (jax.default_device) is {default}, not a GPU"
-  for device in jax.devices():
-    capability = _compute_capability(device)
-    if capability is None:
-      return f"{device} is not an NVIDIA GPU (no compute capability)"
-    if capability < _MIN_COMPUTE_CAPABILITY:
-      return (f"the Pallas Triton kernels need compute capability 8.0 or newer, "
-              f"{device} has {'.'.join(map(str, capability))}")
-  return None
-
-
-def _compute_capability(device) -> tuple[int, ...] | None:
-  try:
-    return tuple(int(p) for p in str(device.compute_capability).split("."))
-  except (AttributeError, ValueError):
-    return None
+  return kernels_reason(x, "transition_pallas", x, w1)
 
 
 def _check(x, ln_scale, ln_offset, w1, b1, w2, b2) -> None:

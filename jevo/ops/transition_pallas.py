@@ -33,8 +33,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jevo.ops.pallas_rows import KERNEL_DTYPES
+from jevo.ops.pallas_rows import layer_norm as _layer_norm
+from jevo.ops.pallas_rows import matrix_spec as _matrix_spec
+from jevo.ops.pallas_rows import mm as _mm
+from jevo.ops.pallas_rows import normalize as _normalize
+from jevo.ops.pallas_rows import out_struct as _struct
+from jevo.ops.pallas_rows import row_mask as _row_mask
+from jevo.ops.pallas_rows import vec as _vec
+from jevo.ops.pallas_rows import vector_spec as _vector_spec
+
 _F32 = jnp.float32
-KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Triton's tensors have power-of-two sizes and its matrix products sides of at least 16; the
 # float32 [rows, c] accumulator of a row block lives in registers, which bounds c.
 MIN_CHANNELS, MAX_CHANNELS = 16, 256
@@ -103,34 +112,6 @@ def unsupported_reason(x, w1) -> str | None:
   return None
 
 
-# ---- in-kernel pieces ---------------------------------------------------------------------------
-
-def _mm(a, b):
-  return jnp.dot(a, b, preferred_element_type=_F32)
-
-
-def _row_mask(start, block_rows, rows):
-  """[block_rows, 1]: True for the rows of the block that exist."""
-  return (start + jnp.arange(block_rows) < rows)[:, None]
-
-
-def _normalize(x, eps):
-  """(x_hat, rstd) of float32 rows [block, c] (two-pass variance, as jevo.ops.layer_norm)."""
-  mean = jnp.mean(x, axis=1, keepdims=True)
-  centred = x - mean
-  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=1, keepdims=True) + eps)
-  return centred * rstd, rstd
-
-
-def _layer_norm(x, scale, offset, eps, dtype):
-  x_hat, _ = _normalize(x, eps)
-  return (x_hat * scale[None, :] + offset[None, :]).astype(dtype)
-
-
-def _vec(ref):
-  return ref[...].astype(_F32)
-
-
 # ---- forward ------------------------------------------------------------------------------------
 
 def _forward_kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, b2_ref, out_ref, *,
@@ -148,27 +129,6 @@ def _forward_kernel(x_ref, scale_ref, offset_ref, w1_ref, b1_ref, w2_ref, b2_ref
   acc = jax.lax.fori_loop(0, w1_ref.shape[1] // chunk, step, acc)
   out = acc + _vec(b2_ref)[None, :]
   plgpu.store(out_ref, out.astype(out_ref.dtype), mask=mask)
-
-
-def _struct(shape, dtype, like):
-  """The ShapeDtypeStruct of a kernel output that varies (inside `jax.shard_map`) like `like`;
-  the inputs were made to vary alike first."""
-  aval = jax.typeof(like)
-  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-  if manual is not None:
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
-  vma = getattr(aval, "vma", None)  # earlier spelling
-  if vma is not None:
-    return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def _vector_spec(n):
-  return pl.BlockSpec((n,), lambda *_: (0,))
-
-
-def _matrix_spec(shape):
-  return pl.BlockSpec(shape, lambda *_: (0, 0))
 
 
 def _forward(x, scale, offset, w1, b1, w2, b2, *, eps, config: KernelConfig, interpret):

@@ -1,0 +1,18 @@
+"""The triangle multiplication's fused input side (`jevo.ops.gated_projections_pallas`): where
+it can run, and the call, with Pallas imported only when the kernel is used."""
+
+from __future__ import annotations
+
+from jevo.ops.pallas_platform import kernels_reason
+
+
+def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
+  """Why the fused kernel cannot compute the input side of z `[..., c_z]` here in `dtype`, or
+  None: the platform first (no Pallas import off a GPU), then the shapes and dtypes."""
+  return kernels_reason(z, "gated_projections_pallas", z, c_hidden, dtype)
+
+
+def fused(*args, **kwargs):
+  """`jevo.ops.gated_projections_pallas.gated_projections`."""
+  from jevo.ops import gated_projections_pallas
+  return gated_projections_pallas.gated_projections(*args, **kwargs)

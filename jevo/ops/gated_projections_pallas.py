@@ -1,0 +1,105 @@
+"""The triangle multiplication's input side fused into one Pallas (Triton) kernel, forward only:
+`LayerNorm(z)`, its five projections (left and right projections and gates, output gate), the
+sigmoid gates and the pair mask, per block of rows.
+
+    left  = mask * (y @ W_lp + b_lp) * sigmoid(y @ W_lg + b_lg)
+    right = mask * (y @ W_rp + b_rp) * sigmoid(y @ W_rg + b_rg)
+    gate  = y @ W_g + b_g                      (the output gate's logits)
+    with y = LayerNorm(z)
+
+XLA runs these as a layer norm, one matrix product of 4 c_hidden + c_z outputs and an
+elementwise fusion, writing and reading the normalised input and the `[rows, 4 c_hidden + c_z]`
+product through memory; here each program keeps its rows on chip from z to the three outputs.
+
+Numerics: the layer norm, the biases and the sigmoids run in float32 on the parameters as
+given; the matrix products take the outputs' dtype (bfloat16 or float16) and accumulate in
+float32; each output is rounded once. This module imports Pallas.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jevo.ops.pallas_rows import (F32, KERNEL_DTYPES, layer_norm, matrix_spec, mm, out_struct,
+                                  row_mask, vec, vector_spec)
+
+MIN_CHANNELS, MAX_CHANNELS = 16, 256
+BLOCK_ROWS, NUM_WARPS, NUM_STAGES = 64, 4, 1
+
+
+def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
+  """Why the kernel cannot take these shapes and dtypes, or None (where it runs is the
+  caller's question)."""
+  c_z = z.shape[-1]
+  if jnp.dtype(dtype) not in KERNEL_DTYPES:
+    return f"the Pallas kernel computes in bfloat16 or float16, got {jnp.dtype(dtype)}"
+  for name, c in (("c_z", c_z), ("c_hidden", c_hidden)):
+    if c & (c - 1) or not MIN_CHANNELS <= c <= MAX_CHANNELS:
+      return (f"the Pallas kernel takes power-of-two channel counts from {MIN_CHANNELS} to "
+              f"{MAX_CHANNELS}, got {name} = {c}")
+  if z.size == 0:
+    return "there are no rows"
+  if z.size // c_z * max(c_z, c_hidden) >= 2 ** 31:
+    return "the Pallas kernel takes fewer than 2**31 elements per array"  # 32-bit offsets
+  return None
+
+
+def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows):
+  # The five layers' kernels and biases come as separate operands: Triton's tensors have
+  # power-of-two sizes, and the five side by side have 4 c_hidden + c_z columns.
+  (wlp, wlg, wrp, wrg, wg), (blp, blg, brp, brg, bg) = refs[0:5], refs[5:10]
+  left_ref, right_ref, gate_ref = refs[10:]
+  valid = row_mask(pl.program_id(0) * block_rows, block_rows, rows)
+  z = plgpu.load(z_ref, mask=valid, other=0.0).astype(F32)
+  m = plgpu.load(mask_ref, mask=valid[:, 0], other=0.0).astype(F32)[:, None]
+  y = layer_norm(z, vec(scale_ref), vec(offset_ref), eps, wlp.dtype)
+
+  def project(w_ref, b_ref):
+    return mm(y, w_ref[...]) + vec(b_ref)[None, :]
+
+  left = m * project(wlp, blp) * jax.nn.sigmoid(project(wlg, blg))
+  plgpu.store(left_ref, left.astype(left_ref.dtype), mask=valid)
+  right = m * project(wrp, brp) * jax.nn.sigmoid(project(wrg, brg))
+  plgpu.store(right_ref, right.astype(right_ref.dtype), mask=valid)
+  plgpu.store(gate_ref, project(wg, bg).astype(gate_ref.dtype), mask=valid)
+
+
+def gated_projections(z, mask, ln_scale, ln_offset, kernel, bias, *, c_hidden: int, eps: float,
+                      dtype, interpret: bool = False):
+  """(left, right, gate logits) of z `[..., c_z]` in `dtype`: `[..., c_hidden]` twice and
+  `[..., c_z]`. mask: broadcastable to `[..., 1]` (1 = valid); kernel `[c_z, 4 c_hidden + c_z]`
+  and bias `[4 c_hidden + c_z]`, the five layers side by side in the order above.
+  `unsupported_reason` must be None; `interpret=True` runs Pallas's interpreter (tests)."""
+  c_z = z.shape[-1]
+  lead = z.shape[:-1]
+  rows = z.size // c_z
+  z2 = z.reshape(rows, c_z)
+  mask2 = jnp.broadcast_to(mask, lead + (1,)).reshape(rows).astype(dtype)
+  starts = [0, c_hidden, 2 * c_hidden, 3 * c_hidden, 4 * c_hidden, 4 * c_hidden + c_z]
+  w = kernel.astype(dtype)
+  weights = [w[:, a:b] for a, b in zip(starts, starts[1:])]
+  biases = [bias[a:b] for a, b in zip(starts, starts[1:])]
+  block = min(BLOCK_ROWS, max(16, pl.next_power_of_2(rows)))
+  run = pl.pallas_call(
+      functools.partial(_kernel, eps=float(eps), rows=rows, block_rows=block),
+      grid=(pl.cdiv(rows, block),),
+      in_specs=[pl.BlockSpec((block, c_z), lambda i: (i, 0)),
+                pl.BlockSpec((block,), lambda i: (i,)),
+                vector_spec(c_z), vector_spec(c_z)]
+               + [matrix_spec((c_z, c_hidden))] * 4 + [matrix_spec((c_z, c_z))]
+               + [vector_spec(c_hidden)] * 4 + [vector_spec(c_z)],
+      out_specs=[pl.BlockSpec((block, c_hidden), lambda i: (i, 0))] * 2
+                + [pl.BlockSpec((block, c_z), lambda i: (i, 0))],
+      out_shape=[out_struct((rows, c_hidden), dtype, z2)] * 2 + [out_struct((rows, c_z), dtype, z2)],
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+      interpret=interpret,
+      name="jevo_gated_projections_fwd",
+  )
+  left, right, gate = run(z2, mask2, ln_scale, ln_offset, *weights, *biases)
+  return (left.reshape(lead + (c_hidden,)), right.reshape(lead + (c_hidden,)),
+          gate.reshape(lead + (c_z,)))

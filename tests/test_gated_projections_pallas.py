@@ -1,0 +1,167 @@
+"""The triangle multiplication's fused input side (`jevo.ops.gated_projections_pallas`) against a
+float64 reference in Pallas's interpreter (any platform), and `TriangleMultiplication`'s
+"pallas_forward": the kernel where the module is not differentiated, XLA's forward and backward
+where it is. bfloat16 and float16 results are compared in relative Frobenius norm against twice
+the XLA implementation's own error (the criterion of tests/test_transition_pallas.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jevo.nn import TriangleMultiplication
+from jevo.ops import gated_projections as op
+
+tp = pytest.importorskip("jevo.ops.gated_projections_pallas")
+
+EPS = 1e-5
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _module(c_z, c_hidden, dtype, implementation=None, outgoing=True, seed=0):
+  """A TriangleMultiplication whose parameters are all random (the default zero or one
+  initialisations would hide mistakes in the gates and the layer norm)."""
+  t = TriangleMultiplication(c_z, c_hidden, outgoing=outgoing, dtype=dtype,
+                             implementation=implementation, rngs=nnx.Rngs(seed))
+  graphdef, state = nnx.split(t)
+  keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
+  state = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape, p.dtype), state)
+  return nnx.merge(graphdef, state)
+
+
+def _pair(n, c_z, dtype, seed=2):
+  kz, km = jax.random.split(jax.random.key(seed))
+  z = (3.0 * jax.random.normal(kz, (n, n, c_z)) + 1.0).astype(dtype)
+  mask = jax.random.uniform(km, (n, n)) > 0.3
+  return z, mask
+
+
+def _reference(t, z, mask):
+  """The input side in float64: (left, right, gate logits)."""
+  f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  x = f(z)
+  mean = x.mean(-1, keepdims=True)
+  y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + EPS)
+  y = y * f(t.layer_norm_in.scale[...]) + f(t.layer_norm_in.bias[...])
+  lin = lambda l: y @ f(l.kernel[...]) + f(l.bias[...])  # noqa: E731
+  sig = lambda a: 1.0 / (1.0 + np.exp(-a))  # noqa: E731
+  m = f(mask)[..., None]
+  return (m * lin(t.left_projection) * sig(lin(t.left_gate)),
+          m * lin(t.right_projection) * sig(lin(t.right_gate)), lin(t.output_gate))
+
+
+def _kernel(t, z, mask, dtype):
+  layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
+  return tp.gated_projections(z, mask[..., None], t.layer_norm_in.scale[...],
+                              t.layer_norm_in.bias[...],
+                              jnp.concatenate([l.kernel[...] for l in layers], axis=-1),
+                              jnp.concatenate([l.bias[...] for l in layers]),
+                              c_hidden=t.c_hidden, eps=EPS, dtype=dtype, interpret=True)
+
+
+# (N_res, c_z, c_hidden): N_res^2 rows that are not a multiple of the 64-row block, c_hidden
+# below, equal to and above c_z.
+@pytest.mark.parametrize("n,c_z,c_hidden", [(9, 32, 16), (11, 16, 16), (7, 16, 32)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kernel_matches_the_float64_reference(n, c_z, c_hidden, dtype):
+  t = _module(c_z, c_hidden, dtype)
+  z, mask = _pair(n, c_z, dtype)
+  got = jax.jit(lambda z, m: _kernel(t, z, m, dtype))(z, mask)
+  xla = t.projections(t.layer_norm_in(z), mask[..., None], output_gate=True)
+  for name, g, x, want in zip(("left", "right", "gate"), got, xla, _reference(t, z, mask)):
+    assert g.dtype == dtype and g.shape == want.shape, name
+    assert _rel(g, want) <= 2 * _rel(x, want) + 1e-3, name
+  # Masked positions are exactly zero on the gated outputs.
+  assert not np.any(np.asarray(got[0], np.float32)[~np.asarray(mask)])
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+  """The fused kernel in Pallas's interpreter, reported as runnable here; counts its calls."""
+  calls = []
+
+  def fused(*args, **kwargs):
+    calls.append(1)
+    return tp.gated_projections(*args, **kwargs, interpret=True)
+
+  monkeypatch.setattr(op, "fused", fused)
+  monkeypatch.setattr(op, "unsupported_reason", lambda *a: None)
+  return calls
+
+
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(interpreted,
+                                                                            outgoing):
+  dtype = jnp.bfloat16
+  t = _module(32, 16, dtype, "pallas_forward", outgoing)
+  x = _module(32, 16, dtype, "xla", outgoing)  # the same parameters (same seeds)
+  z, mask = _pair(9, 32, dtype)
+
+  out = nnx.jit(lambda t, z: t(z, mask))(t, z)
+  assert interpreted, "the undifferentiated module did not run the kernel"
+  want = x(z, mask)
+  assert out.dtype == want.dtype and out.shape == want.shape
+  assert _rel(out, want) < 2e-2  # bf16 roundings of a different order
+
+  interpreted.clear()
+
+  def loss(module, z):
+    return jnp.sum(module(z, mask).astype(jnp.float32) ** 2)
+
+  grads = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(t, z)
+  assert not interpreted, "the differentiated module ran the kernel"
+  want_grads = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(x, z)
+  for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_chunked_calls_run_xla(interpreted):
+  t = _module(16, 16, jnp.bfloat16, "pallas_forward")
+  x = _module(16, 16, jnp.bfloat16, "xla")
+  z, mask = _pair(8, 16, jnp.bfloat16)
+  np.testing.assert_array_equal(t(z, mask, chunk_size=3), x(z, mask, chunk_size=3))
+  assert not interpreted
+
+
+_HERE = op.unsupported_reason(jnp.zeros((4, 4, 16), jnp.bfloat16), 16, jnp.bfloat16)
+
+
+@pytest.mark.skipif(_HERE is None, reason="the kernel runs here")
+def test_off_the_gpu_pallas_forward_says_why_and_xla_is_the_default():
+  z, mask = _pair(5, 16, jnp.bfloat16)
+  with pytest.raises(ValueError, match="implementation='pallas_forward'.*cannot run here"):
+    _module(16, 16, jnp.bfloat16, "pallas_forward")(z, mask)
+  np.testing.assert_array_equal(_module(16, 16, jnp.bfloat16)(z, mask),
+                                _module(16, 16, jnp.bfloat16, "xla")(z, mask))
+
+
+def test_bad_implementation_and_unsupported_shapes_raise():
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    TriangleMultiplication(16, 16, implementation="cuda", rngs=nnx.Rngs(0))
+  z = jnp.zeros((4, 4, 24), jnp.bfloat16)
+  assert "power-of-two" in tp.unsupported_reason(z, 16, jnp.bfloat16)
+  assert "bfloat16 or float16" in tp.unsupported_reason(z[..., :16], 16, jnp.float32)
+  assert tp.unsupported_reason(z[..., :16], 16, jnp.bfloat16) is None
+
+
+@pytest.mark.skipif(_HERE is not None, reason=f"the kernel cannot run here: {_HERE}")
+@pytest.mark.parametrize("c", [64, 128])
+def test_on_the_gpu_the_kernel_matches_the_reference(c):
+  dtype = jnp.bfloat16
+  t = _module(c, c, dtype)
+  z, mask = _pair(100, c, dtype)
+  layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
+  got = jax.jit(lambda z, m: tp.gated_projections(
+      z, m[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],
+      jnp.concatenate([l.kernel[...] for l in layers], axis=-1),
+      jnp.concatenate([l.bias[...] for l in layers]), c_hidden=c, eps=EPS, dtype=dtype))(z, mask)
+  xla = t.projections(t.layer_norm_in(z), mask[..., None], output_gate=True)
+  for name, g, x, want in zip(("left", "right", "gate"), got, xla, _reference(t, z, mask)):
+    assert _rel(g, want) <= 2 * _rel(x, want) + 1e-3, name
