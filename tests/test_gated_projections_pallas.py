@@ -165,3 +165,20 @@ def test_on_the_gpu_the_kernel_matches_the_reference(c):
   xla = t.projections(t.layer_norm_in(z), mask[..., None], output_gate=True)
   for name, g, x, want in zip(("left", "right", "gate"), got, xla, _reference(t, z, mask)):
     assert _rel(g, want) <= 2 * _rel(x, want) + 1e-3, name
+
+
+def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine():
+  """Pallas's lowering of the kernel to Triton runs at lowering time, without a GPU: lowered for
+  CUDA, the module's undifferentiated program holds the Triton custom call."""
+  import jevo
+  from jax import export
+  t = _module(128, 128, jnp.bfloat16)
+  z, mask = _pair(24, 128, jnp.bfloat16)
+  layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
+  args = (z, mask[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],
+          jnp.concatenate([l.kernel[...] for l in layers], axis=-1),
+          jnp.concatenate([l.bias[...] for l in layers]))
+  f = jax.jit(lambda *a: tp.gated_projections(*a, c_hidden=128, eps=EPS, dtype=jnp.bfloat16))
+  exported = export.export(f, platforms=["cuda"], disabled_checks=jevo.export_disabled_checks())(
+      *args)
+  assert "xla.gpu.triton" in exported.mlir_module()
