@@ -42,6 +42,30 @@ def test_every_job_s_records_are_written_as_the_run_goes(cpu_run):
   assert any(json.loads(line)["status"] == "ok" for line in lines)
 
 
+def test_a_run_cut_short_keeps_the_jobs_it_finished(tmp_path, monkeypatch):
+  """The records of each finished job are on disk before the next job starts: a run stopped in
+  its second job (here by an exception from the worker) leaves the first job's records."""
+  calls = []
+
+  def worker(spec, progress=None, env=None, timeout_s=900):
+    calls.append(spec["mode"])
+    if spec["mode"] == "probe":
+      return dict(status="ok", device_kind="test", platform="cpu", unavailable={},
+                  cuda_status=dict(available=False, reason="none here"))
+    if len(calls) == 2:
+      return dict(fwd=dict(status="ok", ms=1.5), fwdbwd=dict(status="ok", ms=4.0))
+    raise KeyboardInterrupt("cut short")
+
+  monkeypatch.setattr(run, "run_worker", worker)
+  options = run.Options(preset=presets.get_preset("cpu-small"), backends=("xla",), cases=None,
+                        repeats=1, out=tmp_path, trace=False)
+  with pytest.raises(KeyboardInterrupt):
+    run.run(options)
+  kept = [json.loads(line) for line in (tmp_path / run.RECORDS_SO_FAR).read_text().splitlines()]
+  assert [(r["pass"], r["ms"]) for r in kept] == [("fwd", 1.5), ("fwdbwd", 4.0)]
+  assert kept[0]["backend"] == "xla" and len(calls) == 3
+
+
 def test_results_json_schema(cpu_run):
   out, _ = cpu_run
   data = report.load(out / "results.json")

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from jevo.bench.implementations import transition_inputs
+from jevo.ops.dense import LINEAR_OUTPUT_NAME
 from jevo.ops import transition_pallas as tp
 from jevo.ops import transition as transition_op
 from jevo.ops.transition import (PALLAS_FORWARD_MAX_CHANNELS, fused_transition,
@@ -213,7 +215,7 @@ def test_off_the_gpu_none_runs_xla_and_pallas_says_why():
 
 
 def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_differentiation(
-    monkeypatch):
+    monkeypatch, capsys):
   """"pallas_forward" (None's choice on a GPU at c <= 128): its value is the fused kernel's, and
   its gradients are XLA's, bit for bit; under vmap the kernel runs. The kernel
   runs in Pallas's interpreter here, and counts its calls."""
@@ -239,6 +241,19 @@ def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_different
   np.testing.assert_array_equal(out_d, want_out)
   for got, want in zip(grads, want_grads):
     np.testing.assert_array_equal(got, want)
+
+  # Remat policies see the same residuals as XLA's: same shapes, dtypes and names.
+  policy = jax.checkpoint_policies.save_only_these_names(LINEAR_OUTPUT_NAME)
+
+  def saved(fn):
+    """(shape and dtype, name if any) of each residual the policy keeps."""
+    capsys.readouterr()
+    print_saved_residuals(
+        jax.checkpoint(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), policy=policy),
+        x, *params)
+    return sorted(line.split(" from ")[0] for line in capsys.readouterr().out.splitlines())
+
+  assert saved(run) == saved(_xla) and any("named" in r for r in saved(run))
 
   calls.clear()
   xs = jnp.stack([x, x[::-1]])

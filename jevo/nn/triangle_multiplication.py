@@ -25,9 +25,10 @@ class TriangleMultiplication(nnx.Module):
 
   `implementation`: None or "xla" computes everything with XLA; "pallas_forward" computes the
   input side (`LayerNorm(z)`, the five projections, gates and mask) with one fused Pallas kernel
-  (`jevo.ops.gated_projections_pallas`) where the module is not differentiated, and with XLA,
-  forward and backward, where it is (a GPU, a bf16 or fp16 compute dtype, power-of-two channels
-  from 16 to 256; ValueError saying why elsewhere). Chunked calls run XLA.
+  (`jevo.ops.gated_projections_pallas`) where the module's inputs are not differentiated, and
+  with XLA, forward and backward, where they are (a GPU, a bf16 or fp16 compute dtype,
+  power-of-two channels from 16 to 128; ValueError saying why elsewhere). Chunked calls and
+  DAP (`jevo.parallel`, which calls `projections`) run XLA.
 
   Example:
     >>> tri = TriangleMultiplication(16, 8, outgoing=False, rngs=nnx.Rngs(0))
@@ -100,6 +101,9 @@ class TriangleMultiplication(nnx.Module):
   def _input_side(self, z: jax.Array, mask: jax.Array):
     """`projections(layer_norm_in(z), mask, output_gate=True)`, through the fused kernel where
     `implementation` asks for it and the module is not differentiated."""
+    if self.implementation not in IMPLEMENTATIONS:  # the attribute may be set after __init__
+      raise ValueError(f"TriangleMultiplication.implementation must be one of "
+                       f"{IMPLEMENTATIONS}, got {self.implementation!r}")
     if self.implementation is None or self.implementation == "xla":
       return self.projections(self.layer_norm_in(z), mask, output_gate=True)
     graphdef, state = nnx.split(self)

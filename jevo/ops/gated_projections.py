@@ -4,6 +4,7 @@ it can run, and the call, with Pallas imported only when the kernel is used."""
 from __future__ import annotations
 
 from jevo.ops.pallas_platform import kernels_reason
+from jevo.ops.varying import match_varying_axes
 
 
 def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
@@ -12,7 +13,9 @@ def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
   return kernels_reason(z, "gated_projections_pallas", z, c_hidden, dtype)
 
 
-def fused(*args, **kwargs):
-  """`jevo.ops.gated_projections_pallas.gated_projections`."""
+def fused(z, mask, ln_scale, ln_offset, kernel, bias, **kwargs):
+  """`jevo.ops.gated_projections_pallas.gated_projections`, with the operands made to vary
+  alike inside `jax.shard_map` (the kernel's outputs vary as its inputs)."""
   from jevo.ops import gated_projections_pallas
-  return gated_projections_pallas.gated_projections(*args, **kwargs)
+  return gated_projections_pallas.gated_projections(
+      *match_varying_axes(z, mask, ln_scale, ln_offset, kernel, bias), **kwargs)

@@ -12,8 +12,9 @@ elementwise fusion, writing and reading the normalised input and the `[rows, 4 c
 product through memory; here each program keeps its rows on chip from z to the three outputs.
 
 Numerics: the layer norm, the biases and the sigmoids run in float32 on the parameters as
-given; the matrix products take the outputs' dtype (bfloat16 or float16) and accumulate in
-float32; each output is rounded once. This module imports Pallas.
+given (the XLA path of a bf16 module rounds them to bf16 first); the matrix products take the
+outputs' dtype (bfloat16 or float16) and accumulate in float32; each output is rounded once.
+This module imports Pallas.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from jax.experimental.pallas import triton as plgpu
 from jevo.ops.pallas_rows import (F32, KERNEL_DTYPES, layer_norm, matrix_spec, mm, out_struct,
                                   row_mask, vec, vector_spec)
 
-MIN_CHANNELS, MAX_CHANNELS = 16, 256
+# Each program holds whole [c_z, c] weights and two [rows, c] float32 products: up to 128
+# channels, the sizes tested; wider ones would need the products split over columns.
+MIN_CHANNELS, MAX_CHANNELS = 16, 128
 BLOCK_ROWS, NUM_WARPS, NUM_STAGES = 64, 4, 1
 
 

@@ -37,14 +37,17 @@ def fused_transition(x, ln_scale, ln_offset, w1, b1, w2, b2, *, eps: float,
     implementation: "xla" (XLA); "pallas": the fused kernels forward and backward, which run on
       a CUDA GPU of compute capability 8.0 or newer with bfloat16 or float16 x and a
       power-of-two c from 16 to 256 (ValueError saying why elsewhere); "pallas_forward": the
-      fused forward kernel where the op is not differentiated (inference), and XLA's forward
-      and backward where it is (grad, vjp), with XLA's residuals, so that training computes
-      exactly what "xla" computes; same requirements as "pallas". None picks "pallas_forward"
-      where the kernels can run and c <= PALLAS_FORWARD_MAX_CHANNELS (128), else "xla":
-      measured on an H200 (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py) the fused
-      forward is 3.4 times XLA's at c = 64, 1.9 times at c = 128 (0.153 against 0.290 ms at
-      384 x 384) but 0.81 times at c = 256, and its forward+backward is slower at both (1.00 against 0.72 ms;
-      9.4 against 2.0 ms), which is why differentiation runs XLA.
+      fused forward kernel where the op's inputs are not differentiated (inference, or a
+      frozen part of a model), and XLA's forward and backward where they are (grad, vjp), with
+      XLA's residuals, so that wherever gradients flow through the op it computes exactly what
+      "xla" computes; same requirements as "pallas". None picks "pallas_forward" where the
+      kernels can run and c <= PALLAS_FORWARD_MAX_CHANNELS (128), else "xla": measured on an
+      H200 (bf16, 2026-12-01, benchmarks/transition_pallas_gpu.py) the fused forward is 3.4
+      times XLA's at c = 64, 1.9 times at c = 128 (0.149 against 0.289 ms at 384 x 384) but
+      0.81 times at c = 256, and its forward+backward is slower at every c measured (1.01
+      against 0.72 ms at c = 128; 9.4 against 2.0 ms at c = 256), which is why
+      differentiation runs XLA. On a GPU, exporting the undifferentiated op then needs
+      `jevo.export_disabled_checks()` (XLA's Triton custom call).
     config: tiles of the Pallas kernels (`jevo.ops.transition_pallas.TransitionConfig`; None
       for the defaults), for measurements.
 
