@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kBoxD = kHeadDim > 64 ? 64 : kHeadDim;  // a TMA box row is at most 128 bytes
-  constexpr int kBoxesD = kHeadDim / kBoxD;
+  constexpr int kBoxD = Traits::kBoxD;
+  constexpr int kBoxesD = Traits::kBoxesD;
   constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
 
   const DkdvSlice<Element, kBlockN> slice(p);
@@ -268,8 +268,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kNThreads = Traits::kNThreads;
-  constexpr int kBoxD = kHeadDim > 64 ? 64 : kHeadDim;  // a TMA box row is at most 128 bytes
-  constexpr int kBoxesD = kHeadDim / kBoxD;
+  constexpr int kBoxD = Traits::kBoxD;
+  constexpr int kBoxesD = Traits::kBoxesD;
   constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
   using Smem = DqSmem<Traits, kGroup, kHasBias>;
   constexpr int kPartialStride = Smem::kPartialStride;

@@ -17,7 +17,7 @@ namespace sm90 {
 template <typename Traits>
 cudaError_t encode_dkdv_maps(const BwdParams& p, DkdvTensorMaps* maps) {
   using Element = typename Traits::Element;
-  constexpr int kBoxD = Traits::kHeadDim > 64 ? 64 : Traits::kHeadDim;
+  constexpr int kBoxD = Traits::kBoxD;
   const AttentionShape& sh = p.shape;
   cudaError_t err;
   if ((err = encode_activation_map<Element>(&maps->q, p.q, sh, Traits::kBlockM, kBoxD)) ||
@@ -26,12 +26,8 @@ cudaError_t encode_dkdv_maps(const BwdParams& p, DkdvTensorMaps* maps) {
       (err = encode_activation_map<Element>(&maps->v, p.v, sh, Traits::kBlockN, kBoxD))) {
     return err;
   }
-  if (p.bias != nullptr) {
-    if (sh.seq % 8 != 0) return cudaErrorInvalidValue;
-    return encode_bias_map<Element>(&maps->bias, p.bias, sh, Traits::kBlockM, Traits::kBlockN);
-  }
-  maps->bias = maps->q;  // unused
-  return cudaSuccess;
+  return encode_optional_bias_map<Element>(&maps->bias, p.bias, sh, Traits::kBlockM,
+                                           Traits::kBlockN, maps->q);
 }
 
 template <typename Traits, int kGroup, bool kHasBias>

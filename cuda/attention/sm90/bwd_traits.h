@@ -30,6 +30,8 @@ struct BwdTraits {
   static constexpr int kBlockN = Fwd::kBlockN;
   static constexpr int kNThreads = Fwd::kNThreads;  // one warpgroup
   static constexpr int kNWarps = Fwd::kNWarps;
+  static constexpr int kBoxD = Fwd::kBoxD;  // TMA box rows of at most 128 bytes
+  static constexpr int kBoxesD = Fwd::kBoxesD;
 
   using MmaQK = typename Fwd::MmaQK;  // S = Q K^T and dP = dO V^T
   using MmaDQ = typename Fwd::MmaPV;  // dQ += dS K: O += P V's shapes and majors

@@ -24,12 +24,8 @@ cudaError_t encode_fwd_maps(const FwdParams& p, FwdTensorMaps* maps) {
       (err = encode_activation_map<Element>(&maps->v, p.v, sh, Traits::kBlockN, Traits::kBoxD))) {
     return err;
   }
-  if (p.bias != nullptr) {
-    if (sh.seq % 8 != 0) return cudaErrorInvalidValue;
-    return encode_bias_map<Element>(&maps->bias, p.bias, sh, Traits::kBlockM, Traits::kBlockN);
-  }
-  maps->bias = maps->q;  // unused
-  return cudaSuccess;
+  return encode_optional_bias_map<Element>(&maps->bias, p.bias, sh, Traits::kBlockM,
+                                           Traits::kBlockN, maps->q);
 }
 
 template <typename Traits, bool kWriteResidual>

@@ -89,5 +89,18 @@ cudaError_t encode_bias_map(CUtensorMap* map, const void* base, const AttentionS
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// The bias's map where there is a bias (needs S % 8 == 0: the handler runs other shapes with a
+// bias on sm80), else a copy of `placeholder`, which the kernels never read.
+template <typename Element>
+cudaError_t encode_optional_bias_map(CUtensorMap* map, const void* bias, const AttentionShape& sh,
+                                     int rows, int cols, const CUtensorMap& placeholder) {
+  if (bias == nullptr) {
+    *map = placeholder;
+    return cudaSuccess;
+  }
+  if (sh.seq % 8 != 0) return cudaErrorInvalidValue;
+  return encode_bias_map<Element>(map, bias, sh, rows, cols);
+}
+
 }  // namespace sm90
 }  // namespace jevo
