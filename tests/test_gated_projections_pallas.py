@@ -60,10 +60,9 @@ def _reference(t, z, mask):
 def _kernel(t, z, mask, dtype):
   layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
   return tp.gated_projections(z, mask[..., None], t.layer_norm_in.scale[...],
-                              t.layer_norm_in.bias[...],
-                              jnp.concatenate([l.kernel[...] for l in layers], axis=-1),
-                              jnp.concatenate([l.bias[...] for l in layers]),
-                              c_hidden=t.c_hidden, eps=EPS, dtype=dtype, interpret=True)
+                              t.layer_norm_in.bias[...], [l.kernel[...] for l in layers],
+                              [l.bias[...] for l in layers], eps=EPS, dtype=dtype,
+                              interpret=True)
 
 
 # (N_res, c_z, c_hidden): N_res^2 rows that are not a multiple of the 64-row block, c_hidden
@@ -167,8 +166,8 @@ def test_on_the_gpu_the_kernel_matches_the_reference(c):
   layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
   got = jax.jit(lambda z, m: tp.gated_projections(
       z, m[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],
-      jnp.concatenate([l.kernel[...] for l in layers], axis=-1),
-      jnp.concatenate([l.bias[...] for l in layers]), c_hidden=c, eps=EPS, dtype=dtype))(z, mask)
+      [l.kernel[...] for l in layers], [l.bias[...] for l in layers], eps=EPS,
+      dtype=dtype))(z, mask)
   xla = t.projections(t.layer_norm_in(z), mask[..., None], output_gate=True)
   for name, g, x, want in zip(("left", "right", "gate"), got, xla, _reference(t, z, mask)):
     assert _rel(g, want) <= 2 * _rel(x, want) + 1e-3, name
@@ -183,9 +182,8 @@ def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine():
   z, mask = _pair(24, 128, jnp.bfloat16)
   layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
   args = (z, mask[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],
-          jnp.concatenate([l.kernel[...] for l in layers], axis=-1),
-          jnp.concatenate([l.bias[...] for l in layers]))
-  f = jax.jit(lambda *a: tp.gated_projections(*a, c_hidden=128, eps=EPS, dtype=jnp.bfloat16))
+          [l.kernel[...] for l in layers], [l.bias[...] for l in layers])
+  f = jax.jit(lambda *a: tp.gated_projections(*a, eps=EPS, dtype=jnp.bfloat16))
   exported = export.export(f, platforms=["cuda"], disabled_checks=jevo.export_disabled_checks())(
       *args)
   assert "xla.gpu.triton" in exported.mlir_module()

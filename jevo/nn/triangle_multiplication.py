@@ -124,8 +124,7 @@ class TriangleMultiplication(nnx.Module):
       layers = (module.left_projection, module.left_gate, module.right_projection,
                 module.right_gate, module.output_gate)
       return op.fused(z, mask, module.layer_norm_in.scale[...], module.layer_norm_in.bias[...],
-                      jnp.concatenate([l.kernel[...] for l in layers], axis=-1),
-                      jnp.concatenate([l.bias[...] for l in layers]), c_hidden=self.c_hidden,
+                      [l.kernel[...] for l in layers], [l.bias[...] for l in layers],
                       eps=module.layer_norm_in.epsilon, dtype=dtype)
 
     return kernel_where_undifferentiated(kernel, reference)(z, mask, state)

@@ -13,9 +13,12 @@ def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
   return kernels_reason(z, "gated_projections_pallas", z, c_hidden, dtype)
 
 
-def fused(z, mask, ln_scale, ln_offset, kernel, bias, **kwargs):
+def fused(z, mask, ln_scale, ln_offset, kernels, biases, **kwargs):
   """`jevo.ops.gated_projections_pallas.gated_projections`, with the operands made to vary
   alike inside `jax.shard_map` (the kernel's outputs vary as its inputs)."""
   from jevo.ops import gated_projections_pallas
-  return gated_projections_pallas.gated_projections(
-      *match_varying_axes(z, mask, ln_scale, ln_offset, kernel, bias), **kwargs)
+  z, mask, ln_scale, ln_offset, *params = match_varying_axes(z, mask, ln_scale, ln_offset,
+                                                             *kernels, *biases)
+  n = len(kernels)
+  return gated_projections_pallas.gated_projections(z, mask, ln_scale, ln_offset, params[:n],
+                                                    params[n:], **kwargs)

@@ -72,21 +72,20 @@ def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows
   plgpu.store(gate_ref, project(wg, bg).astype(gate_ref.dtype), mask=valid)
 
 
-def gated_projections(z, mask, ln_scale, ln_offset, kernel, bias, *, c_hidden: int, eps: float,
-                      dtype, interpret: bool = False):
+def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: float, dtype,
+                      interpret: bool = False):
   """(left, right, gate logits) of z `[..., c_z]` in `dtype`: `[..., c_hidden]` twice and
-  `[..., c_z]`. mask: broadcastable to `[..., 1]` (1 = valid); kernel `[c_z, 4 c_hidden + c_z]`
-  and bias `[4 c_hidden + c_z]`, the five layers side by side in the order above.
-  `unsupported_reason` must be None; `interpret=True` runs Pallas's interpreter (tests)."""
+  `[..., c_z]`. mask: broadcastable to `[..., 1]` (1 = valid); kernels and biases: the five
+  layers' (`[c_z, c_hidden]` four times, then `[c_z, c_z]`; `[c_hidden]` four times, then
+  `[c_z]`), in the order above. `unsupported_reason` must be None; `interpret=True` runs
+  Pallas's interpreter (tests)."""
   c_z = z.shape[-1]
+  c_hidden = kernels[0].shape[1]
   lead = z.shape[:-1]
   rows = z.size // c_z
   z2 = z.reshape(rows, c_z)
   mask2 = jnp.broadcast_to(mask, lead + (1,)).reshape(rows).astype(dtype)
-  starts = [0, c_hidden, 2 * c_hidden, 3 * c_hidden, 4 * c_hidden, 4 * c_hidden + c_z]
-  w = kernel.astype(dtype)
-  weights = [w[:, a:b] for a, b in zip(starts, starts[1:])]
-  biases = [bias[a:b] for a, b in zip(starts, starts[1:])]
+  weights = [w.astype(dtype) for w in kernels]
   block = min(BLOCK_ROWS, max(16, pl.next_power_of_2(rows)))
   run = pl.pallas_call(
       functools.partial(_kernel, eps=float(eps), rows=rows, block_rows=block),
