@@ -223,6 +223,25 @@ def test_cached_plans_are_quick_and_planning_time_is_stated(planned_costs):
                                                        measure=False).describe()
 
 
+def test_steps_compiled_side_by_side_give_the_same_costs(planned_costs):
+  table, _ = planned_costs
+  ready = costs.precompile_training(SPEC, TWO, measure=False, workers=2, use_cache=False)
+  assert sorted(ready) == sorted(c.name for c in TWO)
+  assert all(sorted(by_depth) == list(costs.DEPTHS) for by_depth in ready.values())
+  for c in TWO:
+    assert costs.training_cost(SPEC, c, measure=False, use_cache=False,
+                               ready=ready[c.name]) == table[c.name]
+  # Cached costs need no compile, and a single worker compiles nothing ahead.
+  assert costs.precompile_training(SPEC, TWO, measure=False, workers=2) == {}
+  assert costs.precompile_training(SPEC, TWO, measure=False, workers=1, use_cache=False) == {}
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5])
+def test_bad_compile_workers_are_refused(workers):
+  with pytest.raises(ValueError, match="compile_workers must be a positive integer"):
+    plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, compile_workers=workers)
+
+
 def test_runs_of_remat_choices_give_the_same_numbers():
   m, z = _inputs()
   kw = dict(dtype=jnp.float32, rngs=nnx.Rngs(0), **SMALL)

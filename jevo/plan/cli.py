@@ -47,6 +47,9 @@ def main(argv=None) -> int:
   p.add_argument("--headroom", metavar="SIZE",
                  help="device memory XLA's figure must leave free for the allocator (default: "
                  "256MiB on a GPU, 0 elsewhere)")
+  p.add_argument("--compile-workers", type=int, metavar="N",
+                 help="training steps compiled at a time (default: one per four CPU cores on "
+                 "a GPU machine, one elsewhere)")
   p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the cache")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
   args = p.parse_args(argv)
@@ -67,11 +70,14 @@ def main(argv=None) -> int:
     p.error(f"--candidates: {err}")
   if blocks <= 0:
     p.error(f"--blocks must be positive, got {blocks}")
+  if args.compile_workers is not None and args.compile_workers < 1:
+    p.error(f"--compile-workers must be at least 1, got {args.compile_workers}")
   try:
     result = planning.plan_stack(spec, blocks, budget=budget, training=not args.inference,
                                  measure=args.measure, use_cache=not args.no_cache,
                                  candidates=chosen, verify=not args.no_verify,
-                                 headroom=args.headroom)
+                                 headroom=args.headroom,
+                                 compile_workers=args.compile_workers)
   except planning.PlanError as err:
     print(f"jevo.plan: {err}", file=sys.stderr)
     return 1

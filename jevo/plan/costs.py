@@ -68,10 +68,14 @@ def _cache_key(spec: StackSpec, what: str, extra: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def is_cached(spec: StackSpec, what: str, extra: dict) -> bool:
+  return (cache_dir() / f"{_cache_key(spec, what, extra)}.json").exists()
+
+
 def cached(spec: StackSpec, what: str, extra: dict, compute, use_cache: bool = True):
   """compute() once per key: its JSON-serialisable result, kept in `cache_dir()`."""
   path = cache_dir() / f"{_cache_key(spec, what, extra)}.json"
-  if use_cache and path.exists():
+  if use_cache and is_cached(spec, what, extra):
     return json.loads(path.read_text())
   value = compute()
   if use_cache:
@@ -180,11 +184,15 @@ def _estimated_block_ms(spec: StackSpec, candidate=None, chunk_size=None) -> flo
   return ms
 
 
-def _compile(fn, args, remat):
+def _lower(fn, args, remat):
   import jax
   from jevo.nn import OFFLOAD_COMPILER_OPTIONS
   options = OFFLOAD_COMPILER_OPTIONS if remat == "offload" else None
-  return jax.jit(fn, compiler_options=options).lower(*args).compile()
+  return jax.jit(fn, compiler_options=options).lower(*args)
+
+
+def _compile(fn, args, remat):
+  return _lower(fn, args, remat).compile()
 
 
 def _device_bytes(compiled) -> tuple[int, int]:
@@ -210,19 +218,24 @@ def _measured_ms(compiled, concrete, repeats: int = 5) -> float:
   return median_ms(compiled, concrete(), repeats, warmup=1)["ms"]
 
 
-def _fit(step_of_depth, remat, measure: bool, estimate, record=None) -> dict:
+def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None) -> dict:
   """Cost fields from the compiled steps of stacks of DEPTHS[0] and DEPTHS[1] blocks
   (`step_of_depth(depth)` -> stack_step's triple): the difference is what one block adds, the
   rest is fixed; time per block measured as the same difference, or `estimate()`.
-  `record(depth, value)` receives each step's `whole_step_bytes` figure."""
+  `record(depth, value)` receives each step's `whole_step_bytes` figure. `ready` maps a depth
+  to its (compiled step, compile seconds) where that compile has already run."""
   points, times = [], []
   for depth in DEPTHS:
     fn, args, concrete = step_of_depth(depth)
-    start = time.perf_counter()
-    compiled = _compile(fn, args, remat)
+    if ready and depth in ready:
+      compiled, compile_s = ready[depth]
+    else:
+      start = time.perf_counter()
+      compiled = _compile(fn, args, remat)
+      compile_s = time.perf_counter() - start
     points.append(_device_bytes(compiled))
     if record is not None:
-      record(depth, dict(bytes=sum(points[-1]), compile_s=time.perf_counter() - start))
+      record(depth, dict(bytes=sum(points[-1]), compile_s=compile_s))
     if measure:
       times.append(_measured_ms(compiled, concrete))
   (t2, io2), (t3, io3) = points
@@ -233,6 +246,46 @@ def _fit(step_of_depth, remat, measure: bool, estimate, record=None) -> dict:
               io_fixed=io2 - DEPTHS[0] * io_per_block,
               ms=ms if measure else estimate(),
               time_source="measured" if measure else "XLA cost analysis")
+
+
+def compile_side_by_side(jobs: dict, workers: int) -> dict:
+  """{key: (fn, args, remat)} -> {key: (compiled, compile seconds)}: each step lowered in turn
+  (tracing holds Python's lock), then up to `workers` of XLA's compiles at a time in threads
+  (a compile releases it). Seconds are each compile's own wall time, overlapped with others'."""
+  import concurrent.futures
+  lowered = {key: _lower(fn, args, remat) for key, (fn, args, remat) in jobs.items()}
+
+  def compile_one(key):
+    start = time.perf_counter()
+    return key, (lowered[key].compile(), time.perf_counter() - start)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    return dict(pool.map(compile_one, lowered))
+
+
+def _training_key(candidate, measure: bool) -> dict:
+  return dict(candidate=candidate.name, measure=measure)
+
+
+def precompile_training(spec: StackSpec, candidates, *, measure: bool, workers: int,
+                        use_cache: bool = True) -> dict:
+  """The compiles `training_cost` would run for `candidates` whose costs are not cached, run
+  `workers` at a time: {candidate name: {depth: (compiled, seconds)}}, for training_cost's
+  `ready`. With one worker, or one candidate to compile, nothing is compiled ahead."""
+  todo = [c for c in candidates
+          if not (use_cache and is_cached(spec, "training", _training_key(c, measure)))]
+  if workers <= 1 or len(todo) <= 1:
+    return {}
+  jobs = {}
+  for c in todo:
+    for depth in DEPTHS:
+      fn, args, _ = stack_step(spec, depth, c.stack_remat())
+      jobs[(c.name, depth)] = (fn, args, c.remat)
+  done = compile_side_by_side(jobs, workers)
+  ready = {}
+  for (name, depth), value in done.items():
+    ready.setdefault(name, {})[depth] = value
+  return ready
 
 
 def _as_cost(value: dict) -> Cost:
@@ -250,16 +303,18 @@ def _as_cost(value: dict) -> Cost:
   return Cost(**value)
 
 
-def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool = True) -> Cost:
-  """The Cost of running every block of `spec`'s stack as `candidate` in a training step."""
+def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool = True,
+                  ready=None) -> Cost:
+  """The Cost of running every block of `spec`'s stack as `candidate` in a training step
+  (`ready`: its steps compiled ahead by depth, from `precompile_training`)."""
   def record(depth, value):  # the uniform plan of this depth needs no compile to check
     _store_whole_step(spec, depth, ((depth, candidate.name),), None, True, value, use_cache)
 
   def compute():
     return _fit(lambda depth: stack_step(spec, depth, candidate.stack_remat()),
-                candidate.remat, measure, lambda: _estimated_block_ms(spec, candidate), record)
-  value = cached(spec, "training", dict(candidate=candidate.name, measure=measure), compute,
-                 use_cache)
+                candidate.remat, measure, lambda: _estimated_block_ms(spec, candidate), record,
+                ready)
+  value = cached(spec, "training", _training_key(candidate, measure), compute, use_cache)
   return _as_cost(value)
 
 
