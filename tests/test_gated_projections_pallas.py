@@ -57,12 +57,12 @@ def _reference(t, z, mask):
           m * lin(t.right_projection) * sig(lin(t.right_gate)), lin(t.output_gate))
 
 
-def _kernel(t, z, mask, dtype):
+def _kernel(t, z, mask, dtype, channel_major=False):
   layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
   return tp.gated_projections(z, mask[..., None], t.layer_norm_in.scale[...],
                               t.layer_norm_in.bias[...], [l.kernel[...] for l in layers],
                               [l.bias[...] for l in layers], eps=EPS, dtype=dtype,
-                              interpret=True)
+                              channel_major=channel_major, interpret=True)
 
 
 # (N_res, c_z, c_hidden): N_res^2 rows that are not a multiple of the 64-row block, c_hidden
@@ -80,6 +80,18 @@ def test_kernel_matches_the_float64_reference(n, c_z, c_hidden, dtype):
   # Masked positions are exactly zero on the gated outputs.
   for gated in got[:2]:
     assert not np.any(np.asarray(gated, np.float32)[~np.asarray(mask)])
+
+
+def test_channel_major_operands_are_the_transposes():
+  n, c_z, c_hidden, dtype = 9, 32, 16, jnp.bfloat16  # 81 rows: the last block is partial
+  t = _module(c_z, c_hidden, dtype)
+  z, mask = _pair(n, c_z, dtype)
+  rows = jax.jit(lambda z, m: _kernel(t, z, m, dtype))(z, mask)
+  cols = jax.jit(lambda z, m: _kernel(t, z, m, dtype, channel_major=True))(z, mask)
+  assert cols[0].shape == cols[1].shape == (c_hidden, n, n)
+  for r, c in zip(rows[:2], cols[:2]):
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(r), -1, 0), np.asarray(c))
+  np.testing.assert_array_equal(rows[2], cols[2])
 
 
 @pytest.fixture
@@ -158,8 +170,9 @@ def test_bad_implementation_and_unsupported_shapes_raise():
 
 
 @pytest.mark.skipif(_HERE is not None, reason=f"the kernel cannot run here: {_HERE}")
+@pytest.mark.parametrize("channel_major", [False, True])
 @pytest.mark.parametrize("c", [64, 128])
-def test_on_the_gpu_the_kernel_matches_the_reference(c):
+def test_on_the_gpu_the_kernel_matches_the_reference(c, channel_major):
   dtype = jnp.bfloat16
   t = _module(c, c, dtype)
   z, mask = _pair(100, c, dtype)
@@ -167,13 +180,16 @@ def test_on_the_gpu_the_kernel_matches_the_reference(c):
   got = jax.jit(lambda z, m: tp.gated_projections(
       z, m[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],
       [l.kernel[...] for l in layers], [l.bias[...] for l in layers], eps=EPS,
-      dtype=dtype))(z, mask)
+      dtype=dtype, channel_major=channel_major))(z, mask)
+  if channel_major:
+    got = (jnp.moveaxis(got[0], 0, -1), jnp.moveaxis(got[1], 0, -1), got[2])
   xla = t.projections(t.layer_norm_in(z), mask[..., None], output_gate=True)
   for name, g, x, want in zip(("left", "right", "gate"), got, xla, _reference(t, z, mask)):
     assert _rel(g, want) <= 2 * _rel(x, want) + 1e-3, name
 
 
-def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine():
+@pytest.mark.parametrize("channel_major", [False, True])
+def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine(channel_major):
   """Pallas's lowering of the kernel to Triton runs at lowering time, without a GPU: lowered for
   CUDA, the op's program holds the Triton custom call (compiling it needs a GPU)."""
   import jevo
@@ -183,7 +199,8 @@ def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine():
   layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
   args = (z, mask[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],
           [l.kernel[...] for l in layers], [l.bias[...] for l in layers])
-  f = jax.jit(lambda *a: tp.gated_projections(*a, eps=EPS, dtype=jnp.bfloat16))
+  f = jax.jit(lambda *a: tp.gated_projections(*a, eps=EPS, dtype=jnp.bfloat16,
+                                              channel_major=channel_major))
   exported = export.export(f, platforms=["cuda"], disabled_checks=jevo.export_disabled_checks())(
       *args)
   assert "xla.gpu.triton" in exported.mlir_module()

@@ -65,8 +65,7 @@ class TriangleMultiplication(nnx.Module):
     c.check_chunk_size(chunk_size)
     mask = c.check_mask("pair_mask", pair_mask, z.shape[:-1])[..., None]
     if chunk_size is None or chunk_size >= z.shape[-3]:
-      left, right, gate = self._input_side(z, mask)
-      return self.finish(self.combine(left, right), gate)
+      return self._whole(z, mask)
     x = self.layer_norm_in(z)
 
     # Output rows i are independent: one operand is projected whole, the other (and the output
@@ -98,19 +97,24 @@ class TriangleMultiplication(nnx.Module):
     left, right = _masked_gated(mask, *outs[0:2]), _masked_gated(mask, *outs[2:4])
     return left, right, (outs[4] if output_gate else None)
 
-  def _input_side(self, z: jax.Array, mask: jax.Array):
-    """`projections(layer_norm_in(z), mask, output_gate=True)`, through the fused kernel where
-    `implementation` asks for it and the module is not differentiated."""
+  def _whole(self, z: jax.Array, mask: jax.Array) -> jax.Array:
+    """The update of the whole pair: XLA's, or the fused input side's where `implementation`
+    asks for it and the module is not differentiated."""
     if self.implementation not in IMPLEMENTATIONS:  # the attribute may be set after __init__
       raise ValueError(f"TriangleMultiplication.implementation must be one of "
                        f"{IMPLEMENTATIONS}, got {self.implementation!r}")
     if self.implementation is None or self.implementation == "xla":
-      return self.projections(self.layer_norm_in(z), mask, output_gate=True)
+      left, right, gate = self.projections(self.layer_norm_in(z), mask, output_gate=True)
+      return self.finish(self.combine(left, right), gate)
     graphdef, state = nnx.split(self)
 
+    # The kernel writes left and right channel-major ([c_hidden, ..., N, N]), the layout of
+    # the batched product over channels that follows; the reference transposes to match,
+    # which XLA folds into its own layouts.
     def reference(z, mask, state):
       module = nnx.merge(graphdef, state)
-      return module.projections(module.layer_norm_in(z), mask, output_gate=True)
+      left, right, gate = module.projections(module.layer_norm_in(z), mask, output_gate=True)
+      return jnp.moveaxis(left, -1, 0), jnp.moveaxis(right, -1, 0), gate
 
     dtype = jax.eval_shape(reference, z, mask, state)[0].dtype
     from jevo.ops import gated_projections as op  # Pallas only when asked for
@@ -125,15 +129,22 @@ class TriangleMultiplication(nnx.Module):
                 module.right_gate, module.output_gate)
       return op.fused(z, mask, module.layer_norm_in.scale[...], module.layer_norm_in.bias[...],
                       [l.kernel[...] for l in layers], [l.bias[...] for l in layers],
-                      eps=module.layer_norm_in.epsilon, dtype=dtype)
+                      eps=module.layer_norm_in.epsilon, dtype=dtype, channel_major=True)
 
-    return kernel_where_undifferentiated(kernel, reference)(z, mask, state)
+    left, right, gate = kernel_where_undifferentiated(kernel, reference)(z, mask, state)
+    return self.finish(self.combine_channel_major(left, right), gate)
 
   def combine(self, left: jax.Array, right: jax.Array) -> jax.Array:
     """The triangle update's sum over k (rows i of `left`/columns i of `right` may be a chunk)."""
     if self.outgoing:
       return jnp.einsum("...ikc,...jkc->...ijc", left, right)
     return jnp.einsum("...kjc,...kic->...ijc", left, right)
+
+  def combine_channel_major(self, left: jax.Array, right: jax.Array) -> jax.Array:
+    """`combine` of channel-major operands (`[c_hidden, ..., N, N]`), to `[..., N, N, c]`."""
+    if self.outgoing:
+      return jnp.einsum("c...ik,c...jk->...ijc", left, right)
+    return jnp.einsum("c...kj,c...ki->...ijc", left, right)
 
   def finish(self, act: jax.Array, gate_logits: jax.Array) -> jax.Array:
     """Center LayerNorm, output projection and the output gate."""

@@ -52,7 +52,8 @@ def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
   return None
 
 
-def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows):
+def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows,
+            channel_major):
   # The five layers' kernels and biases come as separate operands: Triton's tensors have
   # power-of-two sizes, and the five side by side have 4 c_hidden + c_z columns.
   (wlp, wlg, wrp, wrg, wg), (blp, blg, brp, brg, bg) = refs[0:5], refs[5:10]
@@ -65,20 +66,28 @@ def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows
   def project(w_ref, b_ref):
     return mm(y, w_ref[...]) + vec(b_ref)[None, :]
 
-  left = m * project(wlp, blp) * jax.nn.sigmoid(project(wlg, blg))
-  plgpu.store(left_ref, left.astype(left_ref.dtype), mask=valid)
-  right = m * project(wrp, brp) * jax.nn.sigmoid(project(wrg, brg))
-  plgpu.store(right_ref, right.astype(right_ref.dtype), mask=valid)
+  def store_operand(ref, x):  # [block, c], or its transpose into a [c, rows] output
+    x = x.astype(ref.dtype)
+    if channel_major:
+      plgpu.store(ref, x.T, mask=valid.T)
+    else:
+      plgpu.store(ref, x, mask=valid)
+
+  store_operand(left_ref, m * project(wlp, blp) * jax.nn.sigmoid(project(wlg, blg)))
+  store_operand(right_ref, m * project(wrp, brp) * jax.nn.sigmoid(project(wrg, brg)))
   plgpu.store(gate_ref, project(wg, bg).astype(gate_ref.dtype), mask=valid)
 
 
 def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: float, dtype,
-                      interpret: bool = False):
+                      channel_major: bool = False, interpret: bool = False):
   """(left, right, gate logits) of z `[..., c_z]` in `dtype`: `[..., c_hidden]` twice and
   `[..., c_z]`. mask: broadcastable to `[..., 1]` (1 = valid); kernels and biases: the five
   layers' (`[c_z, c_hidden]` four times, then `[c_z, c_z]`; `[c_hidden]` four times, then
-  `[c_z]`), in the order above. `unsupported_reason` must be None; `interpret=True` runs
-  Pallas's interpreter (tests)."""
+  `[c_z]`), in the order above. `channel_major=True` gives left and right as
+  `[c_hidden, ...]`, the layout of the triangle update's batched matrix product (batched over
+  channels), which a custom call's row-major output would otherwise reach only through a
+  transposing copy. `unsupported_reason` must be None; `interpret=True` runs Pallas's
+  interpreter (tests)."""
   c_z = z.shape[-1]
   c_hidden = kernels[0].shape[1]
   lead = z.shape[:-1]
@@ -87,21 +96,28 @@ def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: flo
   mask2 = jnp.broadcast_to(mask, lead + (1,)).reshape(rows).astype(dtype)
   weights = [w.astype(dtype) for w in kernels]
   block = min(BLOCK_ROWS, max(16, pl.next_power_of_2(rows)))
+  if channel_major:
+    operand_shape, operand_spec = (c_hidden, rows), pl.BlockSpec((c_hidden, block),
+                                                                 lambda i: (0, i))
+  else:
+    operand_shape, operand_spec = (rows, c_hidden), pl.BlockSpec((block, c_hidden),
+                                                                 lambda i: (i, 0))
   run = pl.pallas_call(
-      functools.partial(_kernel, eps=float(eps), rows=rows, block_rows=block),
+      functools.partial(_kernel, eps=float(eps), rows=rows, block_rows=block,
+                        channel_major=channel_major),
       grid=(pl.cdiv(rows, block),),
       in_specs=[pl.BlockSpec((block, c_z), lambda i: (i, 0)),
                 pl.BlockSpec((block,), lambda i: (i,)),
                 vector_spec(c_z), vector_spec(c_z)]
                + [matrix_spec((c_z, c_hidden))] * 4 + [matrix_spec((c_z, c_z))]
                + [vector_spec(c_hidden)] * 4 + [vector_spec(c_z)],
-      out_specs=[pl.BlockSpec((block, c_hidden), lambda i: (i, 0))] * 2
-                + [pl.BlockSpec((block, c_z), lambda i: (i, 0))],
-      out_shape=[out_struct((rows, c_hidden), dtype, z2)] * 2 + [out_struct((rows, c_z), dtype, z2)],
+      out_specs=[operand_spec] * 2 + [pl.BlockSpec((block, c_z), lambda i: (i, 0))],
+      out_shape=[out_struct(operand_shape, dtype, z2)] * 2
+                + [out_struct((rows, c_z), dtype, z2)],
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
       name="jevo_gated_projections_fwd",
   )
   left, right, gate = run(z2, mask2, ln_scale, ln_offset, *weights, *biases)
-  return (left.reshape(lead + (c_hidden,)), right.reshape(lead + (c_hidden,)),
-          gate.reshape(lead + (c_z,)))
+  operand = (c_hidden,) + lead if channel_major else lead + (c_hidden,)
+  return left.reshape(operand), right.reshape(operand), gate.reshape(lead + (c_z,))
