@@ -18,6 +18,8 @@ from flax import nnx
 from jevo.nn import EvoformerStack
 from jevo.plan import (PlanError, StackSpec, costs, parse_bytes, plan_for, plan_stack, search,
                        spec_of)
+from jevo.plan import device_peak
+from jevo.plan import plan as planning
 from jevo.plan.candidates import by_name
 
 MiB = 2 ** 20
@@ -199,7 +201,7 @@ def test_no_checked_plan_fits_names_the_smallest_budget(planned_costs, monkeypat
   believed = dataclasses.replace(table["block_inputs"], kept=0).peak(6)
   assert plan_stack(SPEC, 6, budget=believed, candidates=lean, measure=False,
                     verify=False).predicted_peak <= believed
-  with pytest.raises(PlanError, match="XLA's analysis of that whole step") as err:
+  with pytest.raises(PlanError, match="XLA's analysis of the whole step") as err:
     plan_stack(SPEC, 6, budget=believed, candidates=lean, measure=False)
   real = costs.whole_step_bytes(SPEC, 6, [(6, "block_inputs")])["bytes"]
   assert err.value.smallest_budget == real > believed
@@ -208,6 +210,59 @@ def test_no_checked_plan_fits_names_the_smallest_budget(planned_costs, monkeypat
   with pytest.raises(PlanError, match="left for the allocator") as err:
     plan_stack(SPEC, 6, budget=real, candidates=lean, measure=False, headroom="1MiB")
   assert err.value.smallest_budget == real + MiB
+
+
+def _allocator_peaks(monkeypatch, figure):
+  """A GPU's check on this machine: the allocator's peak of a planned step is
+  `figure(runs, XLA's bytes for it)`; returns the runs measured."""
+  monkeypatch.setattr(planning, "_measures_on_device", lambda: True)
+  calls = []
+
+  def measured(spec, blocks, runs, chunk_size=None, training=True, *, use_cache=True):
+    calls.append(tuple(tuple(r) for r in runs))
+    return figure(runs, costs.whole_step_bytes(spec, blocks, runs, chunk_size, training)["bytes"])
+  monkeypatch.setattr(costs, "device_peak", measured)
+  return calls
+
+
+def test_on_a_gpu_a_plan_the_allocator_finds_over_budget_is_replanned(planned_costs,
+                                                                      monkeypatch):
+  table, _ = planned_costs
+  blocks = 6
+  budget = (table["block_inputs"].peak(blocks) + table["everything"].peak(blocks)) // 2
+  # Any block keeping everything makes the allocator need twice what XLA says.
+  calls = _allocator_peaks(monkeypatch, lambda runs, xla: dict(
+      bytes=2 * xla if any(n == "everything" for _, n in runs) else xla + MiB))
+  plan = plan_stack(SPEC, blocks, budget=budget, candidates=TWO, measure=False, headroom=0)
+  assert [(r.blocks, r.candidate) for r in plan.runs] == [(blocks, "block_inputs")]
+  assert plan.device_peak == plan.xla_peak + MiB <= budget
+  assert len(calls) >= 2 and calls[-1] == ((blocks, "block_inputs"),)
+  text = plan.describe()
+  assert "the allocator's peak running it" in text and "over the limit" in text
+
+
+def test_an_allocator_peak_that_cannot_be_measured_is_said(planned_costs, monkeypatch):
+  calls = _allocator_peaks(monkeypatch, lambda runs, xla: dict(error="out of memory"))
+  plan = plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, headroom=0)
+  assert plan.device_peak is None and plan.verified and calls
+  assert "not measured: out of memory" in plan.describe()
+  calls.clear()
+  plan = plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, headroom=0,
+                    verify="xla")
+  assert not calls and plan.verified and plan.device_peak is None
+  with pytest.raises(ValueError, match="verify must be True, False or 'xla'"):
+    plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, verify="device")
+
+
+def test_the_allocator_check_runs_the_planned_step_in_a_fresh_process():
+  """The child builds, compiles and runs the step; a CPU has no allocator statistics, which it
+  reports after running it (on a GPU the same call returns the peak)."""
+  value = device_peak.measure_in_fresh_process(SPEC, 2, ((2, "block_inputs"),), None, True)
+  if jax.devices()[0].platform == "cpu":
+    assert value["error"] == "cpu reports no allocator statistics", value
+  else:
+    assert value["bytes"] > 0
+  assert "error" in device_peak.measure_in_fresh_process(SPEC, 2, ((2, "no such"),), None, True)
 
 
 def test_cached_plans_are_quick_and_planning_time_is_stated(planned_costs):

@@ -44,6 +44,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-verify", action="store_true",
                  help="skip the check of the chosen plan against XLA's memory analysis of the "
                  "whole planned step (one compile of the stack per plan checked)")
+  p.add_argument("--no-device-check", action="store_true",
+                 help="on a GPU, check the plan against XLA's analysis only, without running its "
+                 "whole step once in a fresh process for the allocator's peak")
   p.add_argument("--headroom", metavar="SIZE",
                  help="device memory XLA's figure must leave free for the allocator (default: "
                  "256MiB on a GPU, 0 elsewhere)")
@@ -75,7 +78,9 @@ def main(argv=None) -> int:
   try:
     result = planning.plan_stack(spec, blocks, budget=budget, training=not args.inference,
                                  measure=args.measure, use_cache=not args.no_cache,
-                                 candidates=chosen, verify=not args.no_verify,
+                                 candidates=chosen,
+                                 verify=(False if args.no_verify else
+                                         "xla" if args.no_device_check else True),
                                  headroom=args.headroom,
                                  compile_workers=args.compile_workers)
   except planning.PlanError as err:

@@ -341,27 +341,50 @@ def _store_whole_step(spec, blocks, runs, chunk_size, training, value, use_cache
            lambda: value)
 
 
+def planned_step(spec: StackSpec, blocks: int, runs, chunk_size=None, training=True):
+  """(step, abstract arguments, concrete(), compile remat) of a planned stack: the training
+  step of `blocks` blocks in `runs` ((blocks, candidate name) pairs in block order, what a
+  Plan's runs say), or the inference forward chunked by `chunk_size` (`runs` empty). The
+  compile remat is "offload" where a run offloads (its compiler options), else "none"."""
+  from jevo.plan.candidates import by_name
+  if not training:
+    remat = "none"
+  elif len(runs) == 1:
+    remat = by_name(runs[0][1]).stack_remat()
+  else:
+    remat = tuple((n, by_name(name).stack_remat()) for n, name in runs)
+  offload = training and any(by_name(name).remat == "offload" for _, name in runs)
+  fn, args, concrete = stack_step(spec, blocks, remat, chunk_size, training)
+  return fn, args, concrete, "offload" if offload else "none"
+
+
 def whole_step_bytes(spec: StackSpec, blocks: int, runs, chunk_size=None, training=True, *,
                      use_cache: bool = True) -> dict:
-  """XLA's memory analysis of the whole planned step: the training step of a stack of `blocks`
-  blocks in `runs` ((blocks, candidate name) pairs in block order, what a Plan's runs say), or
-  the inference forward chunked by `chunk_size` (`runs` empty). Returns `bytes` (device
-  memory: temporaries, arguments and outputs, as `_fit` counts them) and `compile_s` (how long
-  the compile took when it ran; a cached figure takes no compile)."""
-  from jevo.plan.candidates import by_name
-
+  """XLA's memory analysis of the whole planned step (`planned_step`'s). Returns `bytes`
+  (device memory: temporaries, arguments and outputs, as `_fit` counts them) and `compile_s`
+  (how long the compile took when it ran; a cached figure takes no compile)."""
   def compute():
-    if not training:
-      remat = "none"
-    elif len(runs) == 1:
-      remat = by_name(runs[0][1]).stack_remat()
-    else:
-      remat = tuple((n, by_name(name).stack_remat()) for n, name in runs)
-    offload = training and any(by_name(name).remat == "offload" for _, name in runs)
-    fn, args, _ = stack_step(spec, blocks, remat, chunk_size, training)
+    fn, args, _, remat = planned_step(spec, blocks, runs, chunk_size, training)
     start = time.perf_counter()
-    temp, io = _device_bytes(_compile(fn, args, "offload" if offload else "none"))
+    temp, io = _device_bytes(_compile(fn, args, remat))
     return dict(bytes=temp + io, compile_s=time.perf_counter() - start)
 
   return cached(spec, "whole step", _whole_step_extra(blocks, runs, chunk_size, training),
                 compute, use_cache)
+
+
+def device_peak(spec: StackSpec, blocks: int, runs, chunk_size=None, training=True, *,
+                use_cache: bool = True) -> dict:
+  """The allocator's peak for the whole planned step, measured in a fresh process
+  (`jevo.plan.device_peak`): `bytes` (everything the process held at its peak: parameters,
+  inputs, the step's buffers, and whatever compiling and autotuning the step took, since a
+  user's process pays those too) and `seconds`; or `error` where it could not be measured.
+  Failures are not cached."""
+  from jevo.plan import device_peak as child
+  extra = _whole_step_extra(blocks, runs, chunk_size, training)
+  if use_cache and is_cached(spec, "device peak", extra):
+    return cached(spec, "device peak", extra, None)
+  value = child.measure_in_fresh_process(spec, blocks, runs, chunk_size, training)
+  if "error" not in value and use_cache:
+    cached(spec, "device peak", extra, lambda: value)
+  return value

@@ -51,7 +51,9 @@ class Plan:
   `budget - headroom`. `predicted_peak` is the cost model's extrapolation from stacks of 2 and
   3 blocks (before any correction from a check). `planning_s` is the planner's own time,
   `check_s` the part of it spent compiling whole steps to check them (`checks` of them,
-  rejected plans included).
+  rejected plans included). `device_peak` is the allocator's peak running the planned step
+  once in a fresh process (on a GPU with `verify=True`; None elsewhere or where it could not
+  be measured, which the reasons say): the plan fits by it too.
 
   `stack_remat` is what `EvoformerStack(..., remat=...)` takes; `chunk_size` what its call takes.
   """
@@ -70,6 +72,7 @@ class Plan:
   headroom: int = 0
   checks: int = 0
   check_s: float = 0.0
+  device_peak: int | None = None
 
   @property
   def stack_remat(self):
@@ -90,6 +93,8 @@ class Plan:
     if self.verified:
       peak = (f"XLA's analysis of the whole planned step {size_text(self.xla_peak)} "
               f"(predicted {size_text(self.predicted_peak)})")
+      if self.device_peak is not None:
+        peak += f", the allocator's peak running it {size_text(self.device_peak)}"
       cost = (f"planned in {self.planning_s:.1f} s, {self.check_s:.1f} s of it checking "
               f"{self.checks} whole step{'s' if self.checks != 1 else ''}")
     else:
@@ -158,11 +163,14 @@ GPU_HEADROOM = 256 * 2 ** 20
 
 
 class _Checks:
-  """Compiles whole planned steps (or reads them from the cache) and keeps what they gave."""
+  """Compiles whole planned steps (or reads them from the cache) and keeps what they gave. With
+  `on_device` (a GPU), a step XLA's analysis fits within `limit` is also run once in a fresh
+  process for the allocator's peak (`costs.device_peak`), and the larger figure is the check's."""
 
-  def __init__(self, spec, blocks, training, use_cache):
+  def __init__(self, spec, blocks, training, use_cache, limit: int, on_device: bool):
     self.spec, self.blocks, self.training, self.use_cache = spec, blocks, training, use_cache
-    self.seen = {}  # what -> (predicted, XLA's bytes)
+    self.limit, self.on_device = limit, on_device
+    self.seen = {}  # what -> (predicted, XLA's bytes, the device's figure or None, why not)
     self.seconds = 0.0
 
   def __call__(self, what: str, runs, chunk_size, predicted: int) -> int:
@@ -170,15 +178,37 @@ class _Checks:
       start = time.perf_counter()
       nbytes = cst.whole_step_bytes(self.spec, self.blocks, runs, chunk_size, self.training,
                                     use_cache=self.use_cache)["bytes"]
+      device, why_not = None, ""
+      if self.on_device and nbytes <= self.limit:
+        measured = cst.device_peak(self.spec, self.blocks, runs, chunk_size, self.training,
+                                   use_cache=self.use_cache)
+        device, why_not = measured.get("bytes"), measured.get("error", "")
       self.seconds += time.perf_counter() - start
-      self.seen[what] = (predicted, nbytes)
-    return self.seen[what][1]
+      self.seen[what] = (predicted, nbytes, device, why_not)
+    return self.figure(what)
+
+  def figure(self, what: str) -> int:
+    """The checked peak of `what`: XLA's figure, or the allocator's where that is larger."""
+    _, nbytes, device, _ = self.seen[what]
+    return nbytes if device is None else max(nbytes, device)
+
+  def peaks(self, what: str) -> tuple[int, int | None]:
+    return self.seen[what][1], self.seen[what][2]
+
+  def text(self, what: str) -> str:
+    predicted, nbytes, device, why_not = self.seen[what]
+    out = f"XLA's analysis of the whole step {size_text(nbytes)}"
+    if device is not None:
+      out += f", the allocator's peak running it {size_text(device)}"
+    elif why_not:
+      out += f" (the allocator's peak not measured: {why_not})"
+    return out + f", predicted {size_text(predicted)}"
 
   def reasons(self, limit: int) -> list[str]:
-    return [f"checked {what}: XLA's analysis of the whole step {size_text(nbytes)}, predicted "
-            f"{size_text(predicted)}: "
-            + ("fits" if nbytes <= limit else f"{size_text(nbytes - limit)} over the limit")
-            for what, (predicted, nbytes) in self.seen.items()]
+    return [f"checked {what}: {self.text(what)}: "
+            + ("fits" if self.figure(what) <= limit
+               else f"{size_text(self.figure(what) - limit)} over the limit")
+            for what in self.seen]
 
 
 def spec_of(stack, m, z) -> cst.StackSpec:
@@ -202,7 +232,8 @@ def plan_for(stack, m, z, *, budget, training: bool = True, **kwargs) -> Plan:
 
 def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = True,
                measure: bool | None = None, candidates=None, use_cache: bool = True,
-               verify: bool = True, headroom=None, compile_workers: int | None = None) -> Plan:
+               verify: bool | str = True, headroom=None,
+               compile_workers: int | None = None) -> Plan:
   """The fastest plan for a stack of `blocks` blocks of `spec` whose peak device memory fits
   `budget` (bytes or '16GiB'), less `headroom` (bytes or a size; default 256 MiB on a GPU,
   where the allocator's peak runs a little above XLA's analysis, none elsewhere).
@@ -211,7 +242,9 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
   inference forward for each chunk size), extrapolated linearly to `blocks`; time: measured on
   the device when it is a GPU (or `measure=True`), else XLA's cost analysis. With `verify`
   (the default) the chosen plan's whole step is then compiled and its peak read from XLA's
-  memory analysis; a plan over the limit is re-planned a bounded number of times (MAX_CHECKS
+  memory analysis and, on a GPU, where that fits, run once in a fresh process for the
+  allocator's peak (`verify="xla"` skips the run; on an H200 a mixed plan peaked at twice
+  XLA's figure); the larger figure is the check's. A plan over the limit is re-planned a bounded number of times (MAX_CHECKS
   compiles in all), and where no checked plan fits, PlanError names the smallest budget that
   does (the leanest plan's checked peak plus the headroom). Figures, the checks' included, are
   cached on disk (`costs.cache_dir()`). Raises PlanError naming the smallest budget that can be
@@ -234,7 +267,10 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
     raise ValueError(f"blocks must be a positive integer, got {blocks!r}")
   measure = _measures_on_device() if measure is None else measure
   headroom = parse_headroom(headroom)
-  checks = _Checks(spec, blocks, training, use_cache) if verify else None
+  if verify not in (True, False, "xla"):
+    raise ValueError(f"verify must be True, False or 'xla', got {verify!r}")
+  checks = (_Checks(spec, blocks, training, use_cache, budget - headroom,
+                    on_device=verify is True and _measures_on_device()) if verify else None)
   workers = default_compile_workers() if compile_workers is None else compile_workers
   if not isinstance(workers, int) or workers < 1:
     raise ValueError(f"compile_workers must be a positive integer, got {compile_workers!r}")
@@ -269,7 +305,7 @@ def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cach
   what = lambda counts: " + ".join(f"{k} x {n}" for k, n in runs_of(counts))  # noqa: E731
   # `model` is the cost model as corrected by the checks: a checked plan over the limit charges
   # each of its blocks an equal share of what the model under-predicted it by.
-  model, choice, xla_peak, search_limit, fallback = dict(costs), None, None, limit, None
+  model, choice, checked, search_limit, fallback = dict(costs), None, None, limit, None
   for _ in range(MAX_CHECKS - 1 if checks is not None else 1):
     found = search.best_training_choice(model, blocks, search_limit)
     if found is None:
@@ -280,7 +316,7 @@ def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cach
     nbytes = checks(what(found.counts), runs_of(found.counts), None,
                     search.peak_of(costs, found.counts, blocks))
     if nbytes <= limit:
-      choice, xla_peak = found, nbytes
+      choice, checked = found, what(found.counts)
       break
     share = -(-(nbytes - found.peak) // blocks)  # > 0: found.peak <= limit < nbytes
     for n in found.counts:
@@ -295,16 +331,16 @@ def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cach
                       f"budget of {size_text(budget)}: the smallest budget the planner can "
                       f"meet is {size_text(least + headroom)} ({least + headroom} bytes; "
                       f"{every}; predicted{_headroom_text(headroom)})", least + headroom)
-    nbytes = checks(what({leanest: blocks}), ((blocks, leanest),), None, least)
+    checked = what({leanest: blocks})
+    nbytes = checks(checked, ((blocks, leanest),), None, least)
     if nbytes > limit:
       smallest = nbytes + headroom
       raise PlanError(f"no plan for {blocks} blocks at {spec.n_seq} x {spec.n_res} fits a "
                       f"budget of {size_text(budget)}: the smallest budget the planner can "
-                      f"meet is {size_text(smallest)} ({smallest} bytes; {every}: XLA's "
-                      f"analysis of that whole step {size_text(nbytes)}, predicted "
-                      f"{size_text(least)}{_headroom_text(headroom)})", smallest)
+                      f"meet is {size_text(smallest)} ({smallest} bytes; {every}: "
+                      f"{checks.text(checked)}{_headroom_text(headroom)})", smallest)
     choice = search.Choice({leanest: blocks}, least, blocks * costs[leanest].ms)
-    xla_peak, fallback = nbytes, f"no faster plan checked fits: {every}"
+    fallback = f"no faster plan checked fits: {every}"
   runs = tuple(Run(k, n, cand.by_name(n).remat) for k, n in runs_of(choice.counts))
   fastest = order[0]
   reasons = [f"{n}: {costs[n].kept / 2**20:.1f} MiB kept per block, working memory "
@@ -320,11 +356,12 @@ def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cach
     reasons[0] = fallback
   if checks is not None:
     reasons[1:1] = checks.reasons(limit)
+  xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
   return Plan(True, blocks, budget, runs, None, search.peak_of(costs, choice.counts, blocks),
               choice.ms,
               costs[fastest].time_source, tuple(reasons), time.perf_counter() - start,
               xla_peak, headroom, len(checks.seen) if checks is not None else 0,
-              checks.seconds if checks is not None else 0.0)
+              checks.seconds if checks is not None else 0.0, device_peak)
 
 
 def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start):
@@ -335,7 +372,7 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
   cost_of = lambda i: cst.inference_cost(spec, chunks[i], measure=measure,  # noqa: E731
                                          use_cache=use_cache)
   tried = {}
-  chosen, xla_peak, search_limit = None, None, limit
+  chosen, checked, search_limit = None, None, limit
   for i in range(len(chunks)):
     tried[i] = cost_of(i)
     predicted = tried[i].peak(blocks)
@@ -348,7 +385,7 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
       break
     nbytes = checks(f"chunk_size={chunks[i]}", (), chunks[i], predicted)
     if nbytes <= limit:
-      chosen, xla_peak = i, nbytes
+      chosen, checked = i, f"chunk_size={chunks[i]}"
       break
     search_limit = limit - int(REPLAN_MARGIN * limit)  # one chunk's error says little of another's
   if chosen is None:
@@ -363,20 +400,21 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
       raise PlanError(f"{head}{size_text(least + headroom)} ({least + headroom} bytes; "
                       f"chunk_size={chunks[i]}; predicted{_headroom_text(headroom)})",
                       least + headroom)
-    nbytes = checks(f"chunk_size={chunks[i]}", (), chunks[i], least)
+    checked = f"chunk_size={chunks[i]}"
+    nbytes = checks(checked, (), chunks[i], least)
     if nbytes > limit:
       smallest = nbytes + headroom
-      raise PlanError(f"{head}{size_text(smallest)} ({smallest} bytes; chunk_size={chunks[i]}"
-                      f": XLA's analysis of that whole step {size_text(nbytes)}, predicted "
-                      f"{size_text(least)}{_headroom_text(headroom)})", smallest)
-    chosen, xla_peak = i, nbytes
+      raise PlanError(f"{head}{size_text(smallest)} ({smallest} bytes; {checked}: "
+                      f"{checks.text(checked)}{_headroom_text(headroom)})", smallest)
+    chosen = i
   best = tried[chosen]
   reasons = [f"chunk_size={chunks[j]}: peak {size_text(c.peak(blocks))}, "
              f"{c.ms:.2f} ms per block" for j, c in sorted(tried.items(), key=lambda kv: kv[0])]
   reasons.insert(0, "the largest chunk that fits (smaller chunks only cost time)")
   if checks is not None:
     reasons[1:1] = checks.reasons(limit)
+  xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
   return Plan(False, blocks, budget, (), chunks[chosen], best.peak(blocks), blocks * best.ms,
               best.time_source, tuple(reasons), time.perf_counter() - start, xla_peak,
               headroom, len(checks.seen) if checks is not None else 0,
-              checks.seconds if checks is not None else 0.0)
+              checks.seconds if checks is not None else 0.0, device_peak)
