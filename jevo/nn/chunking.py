@@ -1,8 +1,16 @@
-"""Inference chunking: run a computation slice by slice along an independent axis.
+"""Chunking: run a computation slice by slice along an independent axis.
 
 Bounds peak memory by `chunk_size` slices at a time (OpenFold's `chunk_layer`, AlphaFold's
 `inference_subbatch`), writing each slice into a preallocated output, so no padding and no
 transposed copies of the inputs are made.
+
+Under differentiation each slice is a `jax.checkpoint`: the forward pass keeps nothing of a
+slice's internals, and the backward pass recomputes them one slice at a time from its inputs,
+so the bound holds for training too (chunked recomputation). Without it, the loop's backward
+pass would keep every slice's intermediates at once, as much as the unchunked computation: in
+a 64-residue Evoformer stack's training step with `remat="block"`, XLA's temporary buffers were
+77 MiB unchunked, 72 MiB chunked by 16 without the checkpoint and 32 MiB with it. The cost is
+one more forward pass of the chunked work in the backward pass; inference is unchanged.
 """
 
 from __future__ import annotations
@@ -49,11 +57,15 @@ def chunked(fn: Callable[..., jax.Array], args: Sequence[jax.Array | None],
   out_shape = list(out_spec.shape)
   out_shape[out_ax] = n
 
+  # prevent_cse is for straight-line code; inside the loop XLA cannot merge the recomputation
+  # with the forward pass anyway.
+  one_slice = jax.checkpoint(fn, prevent_cse=False)
+
   def body(i, out):
     # The last slice is clamped to end at n: it overlaps the previous one and rewrites the same
     # values, which avoids padding the inputs to a multiple of chunk_size.
     start = jnp.minimum(i * chunk_size, n - chunk_size)
-    piece = fn(*[take(a, ax, start) for a, ax in zip(args, in_axes)])
+    piece = one_slice(*[take(a, ax, start) for a, ax in zip(args, in_axes)])
     return jax.lax.dynamic_update_slice_in_dim(out, piece.astype(out.dtype), start, out_ax)
 
   # Inside shard_map the loop's carry must vary along the axes its inputs vary on.
