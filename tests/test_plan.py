@@ -18,6 +18,7 @@ from flax import nnx
 from jevo.nn import EvoformerStack
 from jevo.plan import (PlanError, StackSpec, costs, parse_bytes, plan_for, plan_stack, search,
                        spec_of)
+from jevo.plan import candidates as cand
 from jevo.plan import device_peak
 from jevo.plan import plan as planning
 from jevo.plan.candidates import by_name
@@ -148,6 +149,21 @@ def test_plans_fit_their_budget_and_xla_agrees(planned_costs):
     assert "XLA's analysis of the whole planned step" in plan.describe()
 
 
+def test_a_larger_budget_never_gives_a_slower_plan(planned_costs):
+  table, _ = planned_costs
+  blocks = 6
+  low, high = table["block_inputs"].peak(blocks), table["everything"].peak(blocks) + MiB
+  previous = None
+  for budget in np.linspace(low, high, 9).astype(int):
+    plan = plan_stack(SPEC, blocks, budget=int(budget), candidates=TWO, measure=False,
+                      verify=False)
+    assert plan.predicted_peak <= budget
+    if previous is not None:
+      assert plan.predicted_ms <= previous + 1e-9, (budget, plan.describe())
+    previous = plan.predicted_ms
+  assert plan.runs[0].candidate == "everything" and len(plan.runs) == 1
+
+
 def test_an_unmeetable_budget_names_the_smallest(planned_costs):
   table, _ = planned_costs
   with pytest.raises(PlanError, match="smallest budget the planner can meet is") as err:
@@ -210,6 +226,30 @@ def test_no_checked_plan_fits_names_the_smallest_budget(planned_costs, monkeypat
   with pytest.raises(PlanError, match="left for the allocator") as err:
     plan_stack(SPEC, 6, budget=real, candidates=lean, measure=False, headroom="1MiB")
   assert err.value.smallest_budget == real + MiB
+
+
+def test_a_budget_only_chunking_meets_gets_a_chunked_plan(planned_costs, monkeypatch):
+  table, _ = planned_costs
+  blocks = 6
+  monkeypatch.setattr(cand, "TRAINING_CHUNKS", (4,))  # SPEC's 12 residues: 3 slices
+  chunked = costs.training_cost(SPEC, by_name("block_inputs"), measure=False, chunk_size=4)
+  unchunked = table["block_inputs"]
+  # Chunked recomputation shrinks the working memory of a block's backward pass.
+  assert chunked.fixed < 0.9 * unchunked.fixed and chunked.kept == unchunked.kept
+  budget = (chunked.peak(blocks) + unchunked.peak(blocks)) // 2
+  plan = plan_stack(SPEC, blocks, budget=budget, candidates=TWO, measure=False)
+  assert plan.chunk_size == 4 and [(r.blocks, r.candidate) for r in plan.runs] == [
+      (blocks, "block_inputs")]
+  assert plan.xla_peak <= budget and "no plan fits unchunked" in plan.describe()
+  # The stack built from the plan runs chunked and fits: its whole step, compiled.
+  m, z = _inputs()
+  stack = EvoformerStack(blocks, dtype=jnp.bfloat16, plan=plan, rngs=nnx.Rngs(0), **SMALL)
+  assert stack.default_chunk_size == 4
+  assert _compiled_peak(stack, m, z) <= budget
+  # Below even the chunked plan's peak, the error names that as the smallest budget.
+  with pytest.raises(PlanError, match="chunk_size=4") as err:
+    plan_stack(SPEC, blocks, budget=chunked.peak(blocks) // 2, candidates=TWO, measure=False)
+  assert err.value.smallest_budget == plan.xla_peak
 
 
 def _allocator_peaks(monkeypatch, figure):

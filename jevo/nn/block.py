@@ -28,7 +28,8 @@ class EvoformerBlock(nnx.Module):
   Dropout is shared along rows (MSA row attention: rate `msa_dropout`; triangle multiplications
   and starting-node attention: `pair_dropout`) or along columns (ending-node attention). It
   draws from the `rngs` given at construction, or from a call-time `rngs`; `.eval()` turns it
-  off. `chunk_size` (inference) bounds memory along each module's independent axis.
+  off. `chunk_size` bounds memory along each module's independent axis, in training too (each
+  slice is recomputed in the backward pass, `jevo.nn.chunking`).
 
   Example:
     >>> block = EvoformerBlock(32, 16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2,

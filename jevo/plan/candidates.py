@@ -34,6 +34,13 @@ TRAINING_CANDIDATES = (
               "only the block's inputs, in pinned host memory (recomputes the whole block)"),
 )
 
+# Training where no plan fits unchunked: these chunk sizes (largest first), with only the
+# candidates below, which keep nothing of a block's internals (a chunked slice is recomputed
+# in the backward pass from its inputs, `jevo.nn.chunking`, so named residuals inside it are
+# not kept anyway).
+TRAINING_CHUNKS = (64, 16)
+CHUNKED_CANDIDATES = ("block_inputs", "offload")
+
 # Inference: the chunk sizes tried along each sub-module's independent axis (None = whole).
 INFERENCE_CHUNKS = (None, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 

@@ -263,23 +263,27 @@ def compile_side_by_side(jobs: dict, workers: int) -> dict:
     return dict(pool.map(compile_one, lowered))
 
 
-def _training_key(candidate, measure: bool) -> dict:
-  return dict(candidate=candidate.name, measure=measure)
+def _training_key(candidate, measure: bool, chunk_size=None) -> dict:
+  key = dict(candidate=candidate.name, measure=measure)
+  if chunk_size is not None:  # unchunked keys as they were before chunked training
+    key["chunk_size"] = chunk_size
+  return key
 
 
 def precompile_training(spec: StackSpec, candidates, *, measure: bool, workers: int,
-                        use_cache: bool = True) -> dict:
+                        use_cache: bool = True, chunk_size=None) -> dict:
   """The compiles `training_cost` would run for `candidates` whose costs are not cached, run
   `workers` at a time: {candidate name: {depth: (compiled, seconds)}}, for training_cost's
   `ready`. With one worker, or one candidate to compile, nothing is compiled ahead."""
   todo = [c for c in candidates
-          if not (use_cache and is_cached(spec, "training", _training_key(c, measure)))]
+          if not (use_cache and is_cached(spec, "training",
+                                          _training_key(c, measure, chunk_size)))]
   if workers <= 1 or len(todo) <= 1:
     return {}
   jobs = {}
   for c in todo:
     for depth in DEPTHS:
-      fn, args, _ = stack_step(spec, depth, c.stack_remat())
+      fn, args, _ = stack_step(spec, depth, c.stack_remat(), chunk_size)
       jobs[(c.name, depth)] = (fn, args, c.remat)
   done = compile_side_by_side(jobs, workers)
   ready = {}
@@ -304,17 +308,20 @@ def _as_cost(value: dict) -> Cost:
 
 
 def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool = True,
-                  ready=None) -> Cost:
-  """The Cost of running every block of `spec`'s stack as `candidate` in a training step
-  (`ready`: its steps compiled ahead by depth, from `precompile_training`)."""
+                  ready=None, chunk_size=None) -> Cost:
+  """The Cost of running every block of `spec`'s stack as `candidate` in a training step,
+  chunked by `chunk_size` (None: not chunked; `ready`: its steps compiled ahead by depth, from
+  `precompile_training`)."""
   def record(depth, value):  # the uniform plan of this depth needs no compile to check
-    _store_whole_step(spec, depth, ((depth, candidate.name),), None, True, value, use_cache)
+    _store_whole_step(spec, depth, ((depth, candidate.name),), chunk_size, True, value,
+                      use_cache)
 
   def compute():
-    return _fit(lambda depth: stack_step(spec, depth, candidate.stack_remat()),
-                candidate.remat, measure, lambda: _estimated_block_ms(spec, candidate), record,
-                ready)
-  value = cached(spec, "training", _training_key(candidate, measure), compute, use_cache)
+    return _fit(lambda depth: stack_step(spec, depth, candidate.stack_remat(), chunk_size),
+                candidate.remat, measure,
+                lambda: _estimated_block_ms(spec, candidate, chunk_size), record, ready)
+  value = cached(spec, "training", _training_key(candidate, measure, chunk_size), compute,
+                 use_cache)
   return _as_cost(value)
 
 

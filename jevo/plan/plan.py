@@ -106,7 +106,7 @@ class Plan:
     for r in self.runs:
       lines.append(f"- {r.blocks} blocks keep {cand.by_name(r.candidate).keeps} "
                    f"(remat={r.remat!r})")
-    if not self.training:
+    if not self.training or self.chunk_size is not None:
       lines.append(f"- chunk_size={self.chunk_size}")
     lines += [f"  {reason}" for reason in self.reasons]
     return "\n".join(lines)
@@ -293,16 +293,48 @@ def default_compile_workers() -> int:
 
 def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cache, checks,
                    start, workers=1):
+  """The fastest plan unchunked; where none fits, the same with the stack chunked by each of
+  `TRAINING_CHUNKS` in turn (largest first) and the candidates that keep nothing of a block's
+  internals. A budget no level meets raises the PlanError naming the smallest budget of all."""
   chosen = candidates or cand.TRAINING_CANDIDATES
+  levels = [(None, chosen)] + [
+      (chunk, [c for c in chosen if c.name in cand.CHUNKED_CANDIDATES])
+      for chunk in cand.TRAINING_CHUNKS if chunk < max(spec.n_seq, spec.n_res)]
+  best_error = unchunked = None
+  for chunk, level in levels:
+    if not level:
+      continue
+    try:
+      plan = _plan_training_at(spec, blocks, budget, headroom, measure, level, use_cache,
+                               checks, start, workers, chunk)
+    except PlanError as err:
+      unchunked = err if chunk is None else unchunked
+      if best_error is None or err.smallest_budget < best_error.smallest_budget:
+        best_error = err
+      continue
+    if chunk is not None:
+      plan = dataclasses.replace(plan, reasons=(
+          f"no plan fits unchunked (the smallest budget without chunking is "
+          f"{size_text(unchunked.smallest_budget)}); chunk_size={chunk} recomputes each "
+          "slice of the chunked modules in the backward pass",) + plan.reasons)
+    return plan
+  raise best_error
+
+
+def _plan_training_at(spec, blocks, budget, headroom, measure, chosen, use_cache, checks, start,
+                      workers, chunk):
+  """The fastest plan of `chosen` candidates with the stack chunked by `chunk`, or PlanError."""
   ready = cst.precompile_training(spec, chosen, measure=measure, workers=workers,
-                                  use_cache=use_cache)
+                                  use_cache=use_cache, chunk_size=chunk)
   costs = {c.name: cst.training_cost(spec, c, measure=measure, use_cache=use_cache,
-                                     ready=ready.get(c.name))
+                                     ready=ready.get(c.name), chunk_size=chunk)
            for c in chosen}
   order = [c.name for c in chosen]  # fastest first
   limit = budget - headroom
+  chunk_text = "" if chunk is None else f", chunk_size={chunk}"
   runs_of = lambda counts: tuple((counts[n], n) for n in order if n in counts)  # noqa: E731
-  what = lambda counts: " + ".join(f"{k} x {n}" for k, n in runs_of(counts))  # noqa: E731
+  what = lambda counts: " + ".join(  # noqa: E731
+      f"{k} x {n}" for k, n in runs_of(counts)) + chunk_text
   # `model` is the cost model as corrected by the checks: a checked plan over the limit charges
   # each of its blocks an equal share of what the model under-predicted it by.
   model, choice, checked, search_limit, fallback = dict(costs), None, None, limit, None
@@ -313,7 +345,7 @@ def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cach
     if checks is None:
       choice = found
       break
-    nbytes = checks(what(found.counts), runs_of(found.counts), None,
+    nbytes = checks(what(found.counts), runs_of(found.counts), chunk,
                     search.peak_of(costs, found.counts, blocks))
     if nbytes <= limit:
       choice, checked = found, what(found.counts)
@@ -325,14 +357,14 @@ def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cach
   if choice is None:
     leanest = min(order, key=lambda n: (model[n].peak(blocks), order.index(n)))
     least = costs[leanest].peak(blocks)
-    every = (f"every block as {leanest!r}, keeping {cand.by_name(leanest).keeps}")
+    every = (f"every block as {leanest!r}, keeping {cand.by_name(leanest).keeps}{chunk_text}")
     if checks is None:
       raise PlanError(f"no plan for {blocks} blocks at {spec.n_seq} x {spec.n_res} fits a "
                       f"budget of {size_text(budget)}: the smallest budget the planner can "
                       f"meet is {size_text(least + headroom)} ({least + headroom} bytes; "
                       f"{every}; predicted{_headroom_text(headroom)})", least + headroom)
     checked = what({leanest: blocks})
-    nbytes = checks(checked, ((blocks, leanest),), None, least)
+    nbytes = checks(checked, ((blocks, leanest),), chunk, least)
     if nbytes > limit:
       smallest = nbytes + headroom
       raise PlanError(f"no plan for {blocks} blocks at {spec.n_seq} x {spec.n_res} fits a "
@@ -347,17 +379,18 @@ def _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cach
              f"{costs[n].fixed / 2**20:.1f} MiB, {costs[n].ms:.2f} ms per block"
              for n in order]
   if choice.counts.get(fastest) == blocks:
-    reasons.insert(0, "every block keeps everything: the fastest choice fits the budget")
+    reasons.insert(0, f"every block keeps {cand.by_name(fastest).keeps}: the fastest choice "
+                   "fits the budget")
   else:
-    reasons.insert(0, f"keeping everything in all {blocks} blocks would need "
-                   f"{size_text(costs[fastest].peak(blocks))}; the programme over blocks "
+    reasons.insert(0, f"keeping {cand.by_name(fastest).keeps} in all {blocks} blocks would "
+                   f"need {size_text(costs[fastest].peak(blocks))}; the programme over blocks "
                    "picked the fastest mix that fits")
   if fallback:
     reasons[0] = fallback
   if checks is not None:
     reasons[1:1] = checks.reasons(limit)
   xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
-  return Plan(True, blocks, budget, runs, None, search.peak_of(costs, choice.counts, blocks),
+  return Plan(True, blocks, budget, runs, chunk, search.peak_of(costs, choice.counts, blocks),
               choice.ms,
               costs[fastest].time_source, tuple(reasons), time.perf_counter() - start,
               xla_peak, headroom, len(checks.seen) if checks is not None else 0,
