@@ -1,0 +1,87 @@
+"""The memory-budget planner over a sweep of budgets: for each, the plan (`jevo.plan`) and the
+planned step run in a fresh process, planned against measured peak and time, in one table.
+
+    python benchmarks/plan_budgets.py --preset af2-finetune --budgets 120GB 40GB 16GB 8GB 4GB
+    python benchmarks/plan_budgets.py --preset extra-msa --budgets 16GB
+    python benchmarks/plan_budgets.py --preset long-inference --budgets 16GB --blocks 48
+
+The first budget plans from whatever the planner's cache holds (an empty one compiles and
+times every candidate), in a process of its own; each budget's planned step then runs in
+another fresh process (the allocator's peak is a running maximum over a process), planning
+again from the cache. `--out PATH` also writes the records as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from jevo.bench.run import run_worker  # noqa: E402
+
+GIB = 2 ** 30
+
+
+def _gib(nbytes) -> str:
+  return "-" if nbytes is None else f"{nbytes / GIB:.2f}"
+
+
+def one_budget(preset: str, budget: str, blocks: int, repeats: int, timeout_s: int) -> dict:
+  spec = dict(mode="plan", preset=preset, budget=budget, blocks=blocks, repeats=repeats,
+              candidates=[])
+  start = time.perf_counter()
+  planned = run_worker(dict(spec, plan_only=True), timeout_s=timeout_s)
+  planning_s = time.perf_counter() - start
+  if planned.get("status") != "ok":
+    return dict(budget=budget, status=planned.get("status"), reason=planned.get("reason", ""),
+                smallest_budget=planned.get("smallest_budget"), planning_wall_s=planning_s)
+  ran = run_worker(spec, timeout_s=timeout_s)
+  return dict(ran, budget=budget, planning_wall_s=planning_s)
+
+
+def row(record: dict) -> str:
+  if record.get("status") != "ok":
+    smallest = record.get("smallest_budget")
+    why = record.get("reason", "")[:160]
+    return (f"| {record['budget']} | {record.get('status')}: {why} | "
+            f"smallest {_gib(smallest)} GiB | | | |")
+  plan, measured = record["plan"], record.get("measured", {})
+  runs = " + ".join(f"{r['blocks']} x {r['candidate']}" for r in plan["runs"]) or "-"
+  if plan.get("chunk_size") is not None:
+    runs += f", chunk {plan['chunk_size']}"
+  peak = measured.get("absolute_peak_bytes")
+  flag = " (upper bound)" if measured.get("peak_is_upper_bound") else ""
+  return (f"| {record['budget']} | {runs} | {plan['predicted_ms']:.1f} ms / "
+          f"{_gib(plan['predicted_peak'])} GiB | XLA {_gib(plan.get('xla_peak'))}, allocator "
+          f"in planning {_gib(plan.get('device_peak'))} GiB | {measured.get('ms', 0):.1f} ms "
+          f"({measured.get('min_ms', 0):.1f}-{measured.get('max_ms', 0):.1f}) / "
+          f"{_gib(peak)} GiB{flag} | {record['planning_wall_s']:.0f} s |")
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="af2-finetune")
+  p.add_argument("--budgets", nargs="+", default=["120GB", "40GB", "16GB", "8GB", "4GB"])
+  p.add_argument("--blocks", type=int, default=48)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
+  p.add_argument("--out", help="also write the records here, one JSON line each")
+  args = p.parse_args(argv)
+  records = []
+  print("| budget | plan | predicted step / peak | checked peaks | measured step (min-max) / "
+        "allocator's peak | planning wall |", flush=True)
+  print("|---|---|---|---|---|---|", flush=True)
+  for budget in args.budgets:
+    record = one_budget(args.preset, budget, args.blocks, args.repeats, args.timeout)
+    records.append(record)
+    print(row(record), flush=True)
+  if args.out:
+    pathlib.Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+if __name__ == "__main__":
+  main()
