@@ -253,7 +253,8 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
   them side by side was measured slower).
 
   The planner's own cost is compiles: two per candidate (five for training, up to twelve chunk
-  sizes for inference) and one per check, each about as long as compiling one step of the
+  sizes for inference; where no training plan fits unchunked, two more per chunked candidate
+  and chunk size) and one per check, each about as long as compiling one step of the
   stack (its scans make that nearly independent of the number of blocks). On a busy 2-core CPU
   at tiny sizes (8 x 12, c_m 32, 6 blocks, candidates "everything" and "block_inputs", a budget
   that needs a mix) planning from an empty cache took 74 s without the check and 91 s with it
