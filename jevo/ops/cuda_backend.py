@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple
 
 from jevo._cuda_lib import BACKWARD_TARGET, FORWARD_TARGET, cuda_status, kernel_family
 from jevo.ops import partitioning
+from jevo.ops.placement import placement_reason
 from jevo.ops.varying import vary_like
 
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -40,23 +41,6 @@ MAX_HEAD_DIM = 128
 # element type (the handler checks it): bf16 keeps fp32's exponent range, so the small residuals
 # of fp16 outputs stay normal numbers.
 RESIDUAL_DTYPE = jnp.bfloat16
-
-
-def _placement_reason(*arrays):
-  """Why the computation will not run on a CUDA device, as far as can be told before it runs:
-  concrete inputs that live elsewhere, or a default device (`jax.default_device`) that is not
-  a GPU. Traced inputs under `jax.jit` have no placement yet; XLA places them."""
-  for x in arrays:
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-      platforms = sorted({d.platform for d in x.devices()})
-      if platforms and platforms != ["gpu"]:
-        return f"the inputs live on {', '.join(platforms)}, not on a CUDA device"
-  default = jax.config.jax_default_device
-  platform = default if isinstance(default, str) else getattr(default, "platform", None)
-  if platform is not None and platform not in ("gpu", "cuda"):
-    return f"the default device (jax.default_device) is {default}, not a CUDA device"
-  return None
-
 
 # The FFI calls' `family` attribute: 0 lets the handler pick by the device's compute capability.
 AUTO_FAMILY = 0
@@ -86,7 +70,7 @@ def unsupported_reason(q, k, v, mask, bias, *, family=None):
   status = cuda_status()
   if not status.available:
     return status.reason
-  placement = _placement_reason(q, k, v, mask, bias)
+  placement = placement_reason(q, k, v, mask, bias, target="a CUDA device")
   if placement is not None:
     return placement
   if q.dtype not in KERNEL_DTYPES:

@@ -7,6 +7,8 @@ import importlib
 
 import jax
 
+from jevo.ops.placement import placement_reason
+
 # Pallas's Triton backend (and XLA's Triton) needs Ampere or newer.
 _MIN_COMPUTE_CAPABILITY = (8, 0)
 
@@ -17,14 +19,9 @@ def platform_reason(x) -> str | None:
   every device's compute capability)."""
   if jax.default_backend() != "gpu":
     return f"JAX's default backend is {jax.default_backend()}, not a GPU"
-  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-    platforms = sorted({d.platform for d in x.devices()})
-    if platforms and platforms != ["gpu"]:
-      return f"x lives on {', '.join(platforms)}, not on a GPU"
-  default = jax.config.jax_default_device
-  platform = default if isinstance(default, str) else getattr(default, "platform", None)
-  if platform is not None and platform not in ("gpu", "cuda"):
-    return f"the default device (jax.default_device) is {default}, not a GPU"
+  reason = placement_reason(x)
+  if reason is not None:
+    return reason
   for device in jax.devices():
     capability = _compute_capability(device)
     if capability is None:
