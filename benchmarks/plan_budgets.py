@@ -17,30 +17,16 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from jevo.bench.run import run_worker  # noqa: E402
+from jevo.bench.run import plan_and_run  # noqa: E402
 
 GIB = 2 ** 30
 
 
 def _gib(nbytes) -> str:
   return "-" if nbytes is None else f"{nbytes / GIB:.2f}"
-
-
-def one_budget(preset: str, budget: str, blocks: int, repeats: int, timeout_s: int) -> dict:
-  spec = dict(mode="plan", preset=preset, budget=budget, blocks=blocks, repeats=repeats,
-              candidates=[])
-  start = time.perf_counter()
-  planned = run_worker(dict(spec, plan_only=True), timeout_s=timeout_s)
-  planning_s = time.perf_counter() - start
-  if planned.get("status") != "ok":
-    return dict(budget=budget, status=planned.get("status"), reason=planned.get("reason", ""),
-                smallest_budget=planned.get("smallest_budget"), planning_wall_s=planning_s)
-  ran = run_worker(spec, timeout_s=timeout_s)
-  return dict(ran, budget=budget, planning_wall_s=planning_s)
 
 
 def row(record: dict) -> str:
@@ -76,7 +62,8 @@ def main(argv=None) -> None:
         "allocator's peak | planning wall |", flush=True)
   print("|---|---|---|---|---|---|", flush=True)
   for budget in args.budgets:
-    record = one_budget(args.preset, budget, args.blocks, args.repeats, args.timeout)
+    record = plan_and_run(args.preset, budget, args.blocks, args.repeats,
+                          timeout_s=args.timeout)
     records.append(record)
     print(row(record), flush=True)
   if args.out:

@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 from jevo.bench import floor, implementations
 from jevo.bench.progress import Progress
@@ -34,6 +35,26 @@ class Options:
   plan_budget: str | None = None  # also run the preset's stack under a plan for this budget
   plan_blocks: int | None = None
   plan_candidates: tuple[str, ...] = ()  # empty: all
+
+
+def plan_and_run(preset: str, budget: str, blocks: int, repeats: int, candidates=(),
+                 progress: Progress | None = None, timeout_s: int = 900) -> dict:
+  """Plans `preset`'s stack of `blocks` blocks for `budget` (jevo.plan) and runs the planned
+  step: the worker's record (the plan, and the measured step where it ran) with `budget`,
+  `blocks` and `planning_wall_s`. Planning runs steps of 2 and 3 blocks of every candidate on
+  the device, and the allocator's peak is a running maximum over a process: so one worker
+  plans (filling the planner's cache) and a fresh one, planning again from that cache, runs
+  the planned step."""
+  spec = dict(mode="plan", preset=preset, budget=budget, blocks=blocks, repeats=repeats,
+              candidates=list(candidates))
+  start = time.perf_counter()
+  planned = run_worker(dict(spec, plan_only=True), progress, timeout_s=timeout_s)
+  planning_s = time.perf_counter() - start
+  if planned.get("status") == "ok":
+    ran = run_worker(spec, progress, timeout_s=timeout_s)
+    planned = dict(ran, plan=planned["plan"], description=planned["description"]) if (
+        ran.get("status") == "ok") else ran
+  return dict(planned, budget=budget, blocks=blocks, planning_wall_s=planning_s)
 
 
 def run_worker(spec: dict, progress: Progress | None = None, env: dict | None = None,
@@ -155,17 +176,8 @@ def run(options: Options) -> dict:
   if do_plan:
     blocks = options.plan_blocks or (4 if preset.block.extra_msa or not on_gpu else 48)
     progress.begin(f"plan {blocks} blocks for {options.plan_budget} and run the plan")
-    plan_spec = dict(mode="plan", preset=preset.name, budget=options.plan_budget, blocks=blocks,
-                     repeats=min(repeats, 5), candidates=list(options.plan_candidates))
-    # Planning runs steps of 2 and 3 blocks of every candidate on the device, and the
-    # allocator's peak is a running maximum over a process: so one worker plans (filling the
-    # planner's cache) and a fresh one, planning again from that cache, runs the planned step.
-    planned = run_worker(dict(plan_spec, plan_only=True), progress, timeout_s=options.timeout_s)
-    if planned.get("status") == "ok":
-      ran = run_worker(plan_spec, progress, timeout_s=options.timeout_s)
-      planned = dict(ran, plan=planned["plan"], description=planned["description"]) if (
-          ran.get("status") == "ok") else ran
-    planned.update(budget=options.plan_budget, blocks=blocks)
+    planned = plan_and_run(preset.name, options.plan_budget, blocks, min(repeats, 5),
+                           options.plan_candidates, progress, options.timeout_s)
     progress.finish("ran" if planned.get("status") == "ok" else
                     f"failed: {planned.get('reason', '')[:80]}")
   progress.close()

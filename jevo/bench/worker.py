@@ -186,17 +186,17 @@ def planned(spec: dict) -> dict:
   record = dict(status="ok", plan=dataclasses.asdict(plan), description=plan.describe())
   if spec.get("plan_only"):
     return record
-  remat = plan.stack_remat if training else "none"
-  fn, _, concrete = costs.stack_step(stack_spec, spec["blocks"], remat, plan.chunk_size,
-                                      training)
+  fn, _, concrete, remat = costs.planned_step(
+      stack_spec, spec["blocks"], [(r.blocks, r.candidate) for r in plan.runs], plan.chunk_size,
+      training)
   stage("build the planned stack")
   args = concrete()
   jax.block_until_ready(args)
   memory = DeviceMemory(jax.devices()[0])
-  offload = training and any(r.remat == "offload" for r in plan.runs)
   stage("compile and time the planned step")
-  record["measured"] = measure(fn, args, repeats=spec["repeats"], batch=1, memory=memory,
-                               compiler_options=OFFLOAD_COMPILER_OPTIONS if offload else None)
+  record["measured"] = measure(
+      fn, args, repeats=spec["repeats"], batch=1, memory=memory,
+      compiler_options=OFFLOAD_COMPILER_OPTIONS if remat == "offload" else None)
   xla = record["measured"]["xla"]
   record["xla_whole_step_bytes"] = (xla.get("temp_size", 0) + xla.get("argument_size", 0) +
                                     xla.get("output_size", 0) - xla.get("alias_size", 0))

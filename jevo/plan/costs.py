@@ -68,17 +68,23 @@ def _cache_key(spec: StackSpec, what: str, extra: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _cache_path(spec: StackSpec, what: str, extra: dict) -> pathlib.Path:
+  return cache_dir() / f"{_cache_key(spec, what, extra)}.json"
+
+
 def is_cached(spec: StackSpec, what: str, extra: dict) -> bool:
-  return (cache_dir() / f"{_cache_key(spec, what, extra)}.json").exists()
+  return _cache_path(spec, what, extra).exists()
 
 
-def cached(spec: StackSpec, what: str, extra: dict, compute, use_cache: bool = True):
-  """compute() once per key: its JSON-serialisable result, kept in `cache_dir()`."""
-  path = cache_dir() / f"{_cache_key(spec, what, extra)}.json"
-  if use_cache and is_cached(spec, what, extra):
+def cached(spec: StackSpec, what: str, extra: dict, compute, use_cache: bool = True,
+           keep=lambda value: True):
+  """compute() once per key: its JSON-serialisable result, kept in `cache_dir()` where
+  `keep(result)`."""
+  path = _cache_path(spec, what, extra)
+  if use_cache and path.exists():
     return json.loads(path.read_text())
   value = compute()
-  if use_cache:
+  if use_cache and keep(value):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value))
   return value
@@ -388,10 +394,6 @@ def device_peak(spec: StackSpec, blocks: int, runs, chunk_size=None, training=Tr
   user's process pays those too) and `seconds`; or `error` where it could not be measured.
   Failures are not cached."""
   from jevo.plan import device_peak as child
-  extra = _whole_step_extra(blocks, runs, chunk_size, training)
-  if use_cache and is_cached(spec, "device peak", extra):
-    return cached(spec, "device peak", extra, None)
-  value = child.measure_in_fresh_process(spec, blocks, runs, chunk_size, training)
-  if "error" not in value and use_cache:
-    cached(spec, "device peak", extra, lambda: value)
-  return value
+  return cached(spec, "device peak", _whole_step_extra(blocks, runs, chunk_size, training),
+                lambda: child.measure_in_fresh_process(spec, blocks, runs, chunk_size, training),
+                use_cache, keep=lambda value: "error" not in value)

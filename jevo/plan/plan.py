@@ -204,10 +204,10 @@ class _Checks:
       out += f" (the allocator's peak not measured: {why_not})"
     return out + f", predicted {size_text(predicted)}"
 
-  def reasons(self, limit: int) -> list[str]:
+  def reasons(self) -> list[str]:
     return [f"checked {what}: {self.text(what)}: "
-            + ("fits" if self.figure(what) <= limit
-               else f"{size_text(self.figure(what) - limit)} over the limit")
+            + ("fits" if self.figure(what) <= self.limit
+               else f"{size_text(self.figure(what) - self.limit)} over the limit")
             for what in self.seen]
 
 
@@ -389,7 +389,7 @@ def _plan_training_at(spec, blocks, budget, headroom, measure, chosen, use_cache
   if fallback:
     reasons[0] = fallback
   if checks is not None:
-    reasons[1:1] = checks.reasons(limit)
+    reasons[1:1] = checks.reasons()
   xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
   return Plan(True, blocks, budget, runs, chunk, search.peak_of(costs, choice.counts, blocks),
               choice.ms,
@@ -446,7 +446,7 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
              f"{c.ms:.2f} ms per block" for j, c in sorted(tried.items(), key=lambda kv: kv[0])]
   reasons.insert(0, "the largest chunk that fits (smaller chunks only cost time)")
   if checks is not None:
-    reasons[1:1] = checks.reasons(limit)
+    reasons[1:1] = checks.reasons()
   xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
   return Plan(False, blocks, budget, (), chunks[chosen], best.peak(blocks), blocks * best.ms,
               best.time_source, tuple(reasons), time.perf_counter() - start, xla_peak,
