@@ -15,13 +15,11 @@
 namespace jevo {
 
 // o_rc: the (rows, cols) view of this thread's fp32 output accumulator; row_max, row_sum: its
-// rows' running maximum (natural units) and sum of exponentials: a per-thread partial that the
-// row's four threads add up, or with kSumComplete the whole row's sum already. o and
+// rows' running maximum (natural units) and (per-thread partial) sum of exponentials. o and
 // o_res point at this (b * n, head)'s rows, lse at its [S] slice; m0 is the tile's first query.
 // A fully masked row has sum 0: output 0 (residual 0), LSE +inf (so that the backward's
 // exp(s - LSE) is 0 there, never NaN).
-template <bool kWriteResidual, bool kSumComplete = false, int kRows, int kNWarps, typename Element,
-          typename ORowCol>
+template <bool kWriteResidual, int kRows, int kNWarps, typename Element, typename ORowCol>
 CUTE_DEVICE void write_forward_rows(ORowCol const& o_rc, AccCoords<kNWarps> const& at,
                                     const float (&row_max)[kRows], const float (&row_sum)[kRows],
                                     Element* o, cutlass::bfloat16_t* o_res, float* lse,
@@ -29,7 +27,7 @@ CUTE_DEVICE void write_forward_rows(ORowCol const& o_rc, AccCoords<kNWarps> cons
   using Residual = cutlass::bfloat16_t;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const float sum = kSumComplete ? row_sum[r] : quad_sum(row_sum[r]);
+    const float sum = quad_sum(row_sum[r]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int qi = m0 + at.row(r);
     if (qi < S) {

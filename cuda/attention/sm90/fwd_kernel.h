@@ -5,10 +5,7 @@
 // tile j while P V of tile j - 1 still runs on the tensor cores, and only then waits for it and
 // rescales O. Operands come from shared memory (Q, K, V) and registers (P), so no ldmatrix and
 // no per-warp copies of K and V. Q, K, V and the bias tiles arrive by TMA, issued by one thread
-// and awaited on one mbarrier per stage, so the warps spend no instructions on loads. The
-// softmax's row sums are a third product in P V's batch, P times a tile of ones, so that the
-// tensor cores add the exponentials (the same bf16 values that weight V) instead of one
-// floating-point add per logit.
+// and awaited on one mbarrier per stage, so the warps spend no instructions on loads.
 #pragma once
 
 #include <cuda.h>
@@ -66,27 +63,6 @@ CUTE_DEVICE void wgmma_batch(TiledMma& mma, TA&& a, TB&& b, TC& acc) {
   if constexpr (kRegisterA) warpgroup_fence_operand(a);
 }
 
-// O += P V and sums += P 1 over the K slices, as one committed batch (the sums' product reuses
-// P's registers and a constant tile of ones). Waits for nothing, as wgmma_batch.
-template <typename MmaPV, typename MmaSum, typename TP, typename TV, typename TOnes, typename TO,
-          typename TSum>
-CUTE_DEVICE void pv_and_sum_batch(MmaPV& mma_pv, MmaSum& mma_sum, TP& p, TV&& v, TOnes& ones,
-                                  TO& acc_o, TSum& acc_sum) {
-  warpgroup_fence_operand(p);
-  warpgroup_fence_operand(acc_o);
-  warpgroup_fence_operand(acc_sum);
-  warpgroup_arrive();
-#pragma unroll
-  for (int k = 0; k < size<2>(p); ++k) {
-    cute::gemm(mma_pv, p(_, _, k), v(_, _, k), acc_o);
-    cute::gemm(mma_sum, p(_, _, k), ones(_, _, k), acc_sum);
-  }
-  warpgroup_commit_batch();
-  warpgroup_fence_operand(acc_sum);
-  warpgroup_fence_operand(acc_o);
-  warpgroup_fence_operand(p);
-}
-
 // The TMA descriptors of one launch (kernel parameters, so __grid_constant__ and 64-byte
 // aligned): activations as encode_activation_map gives them, the bias as encode_bias_map.
 struct FwdTensorMaps {
@@ -94,8 +70,7 @@ struct FwdTensorMaps {
 };
 
 // Shared memory of the kernel: Q, the K, V and bias rings (each tile 1 KiB-aligned, as the
-// 128-byte swizzle wants), the ones of the row sums' product, and the mbarriers that say a
-// stage (or Q) has landed.
+// 128-byte swizzle wants), and the mbarriers that say a stage (or Q) has landed.
 template <typename Traits>
 struct FwdSmem {
   using Element = typename Traits::Element;
@@ -103,7 +78,6 @@ struct FwdSmem {
   alignas(1024) Element k[Traits::kStages * Traits::kTileElemsKV];
   alignas(1024) Element v[Traits::kStages * Traits::kTileElemsKV];
   alignas(1024) Element bias[Traits::kStages * Traits::kTileElemsBias];
-  alignas(1024) Element ones[Traits::kTileElemsOnes];
   alignas(8) uint64_t q_full;
   uint64_t full[Traits::kStages];
 };
@@ -167,9 +141,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     }
   };
 
-  for (int i = tid; i < Traits::kTileElemsOnes; i += Traits::kNThreads) smem.ones[i] = Element(1.f);
-  // The ones are written through the generic proxy and read by wgmma through the async one.
-  cutlass::arch::fence_view_async_shared();
   if (tid == 0) {
     Barrier::init(&smem.q_full, 1);
 #pragma unroll
@@ -192,35 +163,31 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 
   typename Traits::MmaQK mma_qk;
   typename Traits::MmaPV mma_pv;
-  typename Traits::MmaSum mma_sum;
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
-  auto thr_sum = mma_sum.get_thread_slice(tid);
   Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));    // descriptors
   Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));    // (.., .., k, stage)
   Tensor tOrVt = thr_pv.make_fragment_B(thr_pv.partition_B(sVt));  // (.., .., k, stage)
-  Tensor sOnes = make_tensor(make_smem_ptr(smem.ones), typename Traits::SmemLayoutOnes{});
-  Tensor tOnes = thr_sum.make_fragment_B(thr_sum.partition_B(sOnes));  // (.., .., k)
   Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor acc_o = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   Tensor p_frag = make_tensor<Element>(acc_s.layout());  // P of the previous tile
   Tensor tOrP = acc_as_a_operand<kBlockN>(p_frag);
-  // Every column of acc_sum holds its row's sum of P over the keys so far.
-  Tensor acc_sum = partition_fragment_C(mma_sum, Shape<Int<kBlockM>, Int<Traits::kSumCols>>{});
   clear(acc_o);
-  clear(acc_sum);
 
   const AccCoords<Traits::kNWarps> at(tid);
   Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
   Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
-  Tensor sum_rc = make_tensor(acc_sum.data(), acc_rowcol_layout(acc_sum.layout()));
   constexpr int kRows = decltype(size<0>(s))::value;
   constexpr int kCols = decltype(size<1>(s))::value;
   static_assert(kRows == 2, "a thread holds rows r and r + 8 of its warp's 16");
 
   float row_max[kRows];  // natural units
+  float row_sum[kRows];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) row_max[r] = -INFINITY;
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
 
   Barrier::wait(&smem.q_full, 0);
   for (int nb = 0; nb < n_blocks; ++nb) {
@@ -234,10 +201,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     if (tid == 0) issue(nb + kPrefetch);
 
     wgmma_batch<true>(mma_qk, tSrQ, tSrK(_, _, _, st), acc_s);
-    if (nb > 0) {
-      pv_and_sum_batch(mma_pv, mma_sum, tOrP, tOrVt(_, _, _, (nb - 1) % kStages), tOnes, acc_o,
-                       acc_sum);
-    }
+    if (nb > 0) wgmma_batch<false>(mma_pv, tOrP, tOrVt(_, _, _, (nb - 1) % kStages), acc_o);
     if (nb > 0) {
       warpgroup_wait<1>();  // S of this tile; P V of the last may still run
     } else {
@@ -258,35 +222,34 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       const float base_log2 = (mx == -INFINITY ? 0.f : mx) * kLog2e;
       correction[r] = exp2f(row_max[r] * kLog2e - base_log2);
       row_max[r] = mx;
+      float sum = 0.f;
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) s(r, c) = exp2f(fmaf(s(r, c), kLog2e, -base_log2));
+      for (int c = 0; c < kCols; ++c) {
+        const float pv = exp2f(fmaf(s(r, c), kLog2e, -base_log2));
+        s(r, c) = pv;
+        sum += pv;
+      }
+      row_sum[r] = row_sum[r] * correction[r] + sum;
     }
 
-    warpgroup_wait<0>();  // P V of tile nb - 1: O, the sums and P are free again
+    warpgroup_wait<0>();  // P V of tile nb - 1: O and P are free again
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
 #pragma unroll
       for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= correction[r];
-#pragma unroll
-      for (int c = 0; c < size<1>(sum_rc); ++c) sum_rc(r, c) *= correction[r];
     }
 #pragma unroll
     for (int i = 0; i < size(acc_s); ++i) p_frag(i) = static_cast<Element>(acc_s(i));
   }
   if (n_blocks > 0) {
-    pv_and_sum_batch(mma_pv, mma_sum, tOrP, tOrVt(_, _, _, (n_blocks - 1) % kStages), tOnes, acc_o,
-                     acc_sum);
+    wgmma_batch<false>(mma_pv, tOrP, tOrVt(_, _, _, (n_blocks - 1) % kStages), acc_o);
     warpgroup_wait<0>();
   }
-  float row_sum[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) row_sum[r] = sum_rc(r, 0);
 
   float* lse = p.lse + (bn * sh.heads + h) * sh.seq;
   using Residual = cutlass::bfloat16_t;
   Residual* o_res = kWriteResidual ? static_cast<Residual*>(p.o_residual) + base : nullptr;
-  write_forward_rows<kWriteResidual, /*kSumComplete=*/true>(o_rc, at, row_max, row_sum, o, o_res, lse,
-                                                           row_stride, m0, S, D);
+  write_forward_rows<kWriteResidual>(o_rc, at, row_max, row_sum, o, o_res, lse, row_stride, m0, S, D);
 }
 
 }  // namespace sm90

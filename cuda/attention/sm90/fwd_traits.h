@@ -66,17 +66,6 @@ struct FwdTraits {
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>,
                            GMMA::Major::K, GMMA::Major::MN>()));
 
-  // The row sums of P as a product on the tensor cores, P [64, keys] times a [keys, 8] matrix of
-  // ones (every column of the result is the sum), instead of a floating-point add per logit.
-  static constexpr int kSumCols = 8;  // the smallest wgmma N
-  using MmaSum = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kSumCols>, Int<kBlockN>>,
-                           GMMA::Major::K, GMMA::Major::K>()));
-  // The ones as the B operand [8, keys], keys contiguous: one 128-byte swizzle atom.
-  using SmemLayoutOnes = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                                Shape<Int<kSumCols>, Int<kBlockN>>{}));
-  static constexpr int kTileElemsOnes = kSumCols * kBlockN;
-
   // Q [queries, d] and K [keys, d], d contiguous (K-major for both operands of Q K^T).
   using SmemLayoutQ = decltype(tile_to_shape(gmma_k_major_atom<Element, kHeadDim>(),
                                              Shape<Int<kBlockM>, Int<kHeadDim>>{}));
