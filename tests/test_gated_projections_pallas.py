@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jevo.nn import TriangleMultiplication
+from jevo.nn import TriangleMultiplication, triangle_multiplication
 from jevo.ops import gated_projections as op
 
 tp = pytest.importorskip("jevo.ops.gated_projections_pallas")
@@ -105,14 +105,17 @@ def interpreted(monkeypatch):
 
   monkeypatch.setattr(op, "fused", fused)
   monkeypatch.setattr(op, "unsupported_reason", lambda *a: None)
+  monkeypatch.setattr(triangle_multiplication, "platform_reason", lambda x: None)
   return calls
 
 
+@pytest.mark.parametrize("implementation", ["pallas_forward", None])  # None: where it can run
 @pytest.mark.parametrize("outgoing", [True, False])
 def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(interpreted,
-                                                                            outgoing):
+                                                                            outgoing,
+                                                                            implementation):
   dtype = jnp.bfloat16
-  t = _module(32, 16, dtype, "pallas_forward", outgoing)
+  t = _module(32, 16, dtype, implementation, outgoing)
   x = _module(32, 16, dtype, "xla", outgoing)  # the same parameters (same seeds)
   z, mask = _pair(9, 32, dtype)
 
