@@ -42,11 +42,10 @@ def main(argv=None) -> None:
   from jevo.ops.transition import resolve_implementation
 
   def runs(module, x, implementation):
-    """What the module runs: the transition resolves None itself; the triangle multiplication
-    takes what it is given (None is XLA)."""
+    """What the module runs undifferentiated, as it resolves `implementation` itself."""
     if args.modules == "transitions":
       return resolve_implementation(x, module.linear_1.kernel[...], implementation)
-    return implementation or "xla"
+    return module.resolved_implementation(x)
 
   rows = []
   for shape in args.shape or [parse_shape("512x384")]:

@@ -119,6 +119,8 @@ def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(inte
   x = _module(32, 16, dtype, "xla", outgoing)  # the same parameters (same seeds)
   z, mask = _pair(9, 32, dtype)
 
+  assert t.resolved_implementation(z) == "pallas_forward"
+  assert x.resolved_implementation(z) == "xla"
   out = nnx.jit(lambda t, z: t(z, mask))(t, z)
   assert interpreted, "the undifferentiated module did not run the kernel"
   want = x(z, mask)
@@ -153,6 +155,7 @@ def test_off_the_gpu_pallas_forward_says_why_and_xla_is_the_default():
   z, mask = _pair(5, 16, jnp.bfloat16)
   with pytest.raises(ValueError, match="implementation='pallas_forward'.*cannot run here"):
     _module(16, 16, jnp.bfloat16, "pallas_forward")(z, mask)
+  assert _module(16, 16, jnp.bfloat16).resolved_implementation(z) == "xla"
   np.testing.assert_array_equal(_module(16, 16, jnp.bfloat16)(z, mask),
                                 _module(16, 16, jnp.bfloat16, "xla")(z, mask))
 

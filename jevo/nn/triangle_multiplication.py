@@ -102,35 +102,45 @@ class TriangleMultiplication(nnx.Module):
     left, right = _masked_gated(mask, *outs[0:2]), _masked_gated(mask, *outs[2:4])
     return left, right, (outs[4] if output_gate else None)
 
-  def _whole(self, z: jax.Array, mask: jax.Array) -> jax.Array:
-    """The update of the whole pair: XLA's, or the fused input side's where `implementation`
-    asks for it (None: where the kernel can run) and the module is not differentiated."""
+  def resolved_implementation(self, z: jax.Array) -> str:
+    """What a whole (unchunked), undifferentiated call on `z` runs: "xla" or "pallas_forward"
+    (ValueError if `implementation` asks for a kernel that cannot run here, saying why)."""
     if self.implementation not in IMPLEMENTATIONS:  # the attribute may be set after __init__
       raise ValueError(f"TriangleMultiplication.implementation must be one of "
                        f"{IMPLEMENTATIONS}, got {self.implementation!r}")
     if self.implementation == "xla" or (self.implementation is None
                                         and platform_reason(z) is not None):
+      return "xla"
+    from jevo.ops import gated_projections as op
+    reason = op.unsupported_reason(z, self.c_hidden, self._compute_dtype(z))
+    if reason is None:
+      return "pallas_forward"
+    if self.implementation is None:
+      return "xla"
+    raise ValueError(f"TriangleMultiplication(implementation={self.implementation!r}) cannot "
+                     f"run here: {reason}")
+
+  def _compute_dtype(self, z: jax.Array):
+    graphdef, state = nnx.split(self.left_projection)
+    return jax.eval_shape(lambda z, state: nnx.merge(graphdef, state)(z), z, state).dtype
+
+  def _whole(self, z: jax.Array, mask: jax.Array) -> jax.Array:
+    """The update of the whole pair: XLA's, or the fused input side's where
+    `resolved_implementation` says and the module is not differentiated."""
+    if self.resolved_implementation(z) == "xla":
       return self.finish(*self._product_and_gate(z, mask))
     graphdef, state = nnx.split(self)
+    dtype = self._compute_dtype(z)
 
     # Both return the product over k and the output gate's logits, so that a differentiated
     # call computes exactly what "xla" computes (the kernel's channel-major left and right
-    # never meet XLA's backward).
+    # never meet XLA's backward). The kernel writes left and right channel-major
+    # ([c_hidden, ..., N, N]), the layout of the batched product over channels that follows.
     def reference(z, mask, state):
       return nnx.merge(graphdef, state)._product_and_gate(z, mask)
 
-    dtype = jax.eval_shape(reference, z, mask, state)[0].dtype
-    from jevo.ops import gated_projections as op
-    reason = op.unsupported_reason(z, self.c_hidden, dtype)
-    if reason is not None:
-      if self.implementation is None:
-        return self.finish(*self._product_and_gate(z, mask))
-      raise ValueError(f"TriangleMultiplication(implementation={self.implementation!r}) cannot "
-                       f"run here: {reason}")
-
-    # The kernel writes left and right channel-major ([c_hidden, ..., N, N]), the layout of
-    # the batched product over channels that follows.
     def kernel(z, mask, state):
+      from jevo.ops import gated_projections as op
       module = nnx.merge(graphdef, state)
       layers = (module.left_projection, module.left_gate, module.right_projection,
                 module.right_gate, module.output_gate)
