@@ -331,6 +331,32 @@ def test_steps_compiled_side_by_side_give_the_same_costs(planned_costs):
   assert costs.precompile_training(SPEC, TWO, measure=False, workers=1, use_cache=False) == {}
 
 
+def test_the_first_step_compiles_alone_and_the_others_side_by_side(monkeypatch):
+  """So that the others find the first's autotuning results (see compile_side_by_side)."""
+  import threading
+  events, lock = [], threading.Lock()
+  together = threading.Barrier(2, timeout=10)  # broken unless two compiles overlap
+
+  class Lowered:
+    def __init__(self, key):
+      self.key = key
+
+    def compile(self):
+      with lock:
+        events.append(("start", self.key))
+      if self.key != "a":
+        together.wait()
+      with lock:
+        events.append(("end", self.key))
+      return f"compiled {self.key}"
+
+  monkeypatch.setattr(costs, "_lower", lambda fn, args, remat: Lowered(fn))
+  done = costs.compile_side_by_side({k: (k, (), None) for k in "abc"}, workers=2)
+  assert {k: v[0] for k, v in done.items()} == {k: f"compiled {k}" for k in "abc"}
+  assert events[:2] == [("start", "a"), ("end", "a")]
+  assert {e for e in events[2:4]} == {("start", "b"), ("start", "c")}
+
+
 @pytest.mark.parametrize("workers", [0, -1, 1.5])
 def test_bad_compile_workers_are_refused(workers):
   with pytest.raises(ValueError, match="compile_workers must be a positive integer"):

@@ -256,8 +256,14 @@ def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None)
 
 def compile_side_by_side(jobs: dict, workers: int) -> dict:
   """{key: (fn, args, remat)} -> {key: (compiled, compile seconds)}: each step lowered in turn
-  (tracing holds Python's lock), then up to `workers` of XLA's compiles at a time in threads
-  (a compile releases it). Seconds are each compile's own wall time, overlapped with others'."""
+  (tracing holds Python's lock), the first compiled alone, then the others up to `workers` at a
+  time in threads (a compile releases the lock). Seconds are each compile's own wall time,
+  overlapped with others'.
+
+  The first goes alone because XLA's GPU autotuning results are kept per process, by fusion,
+  but compiles running at the same time each autotune the fusions none has finished: the
+  candidates' steps are made of the same block's matrix products, so after one compile the
+  others find most of them tuned."""
   import concurrent.futures
   lowered = {key: _lower(fn, args, remat) for key, (fn, args, remat) in jobs.items()}
 
@@ -265,8 +271,11 @@ def compile_side_by_side(jobs: dict, workers: int) -> dict:
     start = time.perf_counter()
     return key, (lowered[key].compile(), time.perf_counter() - start)
 
+  keys = list(lowered)
+  done = dict([compile_one(keys[0])]) if keys else {}
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-    return dict(pool.map(compile_one, lowered))
+    done.update(pool.map(compile_one, keys[1:]))
+  return done
 
 
 def _training_key(candidate, measure: bool, chunk_size=None) -> dict:

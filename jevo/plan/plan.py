@@ -248,9 +248,10 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
   compiles in all), and where no checked plan fits, PlanError names the smallest budget that
   does (the leanest plan's checked peak plus the headroom). Figures, the checks' included, are
   cached on disk (`costs.cache_dir()`). Raises PlanError naming the smallest budget that can be
-  met. `compile_workers` training steps are compiled at a time (default: one per four CPU
-  cores on a GPU machine, where XLA's compiles leave cores idle; one on a CPU, where running
-  them side by side was measured slower).
+  met. `compile_workers` training steps are compiled at a time, after a first one alone whose
+  autotuning results the others reuse (default: one per four CPU cores on a GPU machine, where
+  XLA's compiles leave cores idle; one on a CPU, where running them side by side was measured
+  slower).
 
   The planner's own cost is compiles: two per candidate (five for training, up to twelve chunk
   sizes for inference; where no training plan fits unchunked, two more per chunked candidate
