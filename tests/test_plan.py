@@ -294,10 +294,34 @@ def test_an_allocator_peak_that_cannot_be_measured_is_said(planned_costs, monkey
     plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, verify="device")
 
 
+def test_the_allocator_checks_child_gives_xlas_figure_so_the_step_compiles_once(
+    planned_costs, monkeypatch):
+  monkeypatch.setattr(planning, "_measures_on_device", lambda: True)
+  compiled_here = []
+  planned_step = costs.planned_step
+  monkeypatch.setattr(costs, "planned_step",
+                      lambda *a, **k: compiled_here.append(a) or planned_step(*a, **k))
+  child = dict(bytes=101 * MiB, xla_bytes=100 * MiB, compile_s=1.5, seconds=2.0)
+  monkeypatch.setattr(costs, "device_peak", lambda *a, **k: dict(child))
+  plan = plan_stack(SPEC, 5, budget="1GiB", candidates=TWO, measure=False, headroom=0)
+  assert not compiled_here, "the planning process compiled the whole step as well"
+  assert (plan.xla_peak, plan.device_peak) == (100 * MiB, 101 * MiB)
+  # Kept as the whole step's XLA figure: the next check of that step reads it.
+  runs = tuple((r.blocks, r.candidate) for r in plan.runs)
+  assert costs.whole_step_cached(SPEC, 5, runs, plan.chunk_size, True)
+  # A child that could not compile the step leaves the compile to the planning process.
+  monkeypatch.setattr(costs, "device_peak", lambda *a, **k: dict(error="no GPU"))
+  plan = plan_stack(SPEC, 7, budget="1GiB", candidates=TWO, measure=False, headroom=0)
+  assert compiled_here and plan.device_peak is None and plan.xla_peak > 0
+
+
 def test_the_allocator_check_runs_the_planned_step_in_a_fresh_process():
   """The child builds, compiles and runs the step; a CPU has no allocator statistics, which it
   reports after running it (on a GPU the same call returns the peak)."""
   value = device_peak.measure_in_fresh_process(SPEC, 2, ((2, "block_inputs"),), None, True)
+  # XLA's analysis of the child's compile is the planning process's own figure for that step.
+  want = costs.whole_step_bytes(SPEC, 2, ((2, "block_inputs"),), None, True, use_cache=False)
+  assert value["xla_bytes"] == want["bytes"] > 0
   if jax.devices()[0].platform == "cpu":
     assert value["error"] == "cpu reports no allocator statistics", value
   else:

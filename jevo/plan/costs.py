@@ -395,6 +395,20 @@ def whole_step_bytes(spec: StackSpec, blocks: int, runs, chunk_size=None, traini
                 compute, use_cache)
 
 
+def whole_step_cached(spec: StackSpec, blocks: int, runs, chunk_size=None, training=True) -> bool:
+  """Whether `whole_step_bytes` of this step would read the cache rather than compile."""
+  return is_cached(spec, "whole step", _whole_step_extra(blocks, runs, chunk_size, training))
+
+
+def store_whole_step_bytes(spec: StackSpec, blocks: int, runs, chunk_size, training, nbytes: int,
+                           compile_s: float, use_cache: bool = True) -> dict:
+  """Keeps XLA's analysis of the whole step found elsewhere (the device check's child compiled
+  it) as `whole_step_bytes`' own; returns it in that form."""
+  value = dict(bytes=int(nbytes), compile_s=float(compile_s))
+  _store_whole_step(spec, blocks, runs, chunk_size, training, value, use_cache)
+  return value
+
+
 def device_peak(spec: StackSpec, blocks: int, runs, chunk_size=None, training=True, *,
                 use_cache: bool = True) -> dict:
   """The allocator's peak for the whole planned step, measured in a fresh process

@@ -27,7 +27,8 @@ TIMEOUT_S = 900
 
 def measure_in_fresh_process(spec, blocks, runs, chunk_size, training,
                              timeout_s: float = TIMEOUT_S) -> dict:
-  """{"bytes", "seconds"} from a child process, or {"error": why}."""
+  """{"bytes", "seconds"} from a child process, or {"error": why}; with "xla_bytes" and
+  "compile_s" wherever the child compiled the step (see `_run`)."""
   request = pickle.dumps((spec, blocks, tuple(tuple(r) for r in runs), chunk_size, training))
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   start = time.perf_counter()
@@ -46,26 +47,34 @@ def measure_in_fresh_process(spec, blocks, runs, chunk_size, training,
 
 
 def _run(spec, blocks, runs, chunk_size, training) -> dict:
+  """{"bytes", "seconds"} and, once the step compiled, XLA's analysis of it as
+  `whole_step_bytes` reports it ("xla_bytes", "compile_s"), so that the planning process need
+  not compile the same step too; {"error"} instead of "bytes" where the step did not run or
+  the device has no allocator statistics."""
   import jax
-  from jevo.plan.costs import _compile, planned_step
+  from jevo.plan.costs import _compile, _device_bytes, planned_step
   device = jax.devices()[0]
   fn, args, concrete, remat = planned_step(spec, blocks, runs, chunk_size, training)
   real = jax.device_put(concrete(), device)
   jax.block_until_ready(real)
   start = time.perf_counter()
   compiled = _compile(fn, args, remat)
-  jax.block_until_ready(compiled(*real))
+  out = dict(xla_bytes=sum(_device_bytes(compiled)), compile_s=time.perf_counter() - start)
+  try:
+    jax.block_until_ready(compiled(*real))
+  except Exception as err:  # an out-of-memory is a result too: the plan does not fit
+    return dict(out, error=f"{type(err).__name__}: {str(err)[:500]}")
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" not in stats:
-    return dict(error=f"{device.platform} reports no allocator statistics")
-  return dict(bytes=int(stats["peak_bytes_in_use"]), seconds=time.perf_counter() - start)
+    return dict(out, error=f"{device.platform} reports no allocator statistics")
+  return dict(out, bytes=int(stats["peak_bytes_in_use"]), seconds=time.perf_counter() - start)
 
 
 def main() -> None:
   spec, blocks, runs, chunk_size, training = pickle.loads(sys.stdin.buffer.read())
   try:
     value = _run(spec, blocks, runs, chunk_size, training)
-  except Exception as err:  # an out-of-memory is a result too: the plan does not fit
+  except Exception as err:  # building or compiling the step failed
     value = dict(error=f"{type(err).__name__}: {str(err)[:500]}")
   print(json.dumps(value), flush=True)
 

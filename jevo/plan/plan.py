@@ -165,7 +165,9 @@ GPU_HEADROOM = 256 * 2 ** 20
 class _Checks:
   """Compiles whole planned steps (or reads them from the cache) and keeps what they gave. With
   `on_device` (a GPU), a step XLA's analysis fits within `limit` is also run once in a fresh
-  process for the allocator's peak (`costs.device_peak`), and the larger figure is the check's."""
+  process for the allocator's peak (`costs.device_peak`), and the larger figure is the check's.
+  Where XLA's figure is not cached yet, the child's compile gives it, so that the planning
+  process does not compile the same whole step as well (it does where the child could not)."""
 
   def __init__(self, spec, blocks, training, use_cache, limit: int, on_device: bool):
     self.spec, self.blocks, self.training, self.use_cache = spec, blocks, training, use_cache
@@ -176,13 +178,19 @@ class _Checks:
   def __call__(self, what: str, runs, chunk_size, predicted: int) -> int:
     if what not in self.seen:
       start = time.perf_counter()
-      nbytes = cst.whole_step_bytes(self.spec, self.blocks, runs, chunk_size, self.training,
-                                    use_cache=self.use_cache)["bytes"]
-      device, why_not = None, ""
-      if self.on_device and nbytes <= self.limit:
-        measured = cst.device_peak(self.spec, self.blocks, runs, chunk_size, self.training,
-                                   use_cache=self.use_cache)
+      step = (self.spec, self.blocks, runs, chunk_size, self.training)
+      nbytes, device, why_not = None, None, ""
+      if self.use_cache and cst.whole_step_cached(*step):
+        nbytes = cst.whole_step_bytes(*step)["bytes"]
+      if self.on_device and (nbytes is None or nbytes <= self.limit):
+        measured = cst.device_peak(*step, use_cache=self.use_cache)
         device, why_not = measured.get("bytes"), measured.get("error", "")
+        if nbytes is None and "xla_bytes" in measured:
+          nbytes = cst.store_whole_step_bytes(*step, measured["xla_bytes"],
+                                              measured.get("compile_s", 0.0),
+                                              use_cache=self.use_cache)["bytes"]
+      if nbytes is None:
+        nbytes = cst.whole_step_bytes(*step, use_cache=self.use_cache)["bytes"]
       self.seconds += time.perf_counter() - start
       self.seen[what] = (predicted, nbytes, device, why_not)
     return self.figure(what)
@@ -255,8 +263,9 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
 
   The planner's own cost is compiles: two per candidate (five for training, up to twelve chunk
   sizes for inference; where no training plan fits unchunked, two more per chunked candidate
-  and chunk size) and one per check, each about as long as compiling one step of the
-  stack (its scans make that nearly independent of the number of blocks). On a busy 2-core CPU
+  and chunk size) and one per check (on a GPU the allocator check's process compiles it and
+  reports XLA's analysis too), each about as long as compiling one step of the stack (its
+  scans make that nearly independent of the number of blocks). On a busy 2-core CPU
   at tiny sizes (8 x 12, c_m 32, 6 blocks, candidates "everything" and "block_inputs", a budget
   that needs a mix) planning from an empty cache took 74 s without the check and 91 s with it
   (one check, 25 s: the mix's two scans compile slower than one); a cost model made to
