@@ -139,6 +139,16 @@ def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(inte
     np.testing.assert_array_equal(got, expected)
 
 
+def test_the_kernel_path_under_vmap_and_remat_matches_per_example_calls(interpreted):
+  t = _module(16, 16, jnp.bfloat16, None)
+  pairs = [_pair(6, 16, jnp.bfloat16, seed) for seed in range(3)]
+  zs, masks = (jnp.stack(p) for p in zip(*pairs))
+  batched = jax.jit(jax.vmap(jax.checkpoint(lambda z, m: t(z, m))))(zs, masks)
+  assert interpreted, "the kernel did not run"
+  for i, (z, m) in enumerate(pairs):
+    np.testing.assert_array_equal(batched[i], jax.jit(lambda z, m: t(z, m))(z, m))
+
+
 def test_chunked_calls_run_xla(interpreted):
   t = _module(16, 16, jnp.bfloat16, "pallas_forward")
   x = _module(16, 16, jnp.bfloat16, "xla")
