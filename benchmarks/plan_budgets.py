@@ -8,7 +8,10 @@ planned step run in a fresh process, planned against measured peak and time, in 
 The first budget plans from whatever the planner's cache holds (an empty one compiles and
 times every candidate), in a process of its own; each budget's planned step then runs in
 another fresh process (the allocator's peak is a running maximum over a process), planning
-again from the cache. `--out PATH` also writes the records as JSON lines.
+again from the cache. `--out PATH` also writes the records as JSON lines, each as soon as its
+budget is done (so that a run stopped early keeps the budgets it finished); each plan's
+description (what was chosen and why, the plans its checks turned down included) goes to
+standard error as it comes.
 """
 
 from __future__ import annotations
@@ -57,17 +60,21 @@ def main(argv=None) -> None:
   p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
   p.add_argument("--out", help="also write the records here, one JSON line each")
   args = p.parse_args(argv)
-  records = []
+  out = pathlib.Path(args.out) if args.out else None
+  if out is not None:
+    out.write_text("")
   print("| budget | plan | predicted step / peak | checked peaks | measured step (min-max) / "
         "allocator's peak | planning wall |", flush=True)
   print("|---|---|---|---|---|---|", flush=True)
   for budget in args.budgets:
     record = plan_and_run(args.preset, budget, args.blocks, args.repeats,
                           timeout_s=args.timeout)
-    records.append(record)
+    if record.get("description"):
+      print(f"{budget}: {record['description']}", file=sys.stderr, flush=True)
     print(row(record), flush=True)
-  if args.out:
-    pathlib.Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    if out is not None:
+      with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
