@@ -9,6 +9,7 @@ from flax import nnx
 from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
 from jevo.nn.linear import linear, project
+from jevo.ops import gated_projections as op
 from jevo.ops.forward_kernel import kernel_where_undifferentiated
 from jevo.ops.pallas_platform import platform_reason
 
@@ -105,32 +106,34 @@ class TriangleMultiplication(nnx.Module):
   def resolved_implementation(self, z: jax.Array) -> str:
     """What a whole (unchunked), undifferentiated call on `z` runs: "xla" or "pallas_forward"
     (ValueError if `implementation` asks for a kernel that cannot run here, saying why)."""
+    return self._resolve(z)[0]
+
+  def _resolve(self, z: jax.Array):
+    """(`resolved_implementation`, the compute dtype where that is the kernel, else None)."""
     if self.implementation not in IMPLEMENTATIONS:  # the attribute may be set after __init__
       raise ValueError(f"TriangleMultiplication.implementation must be one of "
                        f"{IMPLEMENTATIONS}, got {self.implementation!r}")
+    # Off a GPU, None needs neither the compute dtype nor the kernel's own checks.
     if self.implementation == "xla" or (self.implementation is None
                                         and platform_reason(z) is not None):
-      return "xla"
-    from jevo.ops import gated_projections as op
-    reason = op.unsupported_reason(z, self.c_hidden, self._compute_dtype(z))
+      return "xla", None
+    graphdef, state = nnx.split(self.left_projection)
+    dtype = jax.eval_shape(lambda z, state: nnx.merge(graphdef, state)(z), z, state).dtype
+    reason = op.unsupported_reason(z, self.c_hidden, dtype)
     if reason is None:
-      return "pallas_forward"
+      return "pallas_forward", dtype
     if self.implementation is None:
-      return "xla"
+      return "xla", None
     raise ValueError(f"TriangleMultiplication(implementation={self.implementation!r}) cannot "
                      f"run here: {reason}")
-
-  def _compute_dtype(self, z: jax.Array):
-    graphdef, state = nnx.split(self.left_projection)
-    return jax.eval_shape(lambda z, state: nnx.merge(graphdef, state)(z), z, state).dtype
 
   def _whole(self, z: jax.Array, mask: jax.Array) -> jax.Array:
     """The update of the whole pair: XLA's, or the fused input side's where
     `resolved_implementation` says and the module is not differentiated."""
-    if self.resolved_implementation(z) == "xla":
+    implementation, dtype = self._resolve(z)
+    if implementation == "xla":
       return self.finish(*self._product_and_gate(z, mask))
     graphdef, state = nnx.split(self)
-    dtype = self._compute_dtype(z)
 
     # Both return the product over k and the output gate's logits, so that a differentiated
     # call computes exactly what "xla" computes (the kernel's channel-major left and right
@@ -140,7 +143,6 @@ class TriangleMultiplication(nnx.Module):
       return nnx.merge(graphdef, state)._product_and_gate(z, mask)
 
     def kernel(z, mask, state):
-      from jevo.ops import gated_projections as op
       module = nnx.merge(graphdef, state)
       layers = (module.left_projection, module.left_gate, module.right_projection,
                 module.right_gate, module.output_gate)
