@@ -1,9 +1,8 @@
 // Backward Evoformer attention for Hopper (sm_90a): the sm80 backward's contract and its three
 // deterministic launches (dK/dV; dQ and the bias gradient's per-chunk partials; the partials'
-// reduction, shared with sm80), with every matrix product on wgmma. Q, K, V, dO and the bias
-// tiles arrive by TMA into GMMA-swizzled tiles (one load per warp, load_warps.h; the dQ kernel's
-// fp32 partial by cp.async); the products read those tiles directly (no ldmatrix, no per-warp
-// operand copies) and run beside the warpgroup's own instructions:
+// reduction, shared with sm80), with every matrix product on wgmma. The loads are the sm80
+// kernels' cp.async pipelines into GMMA-swizzled tiles; the products read those tiles directly
+// (no ldmatrix, no per-warp operand copies) and run beside the warpgroup's own instructions:
 // P = exp(S - lse) is computed while dP = dO V^T is still on the tensor cores, and in the dQ
 // kernel the bias-gradient partial's read-modify-write runs while dQ += dS K does.
 #pragma once
@@ -17,7 +16,6 @@
 #include "attention/grid.h"
 #include "attention/params.h"
 #include "attention/sm90/bwd_traits.h"
-#include "attention/sm90/load_warps.h"
 #include "attention/sm90/fwd_kernel.h"
 
 namespace jevo {
@@ -134,39 +132,29 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   const int m_blocks = (S + kBlockM - 1) / kBlockM;
   constexpr uint32_t kTileBytes = Traits::kTileElemsQ * sizeof(Element);
   constexpr uint32_t kBiasBytes = Traits::kTileElemsP * sizeof(Element);
-  // Loads 0, 1 and 2 of query tile mb (Q, dO and the bias tile; see load_warps.h) go into
-  // stage mb % 2, whose mbarrier completes when all their bytes have landed (rows past S
-  // arrive as zeros).
-  const int load = load_of_warp();
-  auto load_rows = [&](const CUtensorMap* map, Element* ring, int st, int32_t m0) {
-    Barrier::arrive_and_expect_tx(&smem.full[st], kTileBytes);
-#pragma unroll
-    for (int part = 0; part < kBoxesD; ++part) {
-      SM90_TMA_LOAD_4D::copy(map, &smem.full[st], kCacheHint,
-                             ring + st * Traits::kTileElemsQ + part * kBlockM * kBoxD, part * kBoxD,
-                             head, m0, outer);
-    }
-  };
+  // Thread 0 loads query tile mb (Q, dO and the bias tile) into stage mb % 2; its mbarrier
+  // completes when all their bytes have landed (rows past S arrive as zeros).
   auto issue = [&](int mb) {
     if (mb >= m_blocks) return;
     const int st = mb & 1;
     const int32_t m0 = mb * kBlockM;
-    if (load == 0) {
-      if (cute::elect_one_sync()) load_rows(&maps.q, smem.q, st, m0);
-    } else if (load == 1) {
-      if (cute::elect_one_sync()) load_rows(&maps.dout, smem.dout, st, m0);
-    } else if (load == 2 && has_bias) {
-      if (cute::elect_one_sync()) {
-        Barrier::arrive_and_expect_tx(&smem.full[st], kBiasBytes);
-        SM90_TMA_LOAD_3D::copy(&maps.bias, &smem.full[st], kCacheHint,
-                               smem.bias + st * Traits::kTileElemsP, n0, m0, bias_plane);
-      }
+    Barrier::arrive_and_expect_tx(&smem.full[st], 2 * kTileBytes + (has_bias ? kBiasBytes : 0));
+#pragma unroll
+    for (int part = 0; part < kBoxesD; ++part) {
+      const int offset = st * Traits::kTileElemsQ + part * kBlockM * kBoxD;
+      SM90_TMA_LOAD_4D::copy(&maps.q, &smem.full[st], kCacheHint, smem.q + offset, part * kBoxD, head, m0, outer);
+      SM90_TMA_LOAD_4D::copy(&maps.dout, &smem.full[st], kCacheHint, smem.dout + offset, part * kBoxD, head,
+                             m0, outer);
+    }
+    if (has_bias) {
+      SM90_TMA_LOAD_3D::copy(&maps.bias, &smem.full[st], kCacheHint, smem.bias + st * Traits::kTileElemsP, n0,
+                             m0, bias_plane);
     }
   };
   if (tid == 0) {
     Barrier::init(&smem.kv_full, 1);
-    Barrier::init(&smem.full[0], has_bias ? 3 : 2);
-    Barrier::init(&smem.full[1], has_bias ? 3 : 2);
+    Barrier::init(&smem.full[0], 1);
+    Barrier::init(&smem.full[1], 1);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -178,8 +166,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
       SM90_TMA_LOAD_4D::copy(&maps.k, &smem.kv_full, kCacheHint, smem.k + offset, part * kBoxD, head, n0, outer);
       SM90_TMA_LOAD_4D::copy(&maps.v, &smem.kv_full, kCacheHint, smem.v + offset, part * kBoxD, head, n0, outer);
     }
+    issue(0);
   }
-  issue(0);
 
   typename Traits::MmaQK mma_qk;
   typename Traits::MmaKV mma_kv;
@@ -217,7 +205,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
     const int st = mb & 1;
     // Stage (mb + 1) % 2 held tile mb - 1, whose products every warp finished before the
     // barrier that ended the last iteration.
-    issue(mb + 1);
+    if (tid == 0) issue(mb + 1);
     if (mb + 1 < m_blocks) next_stats.load(lse, delta, (mb + 1) * kBlockM, S, at);
     Barrier::wait(&smem.full[st], (mb >> 1) & 1);
 
@@ -314,54 +302,44 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
   auto slot = [](const Step& st) { return (st.group & 1) * kGroup + st.sub; };
   constexpr uint32_t kTileBytes = Traits::kTileElemsQ * sizeof(Element);
   constexpr uint32_t kBiasBytes = Traits::kTileElemsP * sizeof(Element);
-  // The loads of step st: loads 0, 1 and 2 (see load_warps.h) are its K, V and bias tiles, and
-  // one thread of warp 0 issues, at a group's first step, the group's Q and dO tiles; every
-  // thread stages its share of the partial tile the step's read-modify-write will read, by
-  // cp.async.
-  const int load = load_of_warp();
-  auto load_keys = [&](const CUtensorMap* map, Element* ring, const Step& st) {
-    uint64_t* full = &smem.kv_full[st.parity];
-    const int32_t outer = static_cast<int32_t>(b * sh.n + st.n0 + st.sub);
-    Barrier::arrive_and_expect_tx(full, kTileBytes);
-#pragma unroll
-    for (int part = 0; part < kBoxesD; ++part) {
-      SM90_TMA_LOAD_4D::copy(map, full, kCacheHint,
-                             ring + st.parity * Traits::kTileElemsKV + part * kBlockN * kBoxD,
-                             part * kBoxD, head, st.nb * kBlockN, outer);
-    }
-  };
+  // The loads of step st: thread 0 issues the TMA copies of its K, V and bias tiles (and, at a
+  // group's first step, the group's Q and dO tiles); every thread stages its share of the
+  // partial tile the step's read-modify-write will read, by cp.async.
   auto issue = [&](const Step& st) {
-    if (load < 0) {
-      if (st.nb == 0 && st.sub == 0 && cute::elect_one_sync()) {
-        uint64_t* q_full = &smem.q_full[st.group & 1];
-        Barrier::arrive_and_expect_tx(q_full, 2 * kTileBytes * st.size);
+    const int32_t n0 = st.nb * kBlockN;
+    if (tid == 0) {
+      if (st.nb == 0 && st.sub == 0) {
+        uint64_t* full = &smem.q_full[st.group & 1];
+        Barrier::arrive_and_expect_tx(full, 2 * kTileBytes * st.size);
         for (int sub = 0; sub < st.size; ++sub) {
-          const int32_t q_outer = static_cast<int32_t>(b * sh.n + st.n0 + sub);
+          const int32_t outer = static_cast<int32_t>(b * sh.n + st.n0 + sub);
 #pragma unroll
           for (int part = 0; part < kBoxesD; ++part) {
             const int offset = ((st.group & 1) * kGroup + sub) * Traits::kTileElemsQ + part * kBlockM * kBoxD;
-            SM90_TMA_LOAD_4D::copy(&maps.q, q_full, kCacheHint, smem.q + offset, part * kBoxD, head, m0, q_outer);
-            SM90_TMA_LOAD_4D::copy(&maps.dout, q_full, kCacheHint, smem.dout + offset, part * kBoxD, head, m0,
-                                   q_outer);
+            SM90_TMA_LOAD_4D::copy(&maps.q, full, kCacheHint, smem.q + offset, part * kBoxD, head, m0, outer);
+            SM90_TMA_LOAD_4D::copy(&maps.dout, full, kCacheHint, smem.dout + offset, part * kBoxD, head, m0,
+                                   outer);
           }
         }
       }
-    } else if (load == 0) {
-      if (cute::elect_one_sync()) load_keys(&maps.k, smem.k, st);
-    } else if (load == 1) {
-      if (cute::elect_one_sync()) load_keys(&maps.v, smem.v, st);
-    } else if (kHasBias) {
-      if (cute::elect_one_sync()) {
-        uint64_t* full = &smem.kv_full[st.parity];
-        Barrier::arrive_and_expect_tx(full, kBiasBytes);
-        SM90_TMA_LOAD_3D::copy(&maps.bias, full, kCacheHint, smem.bias + st.parity * Traits::kTileElemsP,
-                               st.nb * kBlockN, m0, bias_plane);
+      uint64_t* full = &smem.kv_full[st.parity];
+      Barrier::arrive_and_expect_tx(full, 2 * kTileBytes + (kHasBias ? kBiasBytes : 0));
+      const int32_t outer = static_cast<int32_t>(b * sh.n + st.n0 + st.sub);
+#pragma unroll
+      for (int part = 0; part < kBoxesD; ++part) {
+        const int offset = st.parity * Traits::kTileElemsKV + part * kBlockN * kBoxD;
+        SM90_TMA_LOAD_4D::copy(&maps.k, full, kCacheHint, smem.k + offset, part * kBoxD, head, n0, outer);
+        SM90_TMA_LOAD_4D::copy(&maps.v, full, kCacheHint, smem.v + offset, part * kBoxD, head, n0, outer);
+      }
+      if constexpr (kHasBias) {
+        SM90_TMA_LOAD_3D::copy(&maps.bias, full, kCacheHint, smem.bias + st.parity * Traits::kTileElemsP, n0,
+                               m0, bias_plane);
       }
     }
     if constexpr (kHasBias) {
       if (schedule.stages_partial(st)) {
         load_square_tile<kBlockM, kBlockN, kPartialStride, kNThreads>(
-            smem.partial + st.parity * Smem::kPartialElems, dbias, m0, st.nb * kBlockN, S, tid);
+            smem.partial + st.parity * Smem::kPartialElems, dbias, m0, n0, S, tid);
       }
     }
     cp_async_fence();
@@ -370,7 +348,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDq)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       Barrier::init(&smem.q_full[i], 1);
-      Barrier::init(&smem.kv_full[i], kHasBias ? 3 : 2);
+      Barrier::init(&smem.kv_full[i], 1);
     }
     cutlass::arch::fence_barrier_init();
   }

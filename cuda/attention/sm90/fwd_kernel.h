@@ -4,9 +4,8 @@
 // issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, computes the softmax of
 // tile j while P V of tile j - 1 still runs on the tensor cores, and only then waits for it and
 // rescales O. Operands come from shared memory (Q, K, V) and registers (P), so no ldmatrix and
-// no per-warp copies of K and V. Q, K, V and the bias tiles arrive by TMA, each tile's loads
-// issued by one thread of each of three warps (load_warps.h) and awaited on one mbarrier per
-// stage, so the warps spend almost no instructions on loads.
+// no per-warp copies of K and V. Q, K, V and the bias tiles arrive by TMA, issued by one thread
+// and awaited on one mbarrier per stage, so the warps spend no instructions on loads.
 #pragma once
 
 #include <cuda.h>
@@ -20,7 +19,6 @@
 #include "attention/logits.h"
 #include "attention/params.h"
 #include "attention/sm90/fwd_traits.h"
-#include "attention/sm90/load_warps.h"
 #include "attention/tile_utils.h"
 
 namespace jevo {
@@ -123,44 +121,30 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   const int32_t bias_plane = static_cast<int32_t>(b * sh.heads + h);
   constexpr uint32_t kKVBytes = Traits::kTileElemsKV * sizeof(Element);
   constexpr uint32_t kBiasBytes = Traits::kTileElemsBias * sizeof(Element);
-  // Key tile `nb` (K, V and the bias tile) goes into stage nb % kStages, its three loads issued
-  // by lane 0 of warps 1, 2 and 3, one each: a CTA's warp w runs on the SM's scheduler w, so
-  // loads issued by one thread made scheduler 0 the busiest of the four. Each issuing warp
-  // declares its own bytes before its copy, so the stage's mbarrier (one arrival per issuing
-  // warp) completes when all three have arrived and all bytes have landed.
-  // Loads 0, 1 and 2 of key tile `nb` (K, V and the bias tile; see load_warps.h) go into
-  // stage nb % kStages, whose mbarrier completes when all their bytes have landed.
-  const int load = load_of_warp();
-  auto load_kv = [&](const CUtensorMap* map, Element* ring, int st, int32_t n0) {
-    Barrier::arrive_and_expect_tx(&smem.full[st], kKVBytes);
-#pragma unroll
-    for (int part = 0; part < Traits::kBoxesD; ++part) {
-      SM90_TMA_LOAD_4D::copy(map, &smem.full[st], kCacheHint,
-                             ring + st * Traits::kTileElemsKV + part * kBlockN * kBoxD,
-                             part * kBoxD, head, n0, outer);
-    }
-  };
+  // Thread 0 loads key tile `nb` (K, V and the bias tile) into stage nb % kStages; its mbarrier
+  // completes when all their bytes have landed.
   auto issue = [&](int nb) {
     if (nb >= n_blocks) return;
     const int st = nb % kStages;
     const int32_t n0 = nb * kBlockN;
-    if (load == 0) {
-      if (cute::elect_one_sync()) load_kv(&maps.k, smem.k, st, n0);
-    } else if (load == 1) {
-      if (cute::elect_one_sync()) load_kv(&maps.v, smem.v, st, n0);
-    } else if (load == 2 && has_bias) {
-      if (cute::elect_one_sync()) {
-        Barrier::arrive_and_expect_tx(&smem.full[st], kBiasBytes);
-        SM90_TMA_LOAD_3D::copy(&maps.bias, &smem.full[st], kCacheHint,
-                               smem.bias + st * Traits::kTileElemsBias, n0, m0, bias_plane);
-      }
+    Barrier::arrive_and_expect_tx(&smem.full[st], 2 * kKVBytes + (has_bias ? kBiasBytes : 0));
+#pragma unroll
+    for (int part = 0; part < Traits::kBoxesD; ++part) {
+      const int32_t d0 = part * kBoxD;
+      const int offset = st * Traits::kTileElemsKV + part * kBlockN * kBoxD;
+      SM90_TMA_LOAD_4D::copy(&maps.k, &smem.full[st], kCacheHint, smem.k + offset, d0, head, n0, outer);
+      SM90_TMA_LOAD_4D::copy(&maps.v, &smem.full[st], kCacheHint, smem.v + offset, d0, head, n0, outer);
+    }
+    if (has_bias) {
+      SM90_TMA_LOAD_3D::copy(&maps.bias, &smem.full[st], kCacheHint,
+                             smem.bias + st * Traits::kTileElemsBias, n0, m0, bias_plane);
     }
   };
 
   if (tid == 0) {
     Barrier::init(&smem.q_full, 1);
 #pragma unroll
-    for (int st = 0; st < kStages; ++st) Barrier::init(&smem.full[st], has_bias ? 3 : 2);
+    for (int st = 0; st < kStages; ++st) Barrier::init(&smem.full[st], 1);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -171,9 +155,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       SM90_TMA_LOAD_4D::copy(&maps.q, &smem.q_full, kCacheHint, smem.q + part * kBlockM * kBoxD,
                              part * kBoxD, head, m0, outer);
     }
-  }
 #pragma unroll
-  for (int i = 0; i < kPrefetch; ++i) issue(i);
+    for (int i = 0; i < kPrefetch; ++i) issue(i);
+  }
   KeyMaskPrefetch key_mask;
   key_mask.fetch<kBlockN>(mask, 0, S);
 
@@ -214,7 +198,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     // After the barrier every warp is done with tile nb - 1's softmax, and its P V (tile nb - 2's
     // V) has completed: tile nb - 2's stage is free for the next load.
     __syncthreads();
-    issue(nb + kPrefetch);
+    if (tid == 0) issue(nb + kPrefetch);
 
     wgmma_batch<true>(mma_qk, tSrQ, tSrK(_, _, _, st), acc_s);
     if (nb > 0) wgmma_batch<false>(mma_pv, tOrP, tOrVt(_, _, _, (nb - 1) % kStages), acc_o);
