@@ -63,20 +63,6 @@ CUTE_DEVICE void wgmma_batch(TiledMma& mma, TA&& a, TB&& b, TC& acc) {
   if constexpr (kRegisterA) warpgroup_fence_operand(a);
 }
 
-// parts[0] op parts[1] op ... as a balanced tree (kN a power of two), for associative `op`.
-template <int kN, typename Op>
-CUTE_DEVICE float join_chains(const float (&parts)[kN], Op op) {
-  static_assert(kN >= 1 && (kN & (kN - 1)) == 0, "a power of two");
-  if constexpr (kN == 1) {
-    return parts[0];
-  } else {
-    float half[kN / 2];
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) half[i] = op(parts[i], parts[i + kN / 2]);
-    return join_chains<kN / 2>(half, op);
-  }
-}
-
 // The TMA descriptors of one launch (kernel parameters, so __grid_constant__ and 64-byte
 // aligned): activations as encode_activation_map gives them, the bias as encode_bias_map.
 struct FwdTensorMaps {
@@ -194,8 +180,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   constexpr int kRows = decltype(size<0>(s))::value;
   constexpr int kCols = decltype(size<1>(s))::value;
   static_assert(kRows == 2, "a thread holds rows r and r + 8 of its warp's 16");
-  constexpr int kChains = 4;
-  static_assert(kCols % kChains == 0);
 
   float row_max[kRows];  // natural units
   float row_sum[kRows];
@@ -230,27 +214,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     float correction[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      // The row's maximum and sum as kChains independent chains, joined at the end: as many
-      // FMNMX and FADD as one running chain, but each waits on a result kChains instructions
-      // back, not on the one just issued (fixed-latency waits were the largest stall, ncu).
-      float part[kChains];
+      float mx = row_max[r];
 #pragma unroll
-      for (int i = 0; i < kChains; ++i) part[i] = s(r, i);
-#pragma unroll
-      for (int c = kChains; c < kCols; ++c) part[c % kChains] = fmaxf(part[c % kChains], s(r, c));
-      float mx = join_chains<kChains>(part, [](float a, float b) { return fmaxf(a, b); });
-      mx = quad_max(fmaxf(mx, row_max[r]));
+      for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
+      mx = quad_max(mx);
       // A row with every key so far masked keeps max -inf; subtract 0 then so no inf - inf.
       const float base_log2 = (mx == -INFINITY ? 0.f : mx) * kLog2e;
       correction[r] = exp2f(row_max[r] * kLog2e - base_log2);
       row_max[r] = mx;
+      float sum = 0.f;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         const float pv = exp2f(fmaf(s(r, c), kLog2e, -base_log2));
         s(r, c) = pv;
-        part[c % kChains] = c < kChains ? pv : part[c % kChains] + pv;
+        sum += pv;
       }
-      const float sum = join_chains<kChains>(part, [](float a, float b) { return a + b; });
       row_sum[r] = row_sum[r] * correction[r] + sum;
     }
 
