@@ -1,8 +1,10 @@
-"""The triangle multiplication's fused input side (Pallas) on a GPU, forward only: the module
-with `implementation="xla"` against `"pallas_forward"` (outputs compared, then timed), and the
+"""The triangle multiplication's fused kernels (Pallas) on a GPU, forward only: the module
+with `implementation="xla"` against `"pallas_forward"` (outputs compared, then timed); the
 input side alone (LayerNorm, the five projections, gates and mask) against XLA's and against
 colabfold-kernels' fused LayerNorm + gated dual projection, which computes four of the five
-projections (not the output gate's).
+projections (not the output gate's); and the output side (centre LayerNorm, output projection,
+gate) fused (`jevo.ops.triangle_epilogue_pallas`) against XLA's and colabfold-kernels' fused
+epilogue, with the whole forward composed of each library's two kernels.
 
     python benchmarks/triangle_multiplication_gpu.py [--sizes 384 768] [--repeats 30]
 
@@ -100,6 +102,79 @@ def time_input_sides(module, z, mask, repeats) -> dict:
   return out
 
 
+def product_cm(module, left, right):
+  """The product over k, channel-major [c, N, N], of channel-major operands."""
+  if module.outgoing:
+    return jnp.einsum("cik,cjk->cij", left, right)
+  return jnp.einsum("ckj,cki->cij", left, right)
+
+
+def time_output_sides(module, z, mask, repeats) -> dict:
+  """From the fused input side's channel-major left, right and gate logits to the module's
+  output: XLA's product and `finish`, the product and the fused output side
+  (`jevo.ops.triangle_epilogue_pallas`), and (outgoing) colabfold-kernels' fused epilogue,
+  which recomputes the output gate from z; then the whole forward composed of jevo's two fused
+  kernels, and of colabfold-kernels' two, beside the largest output difference."""
+  from jevo.ops import triangle_epilogue_pallas as te
+  scale, offset, kernels, biases = input_side_args(module)
+  eps = module.layer_norm_in.epsilon
+  n = z.shape[0]
+  m = mask[..., None]
+  input_side = jax.jit(lambda z, m: op.fused(z, m, scale, offset, kernels, biases, eps=eps,
+                                             dtype=jnp.bfloat16, channel_major=True))
+  left, right, gate = input_side(z, m)
+  center = (module.center_norm.scale[...], module.center_norm.bias[...])
+  w_out, b_out = module.output_projection.kernel[...], module.output_projection.bias[...]
+
+  def xla_side(left, right, gate):
+    return module.finish(module.combine_channel_major(left, right), gate)
+
+  def fused_side(left, right, gate):
+    out = te.triangle_epilogue(product_cm(module, left, right).reshape(C, n * n),
+                               gate.reshape(n * n, C), *center, w_out, b_out,
+                               eps=module.center_norm.epsilon, dtype=jnp.bfloat16)
+    return out.reshape(n, n, C)
+
+  out, times = {}, {}
+  want = jax.jit(xla_side)(left, right, gate).astype(jnp.float32)
+  got = jax.jit(fused_side)(left, right, gate).astype(jnp.float32)
+  out["fused err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+  times["output side: jevo XLA"] = median_ms(jax.jit(xla_side), (left, right, gate), repeats,
+                                             batch=5)["ms"]
+  times["output side: jevo fused"] = median_ms(jax.jit(fused_side), (left, right, gate),
+                                               repeats, batch=5)["ms"]
+  whole = jax.jit(lambda z, m: fused_side(*input_side(z, m)))
+  times["module: jevo both fused"] = median_ms(whole, (z, m), repeats, batch=5)["ms"]
+  try:
+    from colabfold_kernels import tri_mul
+  except ImportError as err:
+    log(f"colabfold-kernels not importable: {err}")
+    return {**out, **times}
+  if not module.outgoing:
+    return {**out, **times}
+  bf16 = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+  wp = bf16(jnp.concatenate([kernels[0], kernels[2]], 1))
+  wg = bf16(jnp.concatenate([kernels[1], kernels[3]], 1))
+  bp = bf16(jnp.concatenate([biases[0], biases[2]]))
+  bg = bf16(jnp.concatenate([biases[1], biases[3]]))
+
+  def cf_epilogue(left, right, z):
+    out = tri_mul.trimul_epilogue_ln(
+        product_cm(module, left, right).reshape(C, n * n), z.reshape(n * n, C), bf16(scale),
+        bf16(offset), bf16(center[0]), bf16(center[1]), bf16(w_out), bf16(b_out),
+        bf16(kernels[4]), bf16(biases[4]), eps=eps)
+    return out.reshape(n, n, C)
+
+  times["output side: colabfold fused (gate from z)"] = median_ms(
+      jax.jit(cf_epilogue), (left, right, z), repeats, batch=5)["ms"]
+  cf_whole = jax.jit(lambda z, mask: cf_epilogue(*tri_mul.ln_gated_dual_proj(
+      z, bf16(scale), bf16(offset), wp, bp, wg, bg, mask), z))
+  cf_out = cf_whole(z, mask).astype(jnp.float32)
+  out["colabfold err"] = float(jnp.max(jnp.abs(cf_out - want)) / jnp.max(jnp.abs(want)))
+  times["module: colabfold both fused"] = median_ms(cf_whole, (z, mask), repeats, batch=5)["ms"]
+  return {**out, **times}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sizes", type=int, nargs="+", default=[384, 768])
@@ -124,10 +199,14 @@ def main(argv=None):
           sides = time_input_sides(xla, z, mask, args.repeats)
           rows.append((name, "input side fwd",
                        *(f"{k} {v:.3f}" for k, v in sides.items())))
+        sides = time_output_sides(xla, z, mask, args.repeats)
+        rows.append((name, "output side and module fwd",
+                     *(f"{k} {v:.3g}" if "err" in k else f"{k} {v:.3f}"
+                       for k, v in sides.items())))
       except Exception as e:  # one failure must not hide the other results
         log(f"!! {name} failed: {type(e).__name__}: {str(e)[:1500]}")
         log("".join(traceback.format_exception(e)[-5:])[-2500:])
-      for row in rows[-2:]:
+      for row in rows[-3:]:
         log(" | ".join(row))
   log("\n## triangle multiplication, forward ms (median)")
   for row in rows:
