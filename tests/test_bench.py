@@ -2,6 +2,7 @@
 named scopes in the trace), the floor formula, the missing-peer path, and `--compare`."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -231,3 +232,29 @@ def test_a_preset_under_a_plan_reports_planned_against_measured(tmp_path):
       0.1 * planned["xla_whole_step_bytes"])
   assert planned["measured"]["ms"] > 0
   assert "### Under a plan: 2 blocks within 1GiB" in proc.stdout
+
+
+def test_hand_picked_chunk_sizes_run_each_in_its_own_process(tmp_path):
+  out = tmp_path / "chunks.jsonl"
+  script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "inference_chunks.py"
+  proc = subprocess.run([sys.executable, str(script), "--preset", "cpu-small", "--blocks", "2",
+                         "--chunk-sizes", "none", "4", "--repeats", "1", "--out", str(out)],
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["chunk_size"] for r in records] == [None, 4]
+  for r in records:
+    assert r["status"] == "ok" and not r["training"] and r["runs"] == [], r
+    assert r["measured"]["ms"] > 0 and r["xla_whole_step_bytes"] > 0
+  assert "| chunk_size 4 |" in proc.stdout
+  bad = subprocess.run([sys.executable, str(script), "--chunk-sizes", "0"], capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode == 2 and "at least 1, got 0" in bad.stderr
+
+
+def test_the_stack_worker_runs_a_training_step_as_given():
+  record = run.run_worker(dict(mode="stack", preset="cpu-small", blocks=2, chunk_size=None,
+                               repeats=1, candidate="offload"), timeout_s=900)
+  assert record["status"] == "ok", record
+  assert record["training"] and record["runs"] == [[2, "offload"]]
+  assert record["measured"]["ms"] > 0

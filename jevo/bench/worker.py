@@ -4,7 +4,9 @@
 
 Prints progress lines ("@stage ...") while it works and one JSON record as its last line.
 The parent (`jevo.bench.run`) reads both. Modes: "probe" (the machine, versions, and which
-implementation can run which case), "attention" (one case and implementation), "block".
+implementation can run which case), "attention" (one case and implementation), "block",
+"plan" (plan a preset's stack for a budget, then run the plan), "stack" (run a preset's stack
+as given, without planning).
 """
 
 from __future__ import annotations
@@ -160,22 +162,16 @@ def _trace_block(record, case, blk, inputs, trace_dir):
 
 
 def planned(spec: dict) -> dict:
-  """Plans the preset's stack for a budget (jevo.plan), then (unless `plan_only`) runs the
-  planned step: the planner's predicted peak and time beside the measured ones (on a CPU, where
+  """Plans the preset's stack for a budget (jevo.plan; its inference forward with
+  `"inference": true`), then (unless `plan_only`) runs the planned step: the planner's predicted peak and time beside the measured ones (on a CPU, where
   there is no allocator, XLA's memory analysis of the whole compiled stack stands for the
   measured peak). Run the planned step in a process that has not planned with an empty cache:
   planning runs steps on the device, and the allocator's peak would be theirs."""
   import dataclasses
-  import jax
-  from jevo.bench import presets
-  from jevo.bench.measure import DeviceMemory, measure
-  from jevo.nn import OFFLOAD_COMPILER_OPTIONS
-  from jevo.plan import PlanError, StackSpec, costs, plan_stack
+  from jevo.plan import PlanError, plan_stack
   from jevo.plan.candidates import by_name
-  case = presets.resolve(spec["preset"]).block
-  stack_spec = StackSpec(case.n_seq, case.n_res, tuple(sorted(case.block_kwargs.items())),
-                         case.extra_msa)
-  training = not case.forward_only
+  stack_spec, training = _stack_spec(spec["preset"])
+  training = training and not spec.get("inference", False)
   stage("plan (compiles each candidate; cached afterwards)")
   try:
     chosen = [by_name(n) for n in spec.get("candidates") or ()] or None
@@ -186,21 +182,54 @@ def planned(spec: dict) -> dict:
   record = dict(status="ok", plan=dataclasses.asdict(plan), description=plan.describe())
   if spec.get("plan_only"):
     return record
-  fn, _, concrete, remat = costs.planned_step(
-      stack_spec, spec["blocks"], [(r.blocks, r.candidate) for r in plan.runs], plan.chunk_size,
-      training)
-  stage("build the planned stack")
+  return dict(record, **_run_step(stack_spec, spec["blocks"],
+                                  [(r.blocks, r.candidate) for r in plan.runs], plan.chunk_size,
+                                  training, spec["repeats"], "planned"))
+
+
+def _stack_spec(preset_name: str):
+  from jevo.bench import presets
+  from jevo.plan import StackSpec
+  case = presets.resolve(preset_name).block
+  return (StackSpec(case.n_seq, case.n_res, tuple(sorted(case.block_kwargs.items())),
+                    case.extra_msa), not case.forward_only)
+
+
+def _run_step(stack_spec, blocks, runs, chunk_size, training, repeats, what) -> dict:
+  """Builds the stack's step (`jevo.plan.costs.planned_step`), then compiles and times it:
+  {"measured": ..., "xla_whole_step_bytes": ...}."""
+  import jax
+  from jevo.bench.measure import DeviceMemory, measure
+  from jevo.nn import OFFLOAD_COMPILER_OPTIONS
+  from jevo.plan import costs
+  fn, _, concrete, remat = costs.planned_step(stack_spec, blocks, runs, chunk_size, training)
+  stage(f"build the {what} stack")
   args = concrete()
   jax.block_until_ready(args)
   memory = DeviceMemory(jax.devices()[0])
-  stage("compile and time the planned step")
-  record["measured"] = measure(
-      fn, args, repeats=spec["repeats"], batch=1, memory=memory,
-      compiler_options=OFFLOAD_COMPILER_OPTIONS if remat == "offload" else None)
-  xla = record["measured"]["xla"]
-  record["xla_whole_step_bytes"] = (xla.get("temp_size", 0) + xla.get("argument_size", 0) +
-                                    xla.get("output_size", 0) - xla.get("alias_size", 0))
-  return record
+  stage(f"compile and time the {what} step")
+  measured = measure(fn, args, repeats=repeats, batch=1, memory=memory,
+                     compiler_options=OFFLOAD_COMPILER_OPTIONS if remat == "offload" else None)
+  xla = measured["xla"]
+  return dict(measured=measured,
+              xla_whole_step_bytes=(xla.get("temp_size", 0) + xla.get("argument_size", 0) +
+                                    xla.get("output_size", 0) - xla.get("alias_size", 0)))
+
+
+def stack(spec: dict) -> dict:
+  """The preset's stack of `blocks` blocks run as given, without planning: the inference
+  forward chunked by `chunk_size` (null: unchunked) for a forward-only preset or with
+  `"inference": true`, else the training step with every block as `candidate` (a
+  `jevo.plan.candidates` name, default "block_inputs"), chunked by `chunk_size`. What a user
+  would pick by hand, to set beside a plan."""
+  from jevo.plan.candidates import by_name
+  stack_spec, training = _stack_spec(spec["preset"])
+  training = training and not spec.get("inference", False)
+  blocks, chunk_size = spec["blocks"], spec.get("chunk_size")
+  runs = [(blocks, by_name(spec.get("candidate", "block_inputs")).name)] if training else []
+  return dict(status="ok", training=training, chunk_size=chunk_size, runs=runs,
+              **_run_step(stack_spec, blocks, runs, chunk_size, training, spec["repeats"],
+                          "hand-picked"))
 
 
 def platform_of(spec: dict) -> dict:
@@ -208,7 +237,8 @@ def platform_of(spec: dict) -> dict:
   return dict(platform=jax.devices()[0].platform)
 
 
-MODES = dict(platform=platform_of, plan=planned, probe=probe, attention=attention, block=block)
+MODES = dict(platform=platform_of, plan=planned, probe=probe, attention=attention, block=block,
+             stack=stack)
 
 
 def main(argv=None) -> None:

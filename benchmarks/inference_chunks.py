@@ -1,0 +1,95 @@
+"""A preset's stack with chunk sizes picked by hand, beside the planner's plan for a budget:
+each stack in a fresh process (the allocator's peak is a running maximum over a process),
+measured time and peak in one table.
+
+    python benchmarks/inference_chunks.py --preset long-inference --blocks 48 \
+        --chunk-sizes none 512 256 128 --budget 16GB
+    python benchmarks/inference_chunks.py --preset cpu-small --blocks 2 --chunk-sizes none 4
+
+Every preset runs its inference forward (eval mode) unless `--training`, which runs the
+training step with every block keeping only its inputs (`remat="block"`). With
+`--budget`, the planner plans the same stack for it (`jevo.plan`, from its cache where it can)
+and its plan runs as the table's last row. `--out PATH` writes the records as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from jevo.bench.run import plan_and_run, run_worker  # noqa: E402
+
+GIB = 2 ** 30
+
+
+def chunk_value(text: str):
+  if text.lower() == "none":
+    return None
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"a chunk size must be 'none' or at least 1, got {text}")
+  return value
+
+
+def _gib(nbytes) -> str:
+  return "-" if nbytes is None else f"{nbytes / GIB:.2f}"
+
+
+def row(record: dict) -> str:
+  """| label | ms (min-max) | allocator's peak GiB | XLA's whole step GiB |"""
+  label = record.get("label", "?")
+  if record.get("status") != "ok":
+    return f"| {label} | {record.get('status')}: {record.get('reason', '')[:160]} | | |"
+  measured = record.get("measured", {})
+  return (f"| {label} | {measured.get('ms', 0):.1f} ({measured.get('min_ms', 0):.1f}-"
+          f"{measured.get('max_ms', 0):.1f}) | {_gib(measured.get('absolute_peak_bytes'))} | "
+          f"{_gib(record.get('xla_whole_step_bytes'))} |")
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="long-inference")
+  p.add_argument("--blocks", type=int, default=48)
+  p.add_argument("--chunk-sizes", type=chunk_value, nargs="+", default=[None, 256, 128])
+  p.add_argument("--budget", help="also plan the stack for this budget and run the plan")
+  p.add_argument("--training", action="store_true",
+                 help="run the training step (every block keeping its inputs) instead")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
+  p.add_argument("--out", type=pathlib.Path)
+  args = p.parse_args(argv)
+  if args.blocks < 1:
+    p.error(f"--blocks must be at least 1, got {args.blocks}")
+  records = []
+
+  def keep(record):
+    records.append(record)
+    print(row(record), flush=True)
+    if args.out is not None:
+      with args.out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  for chunk in args.chunk_sizes:
+    spec = dict(mode="stack", preset=args.preset, blocks=args.blocks, chunk_size=chunk,
+                repeats=args.repeats, inference=not args.training)
+    record = run_worker(spec, timeout_s=args.timeout)
+    keep(dict(record, label=f"chunk_size {chunk}"))
+  if args.budget is not None:
+    record = plan_and_run(args.preset, args.budget, args.blocks, args.repeats,
+                          timeout_s=args.timeout, inference=not args.training)
+    plan = record.get("plan") or {}
+    keep(dict(record, label=f"plan for {args.budget}: chunk_size {plan.get('chunk_size')}, "
+                            f"predicted {plan.get('predicted_ms', 0):.1f} ms"))
+  mode = "training step" if args.training else "inference forward"
+  print(f"\n## {args.preset}, {args.blocks} blocks, {mode}")
+  print("| run | ms (min-max) | allocator's peak GiB | XLA's whole step GiB |\n|---|---|---|---|")
+  for record in records:
+    print(row(record))
+
+
+if __name__ == "__main__":
+  main()
