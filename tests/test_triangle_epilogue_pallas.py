@@ -109,3 +109,18 @@ def test_parameter_shapes_are_checked():
   with pytest.raises(ValueError, match=r"scale and offset must be \[16\], got \(32,\)"):
     te.triangle_epilogue(p, g, ones(32), ones(16), ones(16, 32), ones(32), eps=EPS,
                          dtype=jnp.bfloat16, interpret=True)
+
+
+def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine():
+  """Pallas's lowering of the kernel to Triton (the on-chip transpose included) runs at
+  lowering time, without a GPU: lowered for CUDA, the program holds the Triton custom call."""
+  import jevo
+  from jax import export
+  t = _module(128, 128, jnp.bfloat16)
+  product_cm, gate = _inputs(24, 128, 128, jnp.bfloat16)
+  args = (product_cm.reshape(128, -1), gate.reshape(-1, 128), t.center_norm.scale[...],
+          t.center_norm.bias[...], t.output_projection.kernel[...], t.output_projection.bias[...])
+  f = jax.jit(lambda *a: te.triangle_epilogue(*a, eps=EPS, dtype=jnp.bfloat16))
+  exported = export.export(f, platforms=["cuda"], disabled_checks=jevo.export_disabled_checks())(
+      *args)
+  assert "xla.gpu.triton" in exported.mlir_module()
