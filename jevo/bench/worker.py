@@ -163,9 +163,9 @@ def _trace_block(record, case, blk, inputs, trace_dir):
 
 def planned(spec: dict) -> dict:
   """Plans the preset's stack for a budget (jevo.plan; its inference forward with
-  `"inference": true`), then (unless `plan_only`) runs the planned step: the planner's predicted peak and time beside the measured ones (on a CPU, where
-  there is no allocator, XLA's memory analysis of the whole compiled stack stands for the
-  measured peak). Run the planned step in a process that has not planned with an empty cache:
+  `"inference": true`), then (unless `plan_only`) runs the planned step: the planner's
+  predicted peak and time beside the measured ones (on a CPU, where there is no allocator,
+  XLA's memory analysis of the whole compiled stack stands for the measured peak). Run the planned step in a process that has not planned with an empty cache:
   planning runs steps on the device, and the allocator's peak would be theirs."""
   import dataclasses
   from jevo.plan import PlanError, plan_stack
