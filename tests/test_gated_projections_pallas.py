@@ -14,26 +14,11 @@ from flax import nnx
 
 from jevo.nn import TriangleMultiplication, triangle_multiplication
 from jevo.ops import gated_projections as op
+from triangle_multiplication_cases import random_module, rel_error
 
 tp = pytest.importorskip("jevo.ops.gated_projections_pallas")
 
 EPS = 1e-5
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-def _module(c_z, c_hidden, dtype, implementation=None, outgoing=True, seed=0):
-  """A TriangleMultiplication whose parameters are all random (the default zero or one
-  initialisations would hide mistakes in the gates and the layer norm)."""
-  t = TriangleMultiplication(c_z, c_hidden, outgoing=outgoing, dtype=dtype,
-                             implementation=implementation, rngs=nnx.Rngs(seed))
-  graphdef, state = nnx.split(t)
-  keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
-  state = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape, p.dtype), state)
-  return nnx.merge(graphdef, state)
 
 
 def _pair(n, c_z, dtype, seed=2):
@@ -70,13 +55,13 @@ def _kernel(t, z, mask, dtype, channel_major=False):
 @pytest.mark.parametrize("n,c_z,c_hidden", [(9, 32, 16), (11, 16, 16), (7, 16, 32)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_kernel_matches_the_float64_reference(n, c_z, c_hidden, dtype):
-  t = _module(c_z, c_hidden, dtype)
+  t = random_module(c_z, c_hidden, dtype)
   z, mask = _pair(n, c_z, dtype)
   got = jax.jit(lambda z, m: _kernel(t, z, m, dtype))(z, mask)
   xla = t.projections(t.layer_norm_in(z), mask[..., None], output_gate=True)
   for name, g, x, want in zip(("left", "right", "gate"), got, xla, _reference(t, z, mask)):
     assert g.dtype == dtype and g.shape == want.shape, name
-    assert _rel(g, want) <= 2 * _rel(x, want) + 1e-3, name
+    assert rel_error(g, want) <= 2 * rel_error(x, want) + 1e-3, name
   # Masked positions are exactly zero on the gated outputs.
   for gated in got[:2]:
     assert not np.any(np.asarray(gated, np.float32)[~np.asarray(mask)])
@@ -84,7 +69,7 @@ def test_kernel_matches_the_float64_reference(n, c_z, c_hidden, dtype):
 
 def test_channel_major_operands_are_the_transposes():
   n, c_z, c_hidden, dtype = 9, 32, 16, jnp.bfloat16  # 81 rows: the last block is partial
-  t = _module(c_z, c_hidden, dtype)
+  t = random_module(c_z, c_hidden, dtype)
   z, mask = _pair(n, c_z, dtype)
   rows = jax.jit(lambda z, m: _kernel(t, z, m, dtype))(z, mask)
   cols = jax.jit(lambda z, m: _kernel(t, z, m, dtype, channel_major=True))(z, mask)
@@ -115,8 +100,8 @@ def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(inte
                                                                             outgoing,
                                                                             implementation):
   dtype = jnp.bfloat16
-  t = _module(32, 16, dtype, implementation, outgoing)
-  x = _module(32, 16, dtype, "xla", outgoing)  # the same parameters (same seeds)
+  t = random_module(32, 16, dtype, implementation, outgoing)
+  x = random_module(32, 16, dtype, "xla", outgoing)  # the same parameters (same seeds)
   z, mask = _pair(9, 32, dtype)
 
   assert t.resolved_implementation(z) == "pallas_forward"
@@ -125,7 +110,7 @@ def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(inte
   assert interpreted, "the undifferentiated module did not run the kernel"
   want = x(z, mask)
   assert out.dtype == want.dtype and out.shape == want.shape
-  assert _rel(out, want) < 2e-2  # bf16 roundings of a different order
+  assert rel_error(out, want) < 2e-2  # bf16 roundings of a different order
 
   interpreted.clear()
 
@@ -140,7 +125,7 @@ def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(inte
 
 
 def test_the_kernel_path_under_vmap_and_remat_matches_per_example_calls(interpreted):
-  t = _module(16, 16, jnp.bfloat16, None)
+  t = random_module(16, 16, jnp.bfloat16, None)
   pairs = [_pair(6, 16, jnp.bfloat16, seed) for seed in range(3)]
   zs, masks = (jnp.stack(p) for p in zip(*pairs))
   batched = jax.jit(jax.vmap(jax.checkpoint(lambda z, m: t(z, m))))(zs, masks)
@@ -150,8 +135,8 @@ def test_the_kernel_path_under_vmap_and_remat_matches_per_example_calls(interpre
 
 
 def test_chunked_calls_run_xla(interpreted):
-  t = _module(16, 16, jnp.bfloat16, "pallas_forward")
-  x = _module(16, 16, jnp.bfloat16, "xla")
+  t = random_module(16, 16, jnp.bfloat16, "pallas_forward")
+  x = random_module(16, 16, jnp.bfloat16, "xla")
   z, mask = _pair(8, 16, jnp.bfloat16)
   np.testing.assert_array_equal(t(z, mask, chunk_size=3), x(z, mask, chunk_size=3))
   assert not interpreted
@@ -164,10 +149,10 @@ _HERE = op.unsupported_reason(jnp.zeros((4, 4, 16), jnp.bfloat16), 16, jnp.bfloa
 def test_off_the_gpu_pallas_forward_says_why_and_xla_is_the_default():
   z, mask = _pair(5, 16, jnp.bfloat16)
   with pytest.raises(ValueError, match="implementation='pallas_forward'.*cannot run here"):
-    _module(16, 16, jnp.bfloat16, "pallas_forward")(z, mask)
-  assert _module(16, 16, jnp.bfloat16).resolved_implementation(z) == "xla"
-  np.testing.assert_array_equal(_module(16, 16, jnp.bfloat16)(z, mask),
-                                _module(16, 16, jnp.bfloat16, "xla")(z, mask))
+    random_module(16, 16, jnp.bfloat16, "pallas_forward")(z, mask)
+  assert random_module(16, 16, jnp.bfloat16).resolved_implementation(z) == "xla"
+  np.testing.assert_array_equal(random_module(16, 16, jnp.bfloat16)(z, mask),
+                                random_module(16, 16, jnp.bfloat16, "xla")(z, mask))
 
 
 def test_bad_implementation_and_unsupported_shapes_raise():
@@ -190,7 +175,7 @@ def test_bad_implementation_and_unsupported_shapes_raise():
 @pytest.mark.parametrize("c", [64, 128])
 def test_on_the_gpu_the_kernel_matches_the_reference(c, channel_major):
   dtype = jnp.bfloat16
-  t = _module(c, c, dtype)
+  t = random_module(c, c, dtype)
   z, mask = _pair(100, c, dtype)
   layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
   got = jax.jit(lambda z, m: tp.gated_projections(
@@ -201,7 +186,7 @@ def test_on_the_gpu_the_kernel_matches_the_reference(c, channel_major):
     got = (jnp.moveaxis(got[0], 0, -1), jnp.moveaxis(got[1], 0, -1), got[2])
   xla = t.projections(t.layer_norm_in(z), mask[..., None], output_gate=True)
   for name, g, x, want in zip(("left", "right", "gate"), got, xla, _reference(t, z, mask)):
-    assert _rel(g, want) <= 2 * _rel(x, want) + 1e-3, name
+    assert rel_error(g, want) <= 2 * rel_error(x, want) + 1e-3, name
 
 
 @pytest.mark.parametrize("channel_major", [False, True])
@@ -210,7 +195,7 @@ def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine(channel_major):
   CUDA, the op's program holds the Triton custom call (compiling it needs a GPU)."""
   import jevo
   from jax import export
-  t = _module(128, 128, jnp.bfloat16)
+  t = random_module(128, 128, jnp.bfloat16)
   z, mask = _pair(24, 128, jnp.bfloat16)
   layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
   args = (z, mask[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],

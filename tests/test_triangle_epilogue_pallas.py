@@ -9,28 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from jevo.nn import TriangleMultiplication
+from triangle_multiplication_cases import random_module, rel_error
 
 te = pytest.importorskip("jevo.ops.triangle_epilogue_pallas")
 
 EPS = 1e-5
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-def _module(c_z, c_hidden, dtype, seed=0):
-  """A TriangleMultiplication whose parameters are all random (the default zero or one
-  initialisations would hide mistakes in the layer norm and the projection)."""
-  t = TriangleMultiplication(c_z, c_hidden, dtype=dtype, rngs=nnx.Rngs(seed))
-  graphdef, state = nnx.split(t)
-  keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
-  state = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape, p.dtype), state)
-  return nnx.merge(graphdef, state)
 
 
 def _inputs(n, c_z, c_hidden, dtype, seed=2):
@@ -67,20 +51,20 @@ def _kernel(t, product_cm, gate, dtype):
 @pytest.mark.parametrize("n,c_z,c_hidden", [(9, 32, 16), (11, 16, 16), (7, 16, 32), (5, 16, 16)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_kernel_matches_the_float64_reference(n, c_z, c_hidden, dtype):
-  t = _module(c_z, c_hidden, dtype)
+  t = random_module(c_z, c_hidden, dtype)
   product_cm, gate = _inputs(n, c_z, c_hidden, dtype)
   got = jax.jit(lambda p, g: _kernel(t, p, g, dtype))(product_cm, gate)
   xla = t.finish(jnp.moveaxis(product_cm, 0, -1), gate)
   want = _reference(t, product_cm, gate)
   assert got.dtype == dtype and got.shape == want.shape
-  assert _rel(got, want) <= 2 * _rel(xla, want) + 1e-3
+  assert rel_error(got, want) <= 2 * rel_error(xla, want) + 1e-3
 
 
 def test_gate_scales_each_output_and_rows_stay_apart():
   """A gate logit of -inf zeroes exactly its own (row, channel) of the output; a row's output
   depends on that row of the product only (rows of the last, partial block included)."""
   dtype = jnp.bfloat16
-  t = _module(16, 16, dtype)
+  t = random_module(16, 16, dtype)
   product_cm, gate = _inputs(9, 16, 16, dtype)
   gate = gate.at[4, 5, 3].set(-jnp.inf)
   base = np.asarray(_kernel(t, product_cm, gate, dtype), np.float64)
@@ -116,7 +100,7 @@ def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine():
   lowering time, without a GPU: lowered for CUDA, the program holds the Triton custom call."""
   import jevo
   from jax import export
-  t = _module(128, 128, jnp.bfloat16)
+  t = random_module(128, 128, jnp.bfloat16)
   product_cm, gate = _inputs(24, 128, 128, jnp.bfloat16)
   args = (product_cm.reshape(128, -1), gate.reshape(-1, 128), t.center_norm.scale[...],
           t.center_norm.bias[...], t.output_projection.kernel[...], t.output_projection.bias[...])
