@@ -21,9 +21,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from jevo.bench.report import gib_text  # noqa: E402
 from jevo.bench.run import plan_and_run, run_worker  # noqa: E402
 
-GIB = 2 ** 30
 
 
 def chunk_value(text: str):
@@ -35,10 +35,6 @@ def chunk_value(text: str):
   return value
 
 
-def _gib(nbytes) -> str:
-  return "-" if nbytes is None else f"{nbytes / GIB:.2f}"
-
-
 def row(record: dict) -> str:
   """| label | ms (min-max) | allocator's peak GiB | XLA's whole step GiB |"""
   label = record.get("label", "?")
@@ -46,8 +42,8 @@ def row(record: dict) -> str:
     return f"| {label} | {record.get('status')}: {record.get('reason', '')[:160]} | | |"
   measured = record.get("measured", {})
   return (f"| {label} | {measured.get('ms', 0):.1f} ({measured.get('min_ms', 0):.1f}-"
-          f"{measured.get('max_ms', 0):.1f}) | {_gib(measured.get('absolute_peak_bytes'))} | "
-          f"{_gib(record.get('xla_whole_step_bytes'))} |")
+          f"{measured.get('max_ms', 0):.1f}) | {gib_text(measured.get('absolute_peak_bytes'))} | "
+          f"{gib_text(record.get('xla_whole_step_bytes'))} |")
 
 
 def main(argv=None) -> None:

@@ -23,13 +23,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from jevo.bench.report import gib_text  # noqa: E402
 from jevo.bench.run import plan_and_run  # noqa: E402
 
-GIB = 2 ** 30
-
-
-def _gib(nbytes) -> str:
-  return "-" if nbytes is None else f"{nbytes / GIB:.2f}"
 
 
 def row(record: dict) -> str:
@@ -37,7 +33,7 @@ def row(record: dict) -> str:
     smallest = record.get("smallest_budget")
     why = record.get("reason", "")[:160]
     return (f"| {record['budget']} | {record.get('status')}: {why} | "
-            f"smallest {_gib(smallest)} GiB | | | |")
+            f"smallest {gib_text(smallest)} GiB | | | |")
   plan, measured = record["plan"], record.get("measured", {})
   runs = " + ".join(f"{r['blocks']} x {r['candidate']}" for r in plan["runs"]) or "-"
   if plan.get("chunk_size") is not None:
@@ -45,10 +41,11 @@ def row(record: dict) -> str:
   peak = measured.get("absolute_peak_bytes")
   flag = " (upper bound)" if measured.get("peak_is_upper_bound") else ""
   return (f"| {record['budget']} | {runs} | {plan['predicted_ms']:.1f} ms / "
-          f"{_gib(plan['predicted_peak'])} GiB | XLA {_gib(plan.get('xla_peak'))}, allocator "
-          f"in planning {_gib(plan.get('device_peak'))} GiB | {measured.get('ms', 0):.1f} ms "
+          f"{gib_text(plan['predicted_peak'])} GiB | XLA {gib_text(plan.get('xla_peak'))}, "
+          f"allocator in planning {gib_text(plan.get('device_peak'))} GiB | "
+          f"{measured.get('ms', 0):.1f} ms "
           f"({measured.get('min_ms', 0):.1f}-{measured.get('max_ms', 0):.1f}) / "
-          f"{_gib(peak)} GiB{flag} | {record['planning_wall_s']:.0f} s |")
+          f"{gib_text(peak)} GiB{flag} | {record['planning_wall_s']:.0f} s |")
 
 
 def main(argv=None) -> None:

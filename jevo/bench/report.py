@@ -24,12 +24,17 @@ def _gib(nbytes):
   return None if nbytes is None else nbytes / GIB
 
 
+def gib_text(nbytes, fmt: str = ".2f") -> str:
+  """Bytes as GiB in `fmt`, or "-" where there is no figure."""
+  return _num(_gib(nbytes), fmt)
+
+
 def _row_cells(r: dict) -> list[str]:
   if r["status"] != "ok":
     return [r["status"]] + [""] * 6
   xla_temp = _gib(r.get("xla", {}).get("temp_size"))
   speedup = r.get("speedup_vs_best_other")
-  peak = _num(_gib(r.get("peak_bytes")), ".3f")
+  peak = gib_text(r.get("peak_bytes"), ".3f")
   if r.get("peak_is_upper_bound"):
     peak = "<= " + peak  # the process's running peak was already this high before the call
   return [f"{r['ms']:.3f}", _num(r.get("tflops"), ".3g"), peak,
@@ -220,7 +225,7 @@ def compare(before: dict, after: dict) -> str:
       continue
     ok = r["status"] == "ok" and o["status"] == "ok"
     change = f"{o['ms'] / r['ms']:.2f}x" if ok else "-"
-    peak = lambda x: _num(_gib(x.get("peak_bytes")), ".3f") if x["status"] == "ok" else x["status"]  # noqa: E731
+    peak = lambda x: gib_text(x.get("peak_bytes"), ".3f") if x["status"] == "ok" else x["status"]  # noqa: E731
     ms = lambda x: f"{x['ms']:.3f}" if x["status"] == "ok" else x["status"]  # noqa: E731
     rows.append([r["case"], r["label"], PASS_TITLES[r["pass"]], ms(o), ms(r), change, peak(o),
                  peak(r)])

@@ -165,13 +165,13 @@ def planned(spec: dict) -> dict:
   """Plans the preset's stack for a budget (jevo.plan; its inference forward with
   `"inference": true`), then (unless `plan_only`) runs the planned step: the planner's
   predicted peak and time beside the measured ones (on a CPU, where there is no allocator,
-  XLA's memory analysis of the whole compiled stack stands for the measured peak). Run the planned step in a process that has not planned with an empty cache:
-  planning runs steps on the device, and the allocator's peak would be theirs."""
+  XLA's memory analysis of the whole compiled stack stands for the measured peak). Run the
+  planned step in a process that has not planned with an empty cache: planning runs steps on
+  the device, and the allocator's peak would be theirs."""
   import dataclasses
   from jevo.plan import PlanError, plan_stack
   from jevo.plan.candidates import by_name
-  stack_spec, training = _stack_spec(spec["preset"])
-  training = training and not spec.get("inference", False)
+  stack_spec, training = _stack_spec(spec)
   stage("plan (compiles each candidate; cached afterwards)")
   try:
     chosen = [by_name(n) for n in spec.get("candidates") or ()] or None
@@ -187,12 +187,15 @@ def planned(spec: dict) -> dict:
                                   training, spec["repeats"], "planned"))
 
 
-def _stack_spec(preset_name: str):
+def _stack_spec(spec: dict):
+  """(the planner's StackSpec of the spec's preset, whether its step trains): the preset's
+  training step unless it is forward-only or the spec says `"inference": true`."""
   from jevo.bench import presets
   from jevo.plan import StackSpec
-  case = presets.resolve(preset_name).block
+  case = presets.resolve(spec["preset"]).block
+  training = not case.forward_only and not spec.get("inference", False)
   return (StackSpec(case.n_seq, case.n_res, tuple(sorted(case.block_kwargs.items())),
-                    case.extra_msa), not case.forward_only)
+                    case.extra_msa), training)
 
 
 def _run_step(stack_spec, blocks, runs, chunk_size, training, repeats, what) -> dict:
@@ -223,8 +226,7 @@ def stack(spec: dict) -> dict:
   `jevo.plan.candidates` name, default "block_inputs"), chunked by `chunk_size`. What a user
   would pick by hand, to set beside a plan."""
   from jevo.plan.candidates import by_name
-  stack_spec, training = _stack_spec(spec["preset"])
-  training = training and not spec.get("inference", False)
+  stack_spec, training = _stack_spec(spec)
   blocks, chunk_size = spec["blocks"], spec.get("chunk_size")
   runs = [(blocks, by_name(spec.get("candidate", "block_inputs")).name)] if training else []
   return dict(status="ok", training=training, chunk_size=chunk_size, runs=runs,
