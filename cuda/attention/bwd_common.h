@@ -146,20 +146,24 @@ CUTE_DEVICE void store_tile_pairs(RowCol const& rc, AccCoords<kNWarps> const& at
 // Writes an fp32 [rows, head dim] accumulator, given as its (rows, cols) view, times `scale` to
 // rows row0.. of a [S, D] slice with `row_stride` between rows, two neighbouring head-dim values
 // at a time.
+// Rows whose bit in `keep` (bit j: row row0 + j) is clear are written as zeros, whatever the
+// accumulator holds there (even inf or NaN).
 template <int kNWarps, typename RowCol, typename Element>
 CUTE_DEVICE void store_rows(RowCol const& rc, AccCoords<kNWarps> const& at, Element* out,
-                            int64_t row_stride, int row0, int S, int D, float scale) {
+                            int64_t row_stride, int row0, int S, int D, float scale,
+                            uint64_t keep = ~uint64_t(0)) {
 #pragma unroll
   for (int r = 0; r < size<0>(rc); ++r) {
     const int row = row0 + at.row(r);
     if (row >= S) continue;
+    const bool kept = (keep >> at.row(r)) & 1;
 #pragma unroll
     for (int c = 0; c < size<1>(rc); c += 2) {
       const int d = at.col(c);  // d and d + 1 are both < D or both >= D (D % 8 == 0)
       if (d < D) {
         cutlass::Array<Element, 2> pair;
-        pair[0] = static_cast<Element>(rc(r, c) * scale);
-        pair[1] = static_cast<Element>(rc(r, c + 1) * scale);
+        pair[0] = static_cast<Element>(kept ? rc(r, c) * scale : 0.f);
+        pair[1] = static_cast<Element>(kept ? rc(r, c + 1) * scale : 0.f);
         *reinterpret_cast<cutlass::Array<Element, 2>*>(out + int64_t(row) * row_stride + d) = pair;
       }
     }
@@ -168,13 +172,16 @@ CUTE_DEVICE void store_rows(RowCol const& rc, AccCoords<kNWarps> const& at, Elem
 
 // Writes a dK/dV CTA's gradients, given as the (rows, cols) views of their fp32 accumulators:
 // dK = scale * dS^T Q and dV = P^T dO for the key rows n0.. of its slice.
+// keep: the CTA's keys whose rows are written as computed (bit j: key n0 + j); the others are
+// written as zeros (see the sm90 dK/dV kernel, which leaves masked keys' rows unmasked).
 template <typename Element, int kBlockN, int kNWarps, typename RowColK, typename RowColV>
 CUTE_DEVICE void store_dk_dv(RowColK const& dk, RowColV const& dv, AccCoords<kNWarps> const& at,
-                             const BwdParams& p, const DkdvSlice<Element, kBlockN>& slice) {
+                             const BwdParams& p, const DkdvSlice<Element, kBlockN>& slice,
+                             uint64_t keep = ~uint64_t(0)) {
   store_rows(dk, at, static_cast<Element*>(p.dk) + slice.base, slice.row_stride, slice.n0, slice.S,
-             slice.D, p.scale);
+             slice.D, p.scale, keep);
   store_rows(dv, at, static_cast<Element*>(p.dv) + slice.base, slice.row_stride, slice.n0, slice.S,
-             slice.D, 1.f);
+             slice.D, 1.f, keep);
 }
 
 // partial[m0.., n0..] = (first ? 0 : old) + db for this thread's elements of a tile, where old

@@ -195,7 +195,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   constexpr int kDsOffset = int(offsetof(DkdvSmem<Traits>, ds) - offsetof(DkdvSmem<Traits>, p));
   KeyMaskPrefetch key_mask;
   key_mask.fetch<kBlockN>(mask, n0, S);
-  const uint64_t valid = key_mask.bits();  // the keys of this CTA
+  // The keys of this CTA. A masked key's column of P and dS only ever reaches its own rows of
+  // dV = P^T dO and dK = dS^T Q, so the loop computes every key as unmasked (no selects) and
+  // the masked keys' rows are written as zeros at the end, whatever they hold.
+  const uint64_t valid = key_mask.bits();
   constexpr int kRows = decltype(size<0>(s))::value;
   RowStats<kRows> stats, next_stats;
   stats.load(lse, delta, 0, S, at);
@@ -214,7 +217,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
     warpgroup_wait<1>();  // S; dP may still run
     warpgroup_fence_operand(acc_s);  // no read of S moves above the wait
     logits_from(s, at, p.scale,
-                Swizzle128BiasTile<Element>{has_bias ? smem.bias + st * Traits::kTileElemsP : nullptr}, valid);
+                Swizzle128BiasTile<Element>{has_bias ? smem.bias + st * Traits::kTileElemsP : nullptr},
+                ~uint64_t(0));
     probs_from_logits(s, stats);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dp);
@@ -233,7 +237,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksDkdv)
   }
 
   store_dk_dv(make_tensor(acc_dk.data(), acc_rowcol_layout(acc_dk.layout())),
-              make_tensor(acc_dv.data(), acc_rowcol_layout(acc_dv.layout())), at, p, slice);
+              make_tensor(acc_dv.data(), acc_rowcol_layout(acc_dv.layout())), at, p, slice, valid);
 }
 
 // Shared memory of the dQ / bias-gradient kernel: with a bias, two stages (by step parity) of
