@@ -81,14 +81,21 @@ def test_channel_major_operands_are_the_transposes():
 
 @pytest.fixture
 def interpreted(monkeypatch):
-  """The fused kernel in Pallas's interpreter, reported as runnable here; counts its calls."""
+  """The fused kernels (input and output side) in Pallas's interpreter, reported as runnable
+  here; counts their calls."""
+  from jevo.ops import triangle_epilogue, triangle_epilogue_pallas
   calls = []
 
   def fused(*args, **kwargs):
-    calls.append(1)
+    calls.append("input")
     return tp.gated_projections(*args, **kwargs, interpret=True)
 
+  def fused_epilogue(*args, **kwargs):
+    calls.append("output")
+    return triangle_epilogue_pallas.triangle_epilogue(*args, **kwargs, interpret=True)
+
   monkeypatch.setattr(op, "fused", fused)
+  monkeypatch.setattr(triangle_epilogue, "fused", fused_epilogue)
   monkeypatch.setattr(op, "unsupported_reason", lambda *a: None)
   monkeypatch.setattr(triangle_multiplication, "platform_reason", lambda x: None)
   return calls
@@ -107,7 +114,7 @@ def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(inte
   assert t.resolved_implementation(z) == "pallas_forward"
   assert x.resolved_implementation(z) == "xla"
   out = nnx.jit(lambda t, z: t(z, mask))(t, z)
-  assert interpreted, "the undifferentiated module did not run the kernel"
+  assert interpreted == ["input", "output"], "the undifferentiated module did not run the kernels"
   want = x(z, mask)
   assert out.dtype == want.dtype and out.shape == want.shape
   assert rel_error(out, want) < 2e-2  # bf16 roundings of a different order

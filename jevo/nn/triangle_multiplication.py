@@ -10,6 +10,7 @@ from jevo.nn import _common as c
 from jevo.nn.chunking import chunked
 from jevo.nn.linear import linear, project
 from jevo.ops import gated_projections as op
+from jevo.ops import triangle_epilogue as epilogue
 from jevo.ops.forward_kernel import kernel_where_undifferentiated
 from jevo.ops.pallas_platform import platform_reason
 
@@ -27,13 +28,15 @@ class TriangleMultiplication(nnx.Module):
 
   `implementation`: "xla" computes everything with XLA; "pallas_forward" computes the input
   side (`LayerNorm(z)`, the five projections, gates and mask) with one fused Pallas kernel
-  (`jevo.ops.gated_projections_pallas`) where the module's inputs are not differentiated, and
-  with XLA, forward and backward, where they are (a GPU, a bf16 or fp16 compute dtype,
+  (`jevo.ops.gated_projections_pallas`) and the output side (the centre LayerNorm of the
+  product over k, the output projection and the gate) with another
+  (`jevo.ops.triangle_epilogue_pallas`) where the module's inputs are not differentiated, and
+  everything with XLA, forward and backward, where they are (a GPU, a bf16 or fp16 compute dtype,
   power-of-two channels from 16 to 128; ValueError saying why elsewhere); None (the default)
   is "pallas_forward" where the kernel can run and "xla" elsewhere. Measured on an H200 (bf16,
   c_z = c_hidden = 128, 2026-12-02, benchmarks/triangle_multiplication_gpu.py), the module's
-  forward with the kernel against XLA's: outgoing 0.332 against 0.440 ms at 384 x 384, 1.156
-  against 1.561 at 768 x 768; incoming 0.336 against 0.340 and 1.099 against 1.228. Chunked
+  forward with both kernels against XLA's: outgoing 0.292 against 0.471 ms at 384 x 384, 0.957
+  against 1.570 at 768 x 768; incoming 0.299 against 0.368 and 0.956 against 1.207. Chunked
   calls and DAP (`jevo.parallel`, which calls `projections`) run XLA.
 
   Example:
@@ -128,19 +131,20 @@ class TriangleMultiplication(nnx.Module):
                      f"run here: {reason}")
 
   def _whole(self, z: jax.Array, mask: jax.Array) -> jax.Array:
-    """The update of the whole pair: XLA's, or the fused input side's where
+    """The update of the whole pair: XLA's, or the fused kernels' where
     `resolved_implementation` says and the module is not differentiated."""
     implementation, dtype = self._resolve(z)
     if implementation == "xla":
       return self.finish(*self._product_and_gate(z, mask))
     graphdef, state = nnx.split(self)
 
-    # Both return the product over k and the output gate's logits, so that a differentiated
-    # call computes exactly what "xla" computes (the kernel's channel-major left and right
-    # never meet XLA's backward). The kernel writes left and right channel-major
-    # ([c_hidden, ..., N, N]), the layout of the batched product over channels that follows.
+    # A differentiated call computes exactly what "xla" computes, forward and backward. The
+    # input side's kernel writes left and right channel-major ([c_hidden, ..., N, N]), the
+    # layout of the batched product over channels that follows, which the output side's
+    # kernel reads as it lies (the centre LayerNorm, the output projection and the gate).
     def reference(z, mask, state):
-      return nnx.merge(graphdef, state)._product_and_gate(z, mask)
+      module = nnx.merge(graphdef, state)
+      return module.finish(*module._product_and_gate(z, mask))
 
     def kernel(z, mask, state):
       module = nnx.merge(graphdef, state)
@@ -150,9 +154,15 @@ class TriangleMultiplication(nnx.Module):
           z, mask, module.layer_norm_in.scale[...], module.layer_norm_in.bias[...],
           [l.kernel[...] for l in layers], [l.bias[...] for l in layers],
           eps=module.layer_norm_in.epsilon, dtype=dtype, channel_major=True)
-      return module.combine_channel_major(left, right), gate
+      product = module.product_channel_major(left, right)
+      out = epilogue.fused(
+          product.reshape(module.c_hidden, -1), gate.reshape(-1, module.c_z),
+          module.center_norm.scale[...], module.center_norm.bias[...],
+          module.output_projection.kernel[...], module.output_projection.bias[...],
+          eps=module.center_norm.epsilon, dtype=dtype)
+      return out.reshape(gate.shape)
 
-    return self.finish(*kernel_where_undifferentiated(kernel, reference)(z, mask, state))
+    return kernel_where_undifferentiated(kernel, reference)(z, mask, state)
 
   def _product_and_gate(self, z: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """XLA's sum over k of the whole pair and the output gate's logits."""
@@ -164,6 +174,12 @@ class TriangleMultiplication(nnx.Module):
     if self.outgoing:
       return jnp.einsum("...ikc,...jkc->...ijc", left, right)
     return jnp.einsum("...kjc,...kic->...ijc", left, right)
+
+  def product_channel_major(self, left: jax.Array, right: jax.Array) -> jax.Array:
+    """The sum over k of channel-major operands, channel-major: `[c_hidden, ..., N, N]`."""
+    if self.outgoing:
+      return jnp.einsum("c...ik,c...jk->c...ij", left, right)
+    return jnp.einsum("c...kj,c...ki->c...ij", left, right)
 
   def combine_channel_major(self, left: jax.Array, right: jax.Array) -> jax.Array:
     """`combine` of channel-major operands (`[c_hidden, ..., N, N]`), to `[..., N, N, c]`."""
