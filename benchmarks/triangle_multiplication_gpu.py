@@ -87,6 +87,10 @@ def time_input_sides(module, z, mask, repeats) -> dict:
   fused = jax.jit(lambda z, m: op.fused(z, m, scale, offset, kernels, biases,
                                         eps=module.layer_norm_in.epsilon, dtype=jnp.bfloat16))
   out["jevo fused (5 projections)"] = median_ms(fused, (z, m), repeats, batch=5)["ms"]
+  four = jax.jit(lambda z, m: op.fused(z, m, scale, offset, kernels[:4], biases[:4],
+                                       eps=module.layer_norm_in.epsilon, dtype=jnp.bfloat16,
+                                       channel_major=True))
+  out["jevo fused (4 projections)"] = median_ms(four, (z, m), repeats, batch=5)["ms"]
   try:
     from colabfold_kernels import tri_mul
   except ImportError as err:
@@ -114,7 +118,9 @@ def time_output_sides(module, z, mask, repeats) -> dict:
   output: XLA's product and `finish`, the product and the fused output side
   (`jevo.ops.triangle_epilogue_pallas`), and (outgoing) colabfold-kernels' fused epilogue,
   which recomputes the output gate from z; then the whole forward composed of jevo's two fused
-  kernels, and of colabfold-kernels' two, beside the largest output difference."""
+  kernels, and of colabfold-kernels' two, beside the largest output difference; and the same
+  with jevo's output gate computed in the output side from z (`triangle_epilogue_gate_from_z`,
+  the input side then running four projections)."""
   from jevo.ops import triangle_epilogue_pallas as te
   scale, offset, kernels, biases = input_side_args(module)
   eps = module.layer_norm_in.epsilon
@@ -145,6 +151,25 @@ def time_output_sides(module, z, mask, repeats) -> dict:
                                                repeats, batch=5)["ms"]
   whole = jax.jit(lambda z, m: fused_side(*input_side(z, m)))
   times["module: jevo both fused"] = median_ms(whole, (z, m), repeats, batch=5)["ms"]
+
+  # The gate computed in the output side from z: the input side runs four projections.
+  four = jax.jit(lambda z, m: op.fused(z, m, scale, offset, kernels[:4], biases[:4], eps=eps,
+                                       dtype=jnp.bfloat16, channel_major=True)[:2])
+
+  def fused_side_gate_from_z(left, right, z):
+    out = te.triangle_epilogue_gate_from_z(
+        product_cm(module, left, right).reshape(C, n * n), z.reshape(n * n, C), scale, offset,
+        kernels[4], biases[4], *center, w_out, b_out, ln_eps=eps,
+        eps=module.center_norm.epsilon, dtype=jnp.bfloat16)
+    return out.reshape(n, n, C)
+
+  got = jax.jit(fused_side_gate_from_z)(left, right, z).astype(jnp.float32)
+  out["gate-from-z err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+  times["output side: jevo fused (gate from z)"] = median_ms(
+      jax.jit(fused_side_gate_from_z), (left, right, z), repeats, batch=5)["ms"]
+  whole = jax.jit(lambda z, m: fused_side_gate_from_z(*four(z, m), z))
+  times["module: jevo both fused, gate from z"] = median_ms(whole, (z, m), repeats,
+                                                           batch=5)["ms"]
   try:
     from colabfold_kernels import tri_mul
   except ImportError as err:

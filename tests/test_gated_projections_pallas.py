@@ -79,6 +79,28 @@ def test_channel_major_operands_are_the_transposes():
   np.testing.assert_array_equal(rows[2], cols[2])
 
 
+def test_four_layers_leave_the_gate_out_and_the_operands_as_they_are():
+  """Without the output gate's layer (for an output side that computes the gate itself) the
+  kernel returns no gate logits and bitwise the same left and right."""
+  n, c_z, c_hidden, dtype = 9, 32, 16, jnp.bfloat16
+  t = random_module(c_z, c_hidden, dtype)
+  z, mask = _pair(n, c_z, dtype)
+  layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate)
+  four = tp.gated_projections(z, mask[..., None], t.layer_norm_in.scale[...],
+                              t.layer_norm_in.bias[...], [l.kernel[...] for l in layers],
+                              [l.bias[...] for l in layers], eps=EPS, dtype=dtype,
+                              channel_major=True, interpret=True)
+  five = _kernel(t, z, mask, dtype, channel_major=True)
+  assert four[2] is None
+  for a, b in zip(four[:2], five[:2]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="4 or 5 layers, got 3 kernels and 3 biases"):
+    tp.gated_projections(z, mask[..., None], t.layer_norm_in.scale[...],
+                         t.layer_norm_in.bias[...], [l.kernel[...] for l in layers[:3]],
+                         [l.bias[...] for l in layers[:3]], eps=EPS, dtype=dtype,
+                         interpret=True)
+
+
 @pytest.fixture
 def interpreted(monkeypatch):
   """The fused kernels (input and output side) in Pallas's interpreter, reported as runnable
@@ -196,15 +218,16 @@ def test_on_the_gpu_the_kernel_matches_the_reference(c, channel_major):
     assert rel_error(g, want) <= 2 * rel_error(x, want) + 1e-3, name
 
 
-@pytest.mark.parametrize("channel_major", [False, True])
-def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine(channel_major):
+@pytest.mark.parametrize("channel_major,layers", [(False, 5), (True, 5), (True, 4)])
+def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine(channel_major, layers):
   """Pallas's lowering of the kernel to Triton runs at lowering time, without a GPU: lowered for
   CUDA, the op's program holds the Triton custom call (compiling it needs a GPU)."""
   import jevo
   from jax import export
   t = random_module(128, 128, jnp.bfloat16)
   z, mask = _pair(24, 128, jnp.bfloat16)
-  layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
+  layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate,
+            t.output_gate)[:layers]
   args = (z, mask[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],
           [l.kernel[...] for l in layers], [l.bias[...] for l in layers])
   f = jax.jit(lambda *a: tp.gated_projections(*a, eps=EPS, dtype=jnp.bfloat16,

@@ -60,6 +60,51 @@ def test_kernel_matches_the_float64_reference(n, c_z, c_hidden, dtype):
   assert rel_error(got, want) <= 2 * rel_error(xla, want) + 1e-3
 
 
+def _input_norm_gate(t, z):
+  """The output gate's logits from z in float64: LayerNorm_in(z) @ W_g + b_g."""
+  f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  x = f(z)
+  mean = x.mean(-1, keepdims=True)
+  y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + EPS)
+  y = y * f(t.layer_norm_in.scale[...]) + f(t.layer_norm_in.bias[...])
+  return y @ f(t.output_gate.kernel[...]) + f(t.output_gate.bias[...])
+
+
+def _kernel_gate_from_z(t, product_cm, z, dtype):
+  c_hidden, n = product_cm.shape[0], product_cm.shape[1]
+  out = te.triangle_epilogue_gate_from_z(
+      product_cm.reshape(c_hidden, n * n), z.reshape(n * n, -1), t.layer_norm_in.scale[...],
+      t.layer_norm_in.bias[...], t.output_gate.kernel[...], t.output_gate.bias[...],
+      t.center_norm.scale[...], t.center_norm.bias[...], t.output_projection.kernel[...],
+      t.output_projection.bias[...], ln_eps=EPS, eps=EPS, dtype=dtype, interpret=True)
+  return out.reshape(n, n, -1)
+
+
+@pytest.mark.parametrize("n,c_z,c_hidden", [(9, 32, 16), (7, 16, 32), (5, 16, 16)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gate_from_z_matches_the_float64_reference(n, c_z, c_hidden, dtype):
+  """The gate computed in the kernel from the module's input: within twice the error of XLA's
+  whole output side (its gate logits projected and rounded by XLA) against float64."""
+  t = random_module(c_z, c_hidden, dtype)
+  product_cm, _ = _inputs(n, c_z, c_hidden, dtype)
+  z = (3.0 * jax.random.normal(jax.random.key(7), (n, n, c_z)) + 1.0).astype(dtype)
+  got = jax.jit(lambda p, z: _kernel_gate_from_z(t, p, z, dtype))(product_cm, z)
+  gate_xla = t.projections(t.layer_norm_in(z), jnp.ones((n, n, 1), dtype), output_gate=True)[2]
+  xla = t.finish(jnp.moveaxis(product_cm, 0, -1), gate_xla)
+  want = _reference(t, product_cm, _input_norm_gate(t, z))
+  assert got.dtype == dtype and got.shape == want.shape
+  assert rel_error(got, want) <= 2 * rel_error(xla, want) + 1e-3
+
+
+def test_gate_from_z_checks_the_gate_layer():
+  p, z = jnp.ones((16, 10), jnp.bfloat16), jnp.ones((10, 32), jnp.bfloat16)
+  ones = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
+  with pytest.raises(ValueError, match=r"gate layer must be \[32, 32\] .* got \(16, 32\)"):
+    te.triangle_epilogue_gate_from_z(p, z, ones(32), ones(32), ones(16, 32), ones(32), ones(16),
+                                     ones(16), ones(16, 32), ones(32), ln_eps=EPS, eps=EPS,
+                                     dtype=jnp.bfloat16, interpret=True)
+
+
 def test_gate_scales_each_output_and_rows_stay_apart():
   """A gate logit of -inf zeroes exactly its own (row, channel) of the output; a row's output
   depends on that row of the product only (rows of the last, partial block included)."""
@@ -105,6 +150,22 @@ def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine():
   args = (product_cm.reshape(128, -1), gate.reshape(-1, 128), t.center_norm.scale[...],
           t.center_norm.bias[...], t.output_projection.kernel[...], t.output_projection.bias[...])
   f = jax.jit(lambda *a: te.triangle_epilogue(*a, eps=EPS, dtype=jnp.bfloat16))
+  exported = export.export(f, platforms=["cuda"], disabled_checks=jevo.export_disabled_checks())(
+      *args)
+  assert "xla.gpu.triton" in exported.mlir_module()
+
+
+def test_the_gate_from_z_kernel_lowers_to_triton_for_cuda_on_any_machine():
+  import jevo
+  from jax import export
+  t = random_module(128, 128, jnp.bfloat16)
+  product_cm, gate = _inputs(24, 128, 128, jnp.bfloat16)
+  args = (product_cm.reshape(128, -1), gate.reshape(-1, 128), t.layer_norm_in.scale[...],
+          t.layer_norm_in.bias[...], t.output_gate.kernel[...], t.output_gate.bias[...],
+          t.center_norm.scale[...], t.center_norm.bias[...], t.output_projection.kernel[...],
+          t.output_projection.bias[...])
+  f = jax.jit(lambda *a: te.triangle_epilogue_gate_from_z(*a, ln_eps=EPS, eps=EPS,
+                                                          dtype=jnp.bfloat16))
   exported = export.export(f, platforms=["cuda"], disabled_checks=jevo.export_disabled_checks())(
       *args)
   assert "xla.gpu.triton" in exported.mlir_module()

@@ -7,6 +7,11 @@ sigmoid gates and the pair mask, per block of rows.
     gate  = y @ W_g + b_g                      (the output gate's logits)
     with y = LayerNorm(z)
 
+Given only the first four layers, the kernel leaves the output gate out (no third output): for
+an output side that computes the gate from z itself
+(`jevo.ops.triangle_epilogue_pallas.triangle_epilogue_gate_from_z`), which saves writing and
+reading the `[rows, c_z]` logits.
+
 XLA runs these as a layer norm, one matrix product of 4 c_hidden + c_z outputs and an
 elementwise fusion, writing and reading the normalised input and the `[rows, 4 c_hidden + c_z]`
 product through memory; here each program keeps its rows on chip from z to the three outputs.
@@ -53,11 +58,12 @@ def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
 
 
 def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows,
-            channel_major):
-  # The five layers' kernels and biases come as separate operands: Triton's tensors have
+            channel_major, layers):
+  # The layers' kernels and biases come as separate operands: Triton's tensors have
   # power-of-two sizes, and the five side by side have 4 c_hidden + c_z columns.
-  (wlp, wlg, wrp, wrg, wg), (blp, blg, brp, brg, bg) = refs[0:5], refs[5:10]
-  left_ref, right_ref, gate_ref = refs[10:]
+  weights, biases, outs = refs[:layers], refs[layers:2 * layers], refs[2 * layers:]
+  (wlp, wlg, wrp, wrg), (blp, blg, brp, brg) = weights[:4], biases[:4]
+  left_ref, right_ref = outs[:2]
   valid = row_mask(pl.program_id(0) * block_rows, block_rows, rows)
   z = plgpu.load(z_ref, mask=valid, other=0.0).astype(F32)
   m = plgpu.load(mask_ref, mask=valid[:, 0], other=0.0).astype(F32)[:, None]
@@ -75,7 +81,9 @@ def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows
 
   store_operand(left_ref, m * project(wlp, blp) * jax.nn.sigmoid(project(wlg, blg)))
   store_operand(right_ref, m * project(wrp, brp) * jax.nn.sigmoid(project(wrg, brg)))
-  plgpu.store(gate_ref, project(wg, bg).astype(gate_ref.dtype), mask=valid)
+  if layers == 5:
+    gate_ref = outs[2]
+    plgpu.store(gate_ref, project(weights[4], biases[4]).astype(gate_ref.dtype), mask=valid)
 
 
 def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: float, dtype,
@@ -83,13 +91,18 @@ def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: flo
   """(left, right, gate logits) of z `[..., c_z]` in `dtype`: `[..., c_hidden]` twice and
   `[..., c_z]`. mask: broadcastable to `[..., 1]` (1 = valid); kernels and biases: the five
   layers' (`[c_z, c_hidden]` four times, then `[c_z, c_z]`; `[c_hidden]` four times, then
-  `[c_z]`), in the order above. `channel_major=True` gives left and right as
+  `[c_z]`), in the order above, or the first four only, and then the gate logits are None.
+  `channel_major=True` gives left and right as
   `[c_hidden, ...]`, the layout of the triangle update's batched matrix product (batched over
   channels), which a custom call's row-major output would otherwise reach only through a
   transposing copy. `unsupported_reason` must be None; `interpret=True` runs Pallas's
   interpreter (tests)."""
   c_z = z.shape[-1]
   c_hidden = kernels[0].shape[1]
+  layers = len(kernels)
+  if layers not in (4, 5) or len(biases) != layers:
+    raise ValueError(f"gated_projections takes the kernels and biases of 4 or 5 layers, got "
+                     f"{len(kernels)} kernels and {len(biases)} biases")
   lead = z.shape[:-1]
   rows = z.size // c_z
   z2 = z.reshape(rows, c_z)
@@ -104,20 +117,22 @@ def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: flo
                                                                  lambda i: (i, 0))
   run = pl.pallas_call(
       functools.partial(_kernel, eps=float(eps), rows=rows, block_rows=block,
-                        channel_major=channel_major),
+                        channel_major=channel_major, layers=layers),
       grid=(pl.cdiv(rows, block),),
       in_specs=[pl.BlockSpec((block, c_z), lambda i: (i, 0)),
                 pl.BlockSpec((block,), lambda i: (i,)),
                 vector_spec(c_z), vector_spec(c_z)]
-               + [matrix_spec((c_z, c_hidden))] * 4 + [matrix_spec((c_z, c_z))]
-               + [vector_spec(c_hidden)] * 4 + [vector_spec(c_z)],
-      out_specs=[operand_spec] * 2 + [pl.BlockSpec((block, c_z), lambda i: (i, 0))],
+               + [matrix_spec((c_z, c_hidden))] * 4 + [matrix_spec((c_z, c_z))] * (layers - 4)
+               + [vector_spec(c_hidden)] * 4 + [vector_spec(c_z)] * (layers - 4),
+      out_specs=[operand_spec] * 2
+                + [pl.BlockSpec((block, c_z), lambda i: (i, 0))] * (layers - 4),
       out_shape=[out_struct(operand_shape, dtype, z2)] * 2
-                + [out_struct((rows, c_z), dtype, z2)],
+                + [out_struct((rows, c_z), dtype, z2)] * (layers - 4),
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
       name="jevo_gated_projections_fwd",
   )
-  left, right, gate = run(z2, mask2, ln_scale, ln_offset, *weights, *biases)
+  left, right, *gate = run(z2, mask2, ln_scale, ln_offset, *weights, *biases)
   operand = (c_hidden,) + lead if channel_major else lead + (c_hidden,)
-  return left.reshape(operand), right.reshape(operand), gate.reshape(lead + (c_z,))
+  gate = gate[0].reshape(lead + (c_z,)) if gate else None
+  return left.reshape(operand), right.reshape(operand), gate

@@ -13,3 +13,11 @@ def fused(product_cm, gate_logits, center_scale, center_offset, kernel, bias, **
   from jevo.ops import triangle_epilogue_pallas
   args = match_varying_axes(product_cm, gate_logits, center_scale, center_offset, kernel, bias)
   return triangle_epilogue_pallas.triangle_epilogue(*args, **kwargs)
+
+
+def fused_gate_from_z(product_cm, z, *params, **kwargs):
+  """`jevo.ops.triangle_epilogue_pallas.triangle_epilogue_gate_from_z`, with the operands made
+  to vary alike inside `jax.shard_map`."""
+  from jevo.ops import triangle_epilogue_pallas
+  args = match_varying_axes(product_cm, z, *params)
+  return triangle_epilogue_pallas.triangle_epilogue_gate_from_z(*args, **kwargs)

@@ -13,9 +13,11 @@ Numerics as `jevo.ops.gated_projections_pallas`: the layer norm, the bias and th
 float32 on the parameters as given; the matrix product in the output's dtype (bfloat16 or
 float16) with float32 accumulation; the output rounded once. This module imports Pallas.
 
-`TriangleMultiplication` does not call it yet: whether it is faster than XLA's output side on
-a GPU is what `benchmarks/triangle_multiplication_gpu.py` measures, beside colabfold-kernels'
-fused epilogue, before it becomes part of the module's kernel path.
+`TriangleMultiplication`'s kernel path calls `triangle_epilogue`. `triangle_epilogue_gate_from_z`
+computes the gate's logits in the kernel instead, from the module's input:
+`LayerNorm_in(z) @ W_g + b_g`, so that the input side need not write them (its kernel then runs
+four projections, not five) nor this kernel read them; it reads z instead, as many bytes as
+the logits, for one more matrix product per row.
 """
 
 from __future__ import annotations
@@ -59,15 +61,60 @@ def unsupported_reason(product_cm, gate_logits, dtype) -> str | None:
   return None
 
 
-def _kernel(product_ref, gate_ref, scale_ref, offset_ref, w_ref, b_ref, out_ref, *, eps, rows,
-            block_rows):
+def _kernel(product_ref, gate_source_ref, *refs, eps, rows, block_rows, gate_eps):
+  # gate_eps None: gate_source_ref holds the gate's logits; else it holds z, and refs start
+  # with the input LayerNorm's scale and offset and the gate layer's kernel and bias.
+  if gate_eps is None:
+    (scale_ref, offset_ref, w_ref, b_ref, out_ref), gate_refs = refs, ()
+  else:
+    gate_refs, (scale_ref, offset_ref, w_ref, b_ref, out_ref) = refs[:4], refs[4:]
   valid = row_mask(pl.program_id(0) * block_rows, block_rows, rows)
   # [c_hidden, block] as it lies in memory, then rows first for the layer norm over channels.
   product = plgpu.load(product_ref, mask=valid.T, other=0.0).astype(F32).T
   y = layer_norm(product, vec(scale_ref), vec(offset_ref), eps, w_ref.dtype)
   projected = mm(y, w_ref[...]) + vec(b_ref)[None, :]
-  gate = plgpu.load(gate_ref, mask=valid, other=0.0).astype(F32)
+  source = plgpu.load(gate_source_ref, mask=valid, other=0.0).astype(F32)
+  if gate_eps is None:
+    gate = source
+  else:
+    ln_scale, ln_offset, wg_ref, bg_ref = gate_refs
+    z_norm = layer_norm(source, vec(ln_scale), vec(ln_offset), gate_eps, wg_ref.dtype)
+    gate = mm(z_norm, wg_ref[...]) + vec(bg_ref)[None, :]
   plgpu.store(out_ref, (projected * jax.nn.sigmoid(gate)).astype(out_ref.dtype), mask=valid)
+
+
+def _check_output_side(c_hidden, c_z, center_scale, center_offset, kernel, bias):
+  if kernel.shape != (c_hidden, c_z) or bias.shape != (c_z,):
+    raise ValueError(f"the output projection must be [{c_hidden}, {c_z}] with a [{c_z}] bias, "
+                     f"got {kernel.shape} and {bias.shape}")
+  if center_scale.shape != (c_hidden,) or center_offset.shape != (c_hidden,):
+    raise ValueError(f"the centre LayerNorm's scale and offset must be [{c_hidden}], got "
+                     f"{center_scale.shape} and {center_offset.shape}")
+
+
+def _call(product_cm, gate_source, gate_params, center_scale, center_offset, kernel, bias, *,
+          eps, gate_eps, dtype, interpret, name):
+  c_hidden, rows = product_cm.shape
+  c_z = gate_source.shape[1]
+  block = min(BLOCK_ROWS, max(16, pl.next_power_of_2(rows)))
+  gate_specs = ([vector_spec(c_z), vector_spec(c_z), matrix_spec((c_z, c_z)), vector_spec(c_z)]
+                if gate_params else [])
+  run = pl.pallas_call(
+      functools.partial(_kernel, eps=float(eps), rows=rows, block_rows=block,
+                        gate_eps=gate_eps),
+      grid=(pl.cdiv(rows, block),),
+      in_specs=[pl.BlockSpec((c_hidden, block), lambda i: (0, i)),
+                pl.BlockSpec((block, c_z), lambda i: (i, 0))] + gate_specs
+               + [vector_spec(c_hidden), vector_spec(c_hidden),
+                  matrix_spec((c_hidden, c_z)), vector_spec(c_z)],
+      out_specs=pl.BlockSpec((block, c_z), lambda i: (i, 0)),
+      out_shape=out_struct((rows, c_z), dtype, gate_source),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+      interpret=interpret,
+      name=name,
+  )
+  return run(product_cm, gate_source, *gate_params, center_scale, center_offset,
+             kernel.astype(dtype), bias)
 
 
 def triangle_epilogue(product_cm, gate_logits, center_scale, center_offset, kernel, bias, *,
@@ -77,26 +124,27 @@ def triangle_epilogue(product_cm, gate_logits, center_scale, center_offset, kern
   centre LayerNorm's `center_scale`/`center_offset` `[c_hidden]` and the output projection's
   `kernel` `[c_hidden, c_z]` and `bias` `[c_z]`. `unsupported_reason` must be None;
   `interpret=True` runs Pallas's interpreter (tests)."""
-  c_hidden, rows = product_cm.shape
-  c_z = gate_logits.shape[1]
-  if kernel.shape != (c_hidden, c_z) or bias.shape != (c_z,):
-    raise ValueError(f"the output projection must be [{c_hidden}, {c_z}] with a [{c_z}] bias, "
-                     f"got {kernel.shape} and {bias.shape}")
-  if center_scale.shape != (c_hidden,) or center_offset.shape != (c_hidden,):
-    raise ValueError(f"the centre LayerNorm's scale and offset must be [{c_hidden}], got "
-                     f"{center_scale.shape} and {center_offset.shape}")
-  block = min(BLOCK_ROWS, max(16, pl.next_power_of_2(rows)))
-  run = pl.pallas_call(
-      functools.partial(_kernel, eps=float(eps), rows=rows, block_rows=block),
-      grid=(pl.cdiv(rows, block),),
-      in_specs=[pl.BlockSpec((c_hidden, block), lambda i: (0, i)),
-                pl.BlockSpec((block, c_z), lambda i: (i, 0)),
-                vector_spec(c_hidden), vector_spec(c_hidden),
-                matrix_spec((c_hidden, c_z)), vector_spec(c_z)],
-      out_specs=pl.BlockSpec((block, c_z), lambda i: (i, 0)),
-      out_shape=out_struct((rows, c_z), dtype, gate_logits),
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-      interpret=interpret,
-      name="jevo_triangle_epilogue_fwd",
-  )
-  return run(product_cm, gate_logits, center_scale, center_offset, kernel.astype(dtype), bias)
+  c_hidden, c_z = product_cm.shape[0], gate_logits.shape[1]
+  _check_output_side(c_hidden, c_z, center_scale, center_offset, kernel, bias)
+  return _call(product_cm, gate_logits, (), center_scale, center_offset, kernel, bias, eps=eps,
+               gate_eps=None, dtype=dtype, interpret=interpret, name="jevo_triangle_epilogue_fwd")
+
+
+def triangle_epilogue_gate_from_z(product_cm, z, ln_scale, ln_offset, gate_kernel, gate_bias,
+                                  center_scale, center_offset, kernel, bias, *, ln_eps: float,
+                                  eps: float, dtype, interpret: bool = False):
+  """`triangle_epilogue` with the gate's logits computed here from the module's input z
+  `[rows, c_z]`: `LayerNorm(z; ln_scale, ln_offset, ln_eps) @ gate_kernel + gate_bias`
+  (`[c_z]`, `[c_z]`, `[c_z, c_z]`, `[c_z]`), the logits kept in float32.
+  `unsupported_reason(product_cm, z, dtype)` must be None."""
+  c_hidden, c_z = product_cm.shape[0], z.shape[1]
+  _check_output_side(c_hidden, c_z, center_scale, center_offset, kernel, bias)
+  if (gate_kernel.shape != (c_z, c_z) or gate_bias.shape != (c_z,) or ln_scale.shape != (c_z,)
+      or ln_offset.shape != (c_z,)):
+    raise ValueError(f"the gate layer must be [{c_z}, {c_z}] with a [{c_z}] bias and the input "
+                     f"LayerNorm's scale and offset [{c_z}], got {gate_kernel.shape}, "
+                     f"{gate_bias.shape}, {ln_scale.shape} and {ln_offset.shape}")
+  gate_params = (ln_scale, ln_offset, gate_kernel.astype(dtype), gate_bias)
+  return _call(product_cm, z, gate_params, center_scale, center_offset, kernel, bias, eps=eps,
+               gate_eps=float(ln_eps), dtype=dtype, interpret=interpret,
+               name="jevo_triangle_epilogue_gate_from_z_fwd")
