@@ -4,9 +4,11 @@ input side alone (LayerNorm, the five projections, gates and mask) against XLA's
 colabfold-kernels' fused LayerNorm + gated dual projection, which computes four of the five
 projections (not the output gate's); and the output side (centre LayerNorm, output projection,
 gate) fused (`jevo.ops.triangle_epilogue_pallas`) against XLA's and colabfold-kernels' fused
-epilogue, with the whole forward composed of each library's two kernels.
+epilogue, with the whole forward composed of each library's two kernels; with `--chunk-sizes`,
+the module chunked by rows too (XLA's chunked path against the kernels').
 
-    python benchmarks/triangle_multiplication_gpu.py [--sizes 384 768] [--repeats 30]
+    python benchmarks/triangle_multiplication_gpu.py [--sizes 384 768] [--repeats 30] \
+        [--chunk-sizes 192]
 
 Inputs: bfloat16 pair activations, float32 parameters, random pair masks with about 10% of
 entries masked; c_z = c_hidden = 128 (AlphaFold's).
@@ -58,16 +60,16 @@ def inputs(n: int):
   return z, mask
 
 
-def jitted(module):
+def jitted(module, chunk_size=None):
   """The module's forward as a plain jitted function of its state (nnx.jit's per-call graph
   traversal costs more host time than the kernels take at these sizes)."""
   graphdef, state = nnx.split(module)
-  fn = jax.jit(lambda state, z, mask: nnx.merge(graphdef, state)(z, mask))
+  fn = jax.jit(lambda state, z, mask: nnx.merge(graphdef, state)(z, mask, chunk_size=chunk_size))
   return lambda z, mask: fn(state, z, mask)
 
 
-def time_module(module, z, mask, repeats):
-  return median_ms(jitted(module), (z, mask), repeats, batch=5)["ms"]
+def time_module(module, z, mask, repeats, chunk_size=None):
+  return median_ms(jitted(module, chunk_size), (z, mask), repeats, batch=5)["ms"]
 
 
 def input_side_args(module):
@@ -204,6 +206,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sizes", type=int, nargs="+", default=[384, 768])
   p.add_argument("--repeats", type=int, default=30)
+  p.add_argument("--chunk-sizes", type=int, nargs="*", default=[],
+                 help="also time the module chunked by these row counts (inference chunking)")
   args = p.parse_args(argv)
   log(jax.devices()[0].device_kind, "jax", jax.__version__)
   rows = []
@@ -220,6 +224,13 @@ def main(argv=None):
             fused, z, mask, args.repeats)
         rows.append((name, "module fwd", f"xla {t_xla:.3f}", f"pallas_forward {t_fused:.3f}",
                      f"max err / max |out| {err:.2e}"))
+        for chunk in args.chunk_sizes:
+          got = jitted(fused, chunk)(z, mask).astype(jnp.float32)
+          err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+          rows.append((name, f"module fwd, chunk_size {chunk}",
+                       f"xla {time_module(xla, z, mask, args.repeats, chunk):.3f}",
+                       f"pallas_forward {time_module(fused, z, mask, args.repeats, chunk):.3f}",
+                       f"max err / max |out| {err:.2e}"))
         if outgoing:
           sides = time_input_sides(xla, z, mask, args.repeats)
           rows.append((name, "input side fwd",
@@ -231,7 +242,7 @@ def main(argv=None):
       except Exception as e:  # one failure must not hide the other results
         log(f"!! {name} failed: {type(e).__name__}: {str(e)[:1500]}")
         log("".join(traceback.format_exception(e)[-5:])[-2500:])
-      for row in rows[-3:]:
+      for row in rows[-3 - len(args.chunk_sizes):]:
         log(" | ".join(row))
   log("\n## triangle multiplication, forward ms (median)")
   for row in rows:

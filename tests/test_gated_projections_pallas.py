@@ -79,26 +79,33 @@ def test_channel_major_operands_are_the_transposes():
   np.testing.assert_array_equal(rows[2], cols[2])
 
 
-def test_four_layers_leave_the_gate_out_and_the_operands_as_they_are():
-  """Without the output gate's layer (for an output side that computes the gate itself) the
-  kernel returns no gate logits and bitwise the same left and right."""
+def test_fewer_layers_give_those_outputs_bitwise():
+  """Without the output gate's layer, or with one (projection, gate) pair, the kernel returns
+  bitwise what the five-layer call returns for those layers, and None for a gate it did not
+  compute."""
   n, c_z, c_hidden, dtype = 9, 32, 16, jnp.bfloat16
   t = random_module(c_z, c_hidden, dtype)
   z, mask = _pair(n, c_z, dtype)
-  layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate)
-  four = tp.gated_projections(z, mask[..., None], t.layer_norm_in.scale[...],
-                              t.layer_norm_in.bias[...], [l.kernel[...] for l in layers],
-                              [l.bias[...] for l in layers], eps=EPS, dtype=dtype,
-                              channel_major=True, interpret=True)
   five = _kernel(t, z, mask, dtype, channel_major=True)
-  assert four[2] is None
-  for a, b in zip(four[:2], five[:2]):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(ValueError, match="4 or 5 layers, got 3 kernels and 3 biases"):
-    tp.gated_projections(z, mask[..., None], t.layer_norm_in.scale[...],
-                         t.layer_norm_in.bias[...], [l.kernel[...] for l in layers[:3]],
-                         [l.bias[...] for l in layers[:3]], eps=EPS, dtype=dtype,
-                         interpret=True)
+
+  def call(*layers):
+    return tp.gated_projections(z, mask[..., None], t.layer_norm_in.scale[...],
+                                t.layer_norm_in.bias[...], [l.kernel[...] for l in layers],
+                                [l.bias[...] for l in layers], eps=EPS, dtype=dtype,
+                                channel_major=True, interpret=True)
+
+  left, right = (t.left_projection, t.left_gate), (t.right_projection, t.right_gate)
+  for got, want in ((call(*left, *right), (five[0], five[1], None)),
+                    (call(*right), (five[1], None)),
+                    (call(*left, t.output_gate), (five[0], five[2]))):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+      if w is None:
+        assert g is None
+      else:
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  with pytest.raises(ValueError, match="2 to 5 layers, got 1 kernels and 1 biases"):
+    call(t.left_projection)
 
 
 @pytest.fixture
@@ -116,8 +123,14 @@ def interpreted(monkeypatch):
     calls.append("output")
     return triangle_epilogue_pallas.triangle_epilogue(*args, **kwargs, interpret=True)
 
+  def fused_epilogue_gate_from_z(*args, **kwargs):
+    calls.append("output, gate from z")
+    return triangle_epilogue_pallas.triangle_epilogue_gate_from_z(*args, **kwargs,
+                                                                  interpret=True)
+
   monkeypatch.setattr(op, "fused", fused)
   monkeypatch.setattr(triangle_epilogue, "fused", fused_epilogue)
+  monkeypatch.setattr(triangle_epilogue, "fused_gate_from_z", fused_epilogue_gate_from_z)
   monkeypatch.setattr(op, "unsupported_reason", lambda *a: None)
   monkeypatch.setattr(triangle_multiplication, "platform_reason", lambda x: None)
   return calls
@@ -153,22 +166,51 @@ def test_pallas_forward_runs_the_kernel_undifferentiated_and_xla_under_grad(inte
     np.testing.assert_array_equal(got, expected)
 
 
-def test_the_kernel_path_under_vmap_and_remat_matches_per_example_calls(interpreted):
-  t = random_module(16, 16, jnp.bfloat16, None)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_the_kernel_path_under_vmap_and_remat_matches_per_example_calls(interpreted, outgoing,
+                                                                        chunk_size):
+  t = random_module(16, 16, jnp.bfloat16, None, outgoing)
   pairs = [_pair(6, 16, jnp.bfloat16, seed) for seed in range(3)]
   zs, masks = (jnp.stack(p) for p in zip(*pairs))
-  batched = jax.jit(jax.vmap(jax.checkpoint(lambda z, m: t(z, m))))(zs, masks)
+  call = lambda z, m: t(z, m, chunk_size=chunk_size)  # noqa: E731
+  batched = jax.jit(jax.vmap(jax.checkpoint(call)))(zs, masks)
   assert interpreted, "the kernel did not run"
   for i, (z, m) in enumerate(pairs):
-    np.testing.assert_array_equal(batched[i], jax.jit(lambda z, m: t(z, m))(z, m))
+    np.testing.assert_array_equal(batched[i], jax.jit(call)(z, m))
+  # Leading batch axes of z itself, unbatched by vmap, give the same rows.
+  np.testing.assert_array_equal(jax.jit(call)(zs, masks), batched)
 
 
-def test_chunked_calls_run_xla(interpreted):
-  t = random_module(16, 16, jnp.bfloat16, "pallas_forward")
-  x = random_module(16, 16, jnp.bfloat16, "xla")
-  z, mask = _pair(8, 16, jnp.bfloat16)
-  np.testing.assert_array_equal(t(z, mask, chunk_size=3), x(z, mask, chunk_size=3))
-  assert not interpreted
+@pytest.mark.parametrize("outgoing", [True, False])
+def test_chunked_calls_run_the_kernels_undifferentiated_and_xla_under_grad(interpreted,
+                                                                           outgoing):
+  """A chunked call (3 rows at a time of 8: the last chunk overlaps the one before) runs the
+  input side once whole and then in the loop over chunks, with the output side computing the
+  gate from z; it
+  matches XLA's chunked and whole calls within bf16 roundings, and under grad it is XLA's,
+  bit for bit."""
+  dtype = jnp.bfloat16
+  t = random_module(32, 16, dtype, "pallas_forward", outgoing)
+  x = random_module(32, 16, dtype, "xla", outgoing)
+  z, mask = _pair(8, 32, dtype)
+  out = jax.jit(lambda z, m: t(z, m, chunk_size=3))(z, mask)
+  # Traced more than once per chunk (the output's shape is found by tracing a chunk first).
+  assert interpreted[0] == "input" and set(interpreted[1:]) == {"input", "output, gate from z"}
+  want = x(z, mask, chunk_size=3)
+  assert out.dtype == want.dtype and out.shape == want.shape
+  assert rel_error(out, want) < 2e-2
+  assert rel_error(out, x(z, mask)) < 2e-2
+  interpreted.clear()
+
+  def loss(module, z):
+    return jnp.sum(module(z, mask, chunk_size=3).astype(jnp.float32) ** 2)
+
+  grads = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(t, z)
+  assert not interpreted, "the differentiated module ran the kernel"
+  want_grads = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(x, z)
+  for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_array_equal(got, expected)
 
 
 _HERE = op.unsupported_reason(jnp.zeros((4, 4, 16), jnp.bfloat16), 16, jnp.bfloat16)
@@ -216,6 +258,22 @@ def test_on_the_gpu_the_kernel_matches_the_reference(c, channel_major):
   xla = t.projections(t.layer_norm_in(z), mask[..., None], output_gate=True)
   for name, g, x, want in zip(("left", "right", "gate"), got, xla, _reference(t, z, mask)):
     assert rel_error(g, want) <= 2 * rel_error(x, want) + 1e-3, name
+
+
+@pytest.mark.skipif(_HERE is not None, reason=f"the kernel cannot run here: {_HERE}")
+@pytest.mark.parametrize("outgoing", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 48])
+def test_on_the_gpu_the_module_matches_xla_whole_and_chunked(outgoing, chunk_size):
+  """The default module on the GPU (both fused sides; chunked: the gate from z) against the
+  XLA module, 100 residues (chunks of 48: the last overlaps)."""
+  dtype = jnp.bfloat16
+  t = random_module(128, 128, dtype, None, outgoing)
+  x = random_module(128, 128, dtype, "xla", outgoing)
+  z, mask = _pair(100, 128, dtype)
+  assert t.resolved_implementation(z) == "pallas_forward"
+  got = jax.jit(lambda z, m: t(z, m, chunk_size=chunk_size))(z, mask)
+  want = jax.jit(lambda z, m: x(z, m, chunk_size=chunk_size))(z, mask)
+  assert rel_error(got, want) < 2e-2
 
 
 @pytest.mark.parametrize("channel_major,layers", [(False, 5), (True, 5), (True, 4)])

@@ -37,7 +37,8 @@ class TriangleMultiplication(nnx.Module):
   c_z = c_hidden = 128, 2026-12-02, benchmarks/triangle_multiplication_gpu.py), the module's
   forward with both kernels against XLA's: outgoing 0.292 against 0.471 ms at 384 x 384, 0.957
   against 1.570 at 768 x 768; incoming 0.299 against 0.368 and 0.956 against 1.207. Chunked
-  calls and DAP (`jevo.parallel`, which calls `projections`) run XLA.
+  calls run the kernels too (`_chunked_kernels`: the output side computes the gate from z;
+  not yet timed on a GPU); DAP (`jevo.parallel`, which calls `projections`) runs XLA.
 
   Example:
     >>> tri = TriangleMultiplication(16, 8, outgoing=False, rngs=nnx.Rngs(0))
@@ -75,6 +76,21 @@ class TriangleMultiplication(nnx.Module):
     mask = c.check_mask("pair_mask", pair_mask, z.shape[:-1])[..., None]
     if chunk_size is None or chunk_size >= z.shape[-3]:
       return self._whole(z, mask)
+    implementation, dtype = self._resolve(z)
+    if implementation == "xla":
+      return self._chunked_xla(z, mask, chunk_size)
+    graphdef, state = nnx.split(self)
+
+    def reference(z, mask, state):
+      return nnx.merge(graphdef, state)._chunked_xla(z, mask, chunk_size)
+
+    def kernel(z, mask, state):
+      return nnx.merge(graphdef, state)._chunked_kernels(z, mask, chunk_size, dtype)
+
+    return kernel_where_undifferentiated(kernel, reference)(z, mask, state)
+
+  def _chunked_xla(self, z: jax.Array, mask: jax.Array, chunk_size: int) -> jax.Array:
+    """A chunked call with XLA: LayerNorm(z) whole, then chunks of output rows."""
     x = self.layer_norm_in(z)
 
     # Output rows i are independent: one operand is projected whole, the other (and the output
@@ -96,6 +112,47 @@ class TriangleMultiplication(nnx.Module):
 
       args, axes = (x, mask, x), (-2, -2, -3)
     return chunked(rows, args, axes, out_axis=-3, chunk_size=chunk_size)
+
+  def _chunked_kernels(self, z: jax.Array, mask: jax.Array, chunk_size: int, dtype) -> jax.Array:
+    """A chunked call with the fused kernels: the operand every chunk needs whole, once (the
+    input side with one projection pair); then per chunk of output rows i the other operand's
+    slice, the product over k and the output side, which computes the gate from z's rows i
+    (`triangle_epilogue_gate_from_z`), so no gate logits are written. Operands channel-major,
+    as in `_whole`."""
+    norm = self.layer_norm_in
+
+    def operand(z_part, m_part, projection, gate):
+      return op.fused(z_part, m_part, norm.scale[...], norm.bias[...],
+                      [projection.kernel[...], gate.kernel[...]],
+                      [projection.bias[...], gate.bias[...]], eps=norm.epsilon, dtype=dtype,
+                      channel_major=True)[0]
+
+    def output_side(product, z_rows):
+      out = epilogue.fused_gate_from_z(
+          product.reshape(self.c_hidden, -1), z_rows.reshape(-1, self.c_z), norm.scale[...],
+          norm.bias[...], self.output_gate.kernel[...], self.output_gate.bias[...],
+          self.center_norm.scale[...], self.center_norm.bias[...],
+          self.output_projection.kernel[...], self.output_projection.bias[...],
+          ln_eps=norm.epsilon, eps=self.center_norm.epsilon, dtype=dtype)
+      return out.reshape(z_rows.shape[:-1] + (self.c_z,))
+
+    if self.outgoing:  # out[i, j] = sum_k left[i, k] right[j, k]: right whole, left's rows i
+      right = operand(z, mask, self.right_projection, self.right_gate)
+
+      def rows(z_i, m_i, z_rows):
+        left = operand(z_i, m_i, self.left_projection, self.left_gate)
+        return output_side(self.product_channel_major(left, right), z_rows)
+
+      axes = (-3, -3, -3)
+    else:  # out[i, j] = sum_k left[k, j] right[k, i]: left whole, right's columns i
+      left = operand(z, mask, self.left_projection, self.left_gate)
+
+      def rows(z_i, m_i, z_rows):
+        right = operand(z_i, m_i, self.right_projection, self.right_gate)
+        return output_side(self.product_channel_major(left, right), z_rows)
+
+      axes = (-2, -2, -3)
+    return chunked(rows, (z, mask, z), axes, out_axis=-3, chunk_size=chunk_size)
 
   def projections(self, x: jax.Array, mask: jax.Array, *, output_gate: bool
                   ) -> tuple[jax.Array, jax.Array, jax.Array | None]:

@@ -7,10 +7,10 @@ sigmoid gates and the pair mask, per block of rows.
     gate  = y @ W_g + b_g                      (the output gate's logits)
     with y = LayerNorm(z)
 
-Given only the first four layers, the kernel leaves the output gate out (no third output): for
-an output side that computes the gate from z itself
-(`jevo.ops.triangle_epilogue_pallas.triangle_epilogue_gate_from_z`), which saves writing and
-reading the `[rows, c_z]` logits.
+The kernel also takes fewer layers: without the output gate's (for an output side that
+computes the gate from z itself, `jevo.ops.triangle_epilogue_pallas.triangle_epilogue_gate_from_z`,
+which saves writing and reading the `[rows, c_z]` logits), and with one (projection, gate)
+pair instead of two (for a chunk of rows that needs only one of the operands).
 
 XLA runs these as a layer norm, one matrix product of 4 c_hidden + c_z outputs and an
 elementwise fusion, writing and reading the normalised input and the `[rows, 4 c_hidden + c_z]`
@@ -62,12 +62,11 @@ def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows
   # The layers' kernels and biases come as separate operands: Triton's tensors have
   # power-of-two sizes, and the five side by side have 4 c_hidden + c_z columns.
   weights, biases, outs = refs[:layers], refs[layers:2 * layers], refs[2 * layers:]
-  (wlp, wlg, wrp, wrg), (blp, blg, brp, brg) = weights[:4], biases[:4]
-  left_ref, right_ref = outs[:2]
+  pairs = layers // 2
   valid = row_mask(pl.program_id(0) * block_rows, block_rows, rows)
   z = plgpu.load(z_ref, mask=valid, other=0.0).astype(F32)
   m = plgpu.load(mask_ref, mask=valid[:, 0], other=0.0).astype(F32)[:, None]
-  y = layer_norm(z, vec(scale_ref), vec(offset_ref), eps, wlp.dtype)
+  y = layer_norm(z, vec(scale_ref), vec(offset_ref), eps, weights[0].dtype)
 
   def project(w_ref, b_ref):
     return mm(y, w_ref[...]) + vec(b_ref)[None, :]
@@ -79,11 +78,13 @@ def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows
     else:
       plgpu.store(ref, x, mask=valid)
 
-  store_operand(left_ref, m * project(wlp, blp) * jax.nn.sigmoid(project(wlg, blg)))
-  store_operand(right_ref, m * project(wrp, brp) * jax.nn.sigmoid(project(wrg, brg)))
-  if layers == 5:
-    gate_ref = outs[2]
-    plgpu.store(gate_ref, project(weights[4], biases[4]).astype(gate_ref.dtype), mask=valid)
+  for k in range(pairs):  # (projection, gate) pairs: left, then right
+    projected = project(weights[2 * k], biases[2 * k])
+    store_operand(outs[k], m * projected * jax.nn.sigmoid(project(weights[2 * k + 1],
+                                                                    biases[2 * k + 1])))
+  if layers % 2:
+    gate_ref = outs[pairs]
+    plgpu.store(gate_ref, project(weights[-1], biases[-1]).astype(gate_ref.dtype), mask=valid)
 
 
 def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: float, dtype,
@@ -91,8 +92,11 @@ def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: flo
   """(left, right, gate logits) of z `[..., c_z]` in `dtype`: `[..., c_hidden]` twice and
   `[..., c_z]`. mask: broadcastable to `[..., 1]` (1 = valid); kernels and biases: the five
   layers' (`[c_z, c_hidden]` four times, then `[c_z, c_z]`; `[c_hidden]` four times, then
-  `[c_z]`), in the order above, or the first four only, and then the gate logits are None.
-  `channel_major=True` gives left and right as
+  `[c_z]`), in the order above. Fewer layers give fewer outputs: (projection, gate) pairs
+  first, one or two, each giving one operand, then optionally the output gate's layer; the
+  result is the operands and then the gate logits, None without that layer (so four layers
+  give (left, right, None), two give (operand, None), three (operand, gate logits)).
+  `channel_major=True` gives the operands as
   `[c_hidden, ...]`, the layout of the triangle update's batched matrix product (batched over
   channels), which a custom call's row-major output would otherwise reach only through a
   transposing copy. `unsupported_reason` must be None; `interpret=True` runs Pallas's
@@ -100,9 +104,10 @@ def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: flo
   c_z = z.shape[-1]
   c_hidden = kernels[0].shape[1]
   layers = len(kernels)
-  if layers not in (4, 5) or len(biases) != layers:
-    raise ValueError(f"gated_projections takes the kernels and biases of 4 or 5 layers, got "
+  if layers not in (2, 3, 4, 5) or len(biases) != layers:
+    raise ValueError(f"gated_projections takes the kernels and biases of 2 to 5 layers, got "
                      f"{len(kernels)} kernels and {len(biases)} biases")
+  pairs, gated = layers // 2, layers % 2
   lead = z.shape[:-1]
   rows = z.size // c_z
   z2 = z.reshape(rows, c_z)
@@ -122,17 +127,17 @@ def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: flo
       in_specs=[pl.BlockSpec((block, c_z), lambda i: (i, 0)),
                 pl.BlockSpec((block,), lambda i: (i,)),
                 vector_spec(c_z), vector_spec(c_z)]
-               + [matrix_spec((c_z, c_hidden))] * 4 + [matrix_spec((c_z, c_z))] * (layers - 4)
-               + [vector_spec(c_hidden)] * 4 + [vector_spec(c_z)] * (layers - 4),
-      out_specs=[operand_spec] * 2
-                + [pl.BlockSpec((block, c_z), lambda i: (i, 0))] * (layers - 4),
-      out_shape=[out_struct(operand_shape, dtype, z2)] * 2
-                + [out_struct((rows, c_z), dtype, z2)] * (layers - 4),
+               + [matrix_spec((c_z, c_hidden))] * (2 * pairs) + [matrix_spec((c_z, c_z))] * gated
+               + [vector_spec(c_hidden)] * (2 * pairs) + [vector_spec(c_z)] * gated,
+      out_specs=[operand_spec] * pairs
+                + [pl.BlockSpec((block, c_z), lambda i: (i, 0))] * gated,
+      out_shape=[out_struct(operand_shape, dtype, z2)] * pairs
+                + [out_struct((rows, c_z), dtype, z2)] * gated,
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
       name="jevo_gated_projections_fwd",
   )
-  left, right, *gate = run(z2, mask2, ln_scale, ln_offset, *weights, *biases)
+  outs = run(z2, mask2, ln_scale, ln_offset, *weights, *biases)
   operand = (c_hidden,) + lead if channel_major else lead + (c_hidden,)
-  gate = gate[0].reshape(lead + (c_z,)) if gate else None
-  return left.reshape(operand), right.reshape(operand), gate
+  gate = outs[pairs].reshape(lead + (c_z,)) if gated else None
+  return tuple(x.reshape(operand) for x in outs[:pairs]) + (gate,)
