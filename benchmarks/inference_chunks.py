@@ -4,7 +4,8 @@ measured time and peak in one table.
 
     python benchmarks/inference_chunks.py --preset long-inference --blocks 48 \
         --chunk-sizes none 512 256 128 --budget 16GB
-    python benchmarks/inference_chunks.py --preset cpu-small --blocks 2 --chunk-sizes none 4
+    python benchmarks/inference_chunks.py --preset cpu-small --blocks 2 --chunk-sizes none 4 \
+        outer_product_mean=4,triangle_attention_starting_node=8
 
 Every preset runs its inference forward (eval mode) unless `--training`, which runs the
 training step with every block keeping only its inputs (`remat="block"`). With
@@ -26,13 +27,31 @@ from jevo.bench.run import plan_and_run, run_worker  # noqa: E402
 
 
 
-def chunk_value(text: str):
+def _one_size(text: str):
   if text.lower() == "none":
     return None
-  value = int(text)
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
   if value < 1:
     raise argparse.ArgumentTypeError(f"a chunk size must be 'none' or at least 1, got {text}")
   return value
+
+
+def chunk_value(text: str):
+  """'none', a size, or sizes per sub-module: 'outer_product_mean=128,pair_transition=512'
+  (the sub-modules not named run whole)."""
+  if "=" not in text:
+    return _one_size(text)
+  from jevo.nn import BLOCK_SUB_MODULES
+  sizes = {}
+  for item in text.split(","):
+    name, _, size = item.partition("=")
+    if name not in BLOCK_SUB_MODULES:
+      raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(BLOCK_SUB_MODULES)}")
+    sizes[name] = _one_size(size)
+  return sizes
 
 
 def row(record: dict) -> str:

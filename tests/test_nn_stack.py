@@ -148,6 +148,55 @@ def test_chunked_inference_equals_unchunked():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_chunk_sizes_per_sub_module():
+  """A mapping naming every sub-module with one size is that size; one naming some chunks
+  those only (the others whole), with the unchunked result; naming the outer product mean
+  alone shrinks what its [N_res, N_res, c*c] product needs."""
+  from jevo.nn import BLOCK_SUB_MODULES
+  stack = _stack(EvoformerStack, seed=7)
+  stack.eval()
+  m, z, mm, pm = _inputs()
+  graphdef, state = nnx.split(stack)
+
+  def forward(chunk_size):
+    return jax.jit(lambda state, m, z: nnx.merge(graphdef, state)(
+        m, z, mm, pm, chunk_size=chunk_size))
+
+  every = forward(dict.fromkeys(BLOCK_SUB_MODULES, 4))(state, m, z)
+  for a, b in zip(every, forward(4)(state, m, z)):
+    np.testing.assert_array_equal(a, b)
+  some = forward({"outer_product_mean": 4, "triangle_attention_ending_node": 5,
+                  "msa_transition": None})(state, m, z)
+  for a, b in zip(some, forward(None)(state, m, z)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  big = EvoformerStack(1, 32, 16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2,
+                       c_hidden_pair_att=8, c_hidden_opm=16, c_hidden_mul=16,
+                       rngs=nnx.Rngs(0))
+  big.eval()
+  graphdef, state = nnx.split(big)
+  m, z = jnp.ones((4, 48, 32)), jnp.ones((48, 48, 16))
+
+  def temp_bytes(chunk_size):
+    fn = jax.jit(lambda state: nnx.merge(graphdef, state)(m, z, chunk_size=chunk_size))
+    return fn.lower(state).compile().memory_analysis().temp_size_in_bytes
+  assert temp_bytes({"outer_product_mean": 4}) < 0.6 * temp_bytes(None)
+
+
+def test_bad_chunk_size_mappings_say_what_is_wrong():
+  stack = _stack(EvoformerStack, seed=7)
+  stack.eval()
+  m, z, mm, pm = _inputs()
+  with pytest.raises(ValueError, match=r"unknown sub-modules \['outer_product'\]; known: "
+                                       r"msa_row_attention, "):
+    stack(m, z, mm, pm, chunk_size={"outer_product": 4})
+  with pytest.raises(ValueError, match=r"chunk_size\['pair_transition'\] must be None or a "
+                                       r"positive int, got 0"):
+    stack(m, z, mm, pm, chunk_size={"pair_transition": 0})
+  with pytest.raises(ValueError, match="chunk_size must be None, a positive int or a mapping"):
+    stack(m, z, mm, pm, chunk_size=2.5)
+
+
 def _training_step(stack, chunk_size):
   """jitted (grads of a sum of squares with respect to the parameters and both inputs)."""
   graphdef, params, rest = nnx.split(stack, nnx.Param, ...)

@@ -128,7 +128,8 @@ def test_input_errors(stack, arrays):
   with pytest.raises(ValueError,
                      match=r"msa_mask must be broadcastable to \(3, 5\), got shape \(3, 4\)"):
     dap_evoformer_stack(stack, m, z, msa_mask[:, :4], pair_mask, mesh=mesh)
-  with pytest.raises(ValueError, match="chunk_size must be None or a positive int, got 0"):
+  with pytest.raises(ValueError,
+                     match="chunk_size must be None, a positive int or a mapping .*, got 0"):
     dap_evoformer_stack(stack, m, z, mesh=mesh, chunk_size=0)
 
 

@@ -269,14 +269,16 @@ def test_dropout_from_the_blocks_own_streams_matches_one_device():
   assert [int(c) for c in counts_dap] == [int(c) for c in counts_one]
 
 
-def test_chunked_inference_on_a_named_axis_matches_one_device():
+@pytest.mark.parametrize("chunk_size", [1, {"outer_product_mean": 1,
+                                         "triangle_attention_ending_node": 2}])
+def test_chunked_inference_on_a_named_axis_matches_one_device(chunk_size):
   stack = random_module(EvoformerStack, 2, seed=6)
   stack.eval()
   args = inputs(5, 7, seed=6)
   mesh = make_dap_mesh(4, axis="model")
   expected = jax.jit(lambda *a: stack(*a))(*args)
   actual = jax.jit(lambda *a: dap_evoformer_stack(stack, *a, mesh=mesh, axis="model",
-                                                  chunk_size=1))(*args)
+                                                  chunk_size=chunk_size))(*args)
   close(actual[0], expected[0], "m")
   close(actual[1], expected[1], "z")
 

@@ -14,6 +14,7 @@ The fused ops the modules use (dense, layer norm, relu) are in `jevo.ops` and ne
 """
 
 from jevo.nn import policies
+from jevo.nn._common import BLOCK_SUB_MODULES
 from jevo.nn.attention import GatedAttention, MSAColumnAttention, MSARowAttentionWithPairBias
 from jevo.nn.block import EvoformerBlock, ExtraMSABlock
 from jevo.nn.global_attention import MSAColumnGlobalAttention
@@ -25,6 +26,7 @@ from jevo.nn.triangle_attention import TriangleAttention
 from jevo.nn.triangle_multiplication import TriangleMultiplication
 
 __all__ = [
+    "BLOCK_SUB_MODULES",
     "EvoformerBlock",
     "EvoformerStack",
     "ExtraMSABlock",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -44,6 +45,44 @@ def check_chunk_size(chunk_size: int | None) -> None:
     return
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
     raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+# An Evoformer block's sub-modules, by the names of their attributes and profile scopes: what
+# a block's per-sub-module `chunk_size` mapping may name.
+BLOCK_SUB_MODULES = ("msa_row_attention", "msa_column_attention", "msa_transition",
+                     "outer_product_mean", "triangle_multiplication_outgoing",
+                     "triangle_multiplication_incoming", "triangle_attention_starting_node",
+                     "triangle_attention_ending_node", "pair_transition")
+
+
+# A block's `chunk_size`: one for every sub-module, or per sub-module by name.
+BlockChunkSize = int | Mapping[str, int | None] | None
+
+
+def check_block_chunk_size(chunk_size) -> None:
+  """Raises ValueError unless `chunk_size` is what a block takes: None, a positive int (every
+  sub-module chunked by it) or a mapping from names in `BLOCK_SUB_MODULES` to None or a
+  positive int (the sub-modules it does not name run unchunked)."""
+  if not isinstance(chunk_size, Mapping):
+    if chunk_size is not None and (not isinstance(chunk_size, int)
+                                   or isinstance(chunk_size, bool) or chunk_size <= 0):
+      raise ValueError(f"chunk_size must be None, a positive int or a mapping from sub-module "
+                       f"names to those, got {chunk_size!r}")
+    return
+  unknown = sorted(str(k) for k in chunk_size if k not in BLOCK_SUB_MODULES)
+  if unknown:
+    raise ValueError(f"chunk_size names unknown sub-modules {unknown}; known: "
+                     f"{', '.join(BLOCK_SUB_MODULES)}")
+  for name, size in chunk_size.items():
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+      raise ValueError(f"chunk_size[{name!r}] must be None or a positive int, got {size!r}")
+
+
+def sub_module_chunk_size(chunk_size, name: str) -> int | None:
+  """The chunk size of the block's sub-module `name` under a block's `chunk_size`."""
+  if isinstance(chunk_size, Mapping):
+    return chunk_size.get(name)
+  return chunk_size
 
 
 def check_input(name: str, x: jax.Array, min_ndim: int, channels: int, what: str) -> None:

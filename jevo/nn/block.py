@@ -29,7 +29,9 @@ class EvoformerBlock(nnx.Module):
   and starting-node attention: `pair_dropout`) or along columns (ending-node attention). It
   draws from the `rngs` given at construction, or from a call-time `rngs`; `.eval()` turns it
   off. `chunk_size` bounds memory along each module's independent axis, in training too (each
-  slice is recomputed in the backward pass, `jevo.nn.chunking`).
+  slice is recomputed in the backward pass, `jevo.nn.chunking`): one size for every sub-module,
+  or a mapping from sub-module names (`jevo.nn.BLOCK_SUB_MODULES`, the attributes' names) to
+  sizes, the others unchunked, e.g. `{"outer_product_mean": 128}`.
 
   Example:
     >>> block = EvoformerBlock(32, 16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2,
@@ -80,38 +82,41 @@ class EvoformerBlock(nnx.Module):
 
   def __call__(self, m: jax.Array, z: jax.Array, msa_mask: jax.Array | None = None,
                pair_mask: jax.Array | None = None, *, rngs: RngsLike = None,
-               chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+               chunk_size: c.BlockChunkSize = None) -> tuple[jax.Array, jax.Array]:
     msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, self.c_m, self.c_z)
-    c.check_chunk_size(chunk_size)
-    cs = dict(chunk_size=chunk_size)
+    c.check_block_chunk_size(chunk_size)
     k = dropout_keys(rngs, NUM_DROPOUT_KEYS)
 
     def add(x, name, update_fn, dropout=None, key=None):
-      # Each update runs under a named scope, so that profiles and HLO name the sub-module.
+      # Each update runs under a named scope, so that profiles and HLO name the sub-module;
+      # update_fn takes the sub-module's chunk size.
       with jax.named_scope(name):
-        update = update_fn()
+        update = update_fn(c.sub_module_chunk_size(chunk_size, name))
         if dropout is not None:
           update = dropout(update, rngs=key)
         return x + update.astype(x.dtype)
 
-    m = add(m, "msa_row_attention", lambda: self.msa_row_attention(m, z, msa_mask, **cs),
+    m = add(m, "msa_row_attention",
+            lambda cs: self.msa_row_attention(m, z, msa_mask, chunk_size=cs),
             self.msa_dropout, k[0])
-    m = add(m, "msa_column_attention", lambda: self.msa_column_attention(m, msa_mask, **cs))
-    m = add(m, "msa_transition", lambda: self.msa_transition(m, msa_mask, **cs))
-    z = add(z, "outer_product_mean", lambda: self.outer_product_mean(m, msa_mask, **cs))
+    m = add(m, "msa_column_attention",
+            lambda cs: self.msa_column_attention(m, msa_mask, chunk_size=cs))
+    m = add(m, "msa_transition", lambda cs: self.msa_transition(m, msa_mask, chunk_size=cs))
+    z = add(z, "outer_product_mean",
+            lambda cs: self.outer_product_mean(m, msa_mask, chunk_size=cs))
     z = add(z, "triangle_multiplication_outgoing",
-            lambda: self.triangle_multiplication_outgoing(z, pair_mask, **cs),
+            lambda cs: self.triangle_multiplication_outgoing(z, pair_mask, chunk_size=cs),
             self.pair_dropout_rowwise, k[1])
     z = add(z, "triangle_multiplication_incoming",
-            lambda: self.triangle_multiplication_incoming(z, pair_mask, **cs),
+            lambda cs: self.triangle_multiplication_incoming(z, pair_mask, chunk_size=cs),
             self.pair_dropout_rowwise, k[2])
     z = add(z, "triangle_attention_starting_node",
-            lambda: self.triangle_attention_starting_node(z, pair_mask, **cs),
+            lambda cs: self.triangle_attention_starting_node(z, pair_mask, chunk_size=cs),
             self.pair_dropout_rowwise, k[3])
     z = add(z, "triangle_attention_ending_node",
-            lambda: self.triangle_attention_ending_node(z, pair_mask, **cs),
+            lambda cs: self.triangle_attention_ending_node(z, pair_mask, chunk_size=cs),
             self.pair_dropout_columnwise, k[4])
-    z = add(z, "pair_transition", lambda: self.pair_transition(z, pair_mask, **cs))
+    z = add(z, "pair_transition", lambda cs: self.pair_transition(z, pair_mask, chunk_size=cs))
     return m, z
 
 

@@ -126,11 +126,11 @@ class _Stack(nnx.Module):
 
   def __call__(self, m: jax.Array, z: jax.Array, msa_mask: jax.Array | None = None,
                pair_mask: jax.Array | None = None, *, rngs: RngsLike = None,
-               chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+               chunk_size: c.BlockChunkSize = None) -> tuple[jax.Array, jax.Array]:
     msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, self.c_m, self.c_z)
     if chunk_size is None:
       chunk_size = self.default_chunk_size
-    c.check_chunk_size(chunk_size)
+    c.check_block_chunk_size(chunk_size)
     graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
     keys = None
     if rngs is not None:

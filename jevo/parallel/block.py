@@ -39,12 +39,14 @@ from jevo.parallel.validation import check_module
 
 def block_on_shard(block: EvoformerBlock, m: jax.Array, z: jax.Array, masks: Masks,
                    keys: list[jax.Array | None], ax: DapAxis, sizes: Sizes, *,
-                   chunk_size: int | None) -> tuple[jax.Array, jax.Array]:
+                   chunk_size: c.BlockChunkSize) -> tuple[jax.Array, jax.Array]:
   """`block(m, z, ...)` on this device's shards: m, z in rows layout in and out.
 
   keys: the block's `NUM_DROPOUT_KEYS` dropout keys, or Nones to draw from its own streams.
   """
-  cs = dict(chunk_size=chunk_size)
+  def cs(name):  # the sub-module's chunk size, as in EvoformerBlock
+    return dict(chunk_size=c.sub_module_chunk_size(chunk_size, name))
+
   msa_shape, pair_shape = sizes.msa(block.c_m), sizes.pair(block.c_z)
 
   def add(x, update, dropout=None, key=None, *, shape=None, split_axis=None):
@@ -55,37 +57,41 @@ def block_on_shard(block: EvoformerBlock, m: jax.Array, z: jax.Array, masks: Mas
   # Named scopes as in EvoformerBlock, so that profiles name each sub-module; the layout
   # changes between them stay outside, where a profile shows them on their own.
   with jax.named_scope("msa_row_attention"):
-    m = add(m, msa_row_attention(block.msa_row_attention, m, z, masks.msa_rows, ax, **cs),
+    m = add(m, msa_row_attention(block.msa_row_attention, m, z, masks.msa_rows, ax,
+                                 **cs("msa_row_attention")),
             block.msa_dropout, keys[0], shape=msa_shape, split_axis=ROWS)
   m = ax.to_columns(m)
   with jax.named_scope("msa_column_attention"):
-    m = add(m, block.msa_column_attention(m, masks.msa_cols, **cs))
+    m = add(m, block.msa_column_attention(m, masks.msa_cols, **cs("msa_column_attention")))
   with jax.named_scope("msa_transition"):
-    m = add(m, block.msa_transition(m, masks.msa_cols, **cs))
+    m = add(m, block.msa_transition(m, masks.msa_cols, **cs("msa_transition")))
   with jax.named_scope("outer_product_mean"):
-    z = add(z, outer_product_mean(block.outer_product_mean, m, masks.msa_cols, ax, **cs))
+    z = add(z, outer_product_mean(block.outer_product_mean, m, masks.msa_cols, ax,
+                                  **cs("outer_product_mean")))
   m = ax.to_rows(m)
 
   rowwise, columnwise = block.pair_dropout_rowwise, block.pair_dropout_columnwise
   with jax.named_scope("triangle_multiplication_outgoing"):
     z = add(z, triangle_multiplication(block.triangle_multiplication_outgoing, z,
-                                       masks.pair_rows, ax, **cs),
+                                       masks.pair_rows, ax,
+                                       **cs("triangle_multiplication_outgoing")),
             rowwise, keys[1], shape=pair_shape, split_axis=ROWS)
   with jax.named_scope("triangle_multiplication_incoming"):
     z = add(z, triangle_multiplication(block.triangle_multiplication_incoming, z,
-                                       masks.pair_rows, ax, **cs),
+                                       masks.pair_rows, ax,
+                                       **cs("triangle_multiplication_incoming")),
             rowwise, keys[2], shape=pair_shape, split_axis=ROWS)
   with jax.named_scope("triangle_attention_starting_node"):
     z = add(z, triangle_attention(block.triangle_attention_starting_node, z, masks.pair_rows,
-                                  ax, **cs),
+                                  ax, **cs("triangle_attention_starting_node")),
             rowwise, keys[3], shape=pair_shape, split_axis=ROWS)
   z = ax.to_columns(z)
   with jax.named_scope("triangle_attention_ending_node"):
     z = add(z, triangle_attention(block.triangle_attention_ending_node, z, masks.pair_cols,
-                                  ax, **cs),
+                                  ax, **cs("triangle_attention_ending_node")),
             columnwise, keys[4], shape=pair_shape, split_axis=COLUMNS)
   with jax.named_scope("pair_transition"):
-    z = add(z, block.pair_transition(z, masks.pair_cols, **cs))
+    z = add(z, block.pair_transition(z, masks.pair_cols, **cs("pair_transition")))
   return m, ax.to_rows(z)
 
 
@@ -93,7 +99,7 @@ def dap_evoformer_block(block: EvoformerBlock, m: jax.Array, z: jax.Array,
                         msa_mask: jax.Array | None = None, pair_mask: jax.Array | None = None,
                         *, mesh: mesh_lib.MeshLike | None = None,
                         axis: str = mesh_lib.DEFAULT_AXIS, rngs: RngsLike = None,
-                        chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+                        chunk_size: c.BlockChunkSize = None) -> tuple[jax.Array, jax.Array]:
   """`block(m, z, msa_mask, pair_mask, rngs=rngs, chunk_size=chunk_size)`, spread over `axis`.
 
   Same arguments, parameters and results as calling the `EvoformerBlock` (or `ExtraMSABlock`)
@@ -110,7 +116,7 @@ def dap_evoformer_block(block: EvoformerBlock, m: jax.Array, z: jax.Array,
   """
   check_module("block", block, (EvoformerBlock, ExtraMSABlock))
   msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, block.c_m, block.c_z)
-  c.check_chunk_size(chunk_size)
+  c.check_block_chunk_size(chunk_size)
   keys = dropout_keys(rngs, NUM_DROPOUT_KEYS)
 
   def body(block, m, z, masks, keys, ax, sizes):

@@ -28,7 +28,7 @@ StackLike = EvoformerStack | ExtraMSAStack
 
 def stack_on_shard(stack: StackLike, m: jax.Array, z: jax.Array, masks: Masks,
                    keys: jax.Array | None, ax: DapAxis, sizes: Sizes, *,
-                   chunk_size: int | None) -> tuple[jax.Array, jax.Array]:
+                   chunk_size: c.BlockChunkSize) -> tuple[jax.Array, jax.Array]:
   """All blocks of `stack` on this device's shards (rows layout in and out).
 
   keys: one dropout key per block, or None to draw from the blocks' own streams (whose
@@ -62,7 +62,7 @@ def dap_evoformer_stack(stack: StackLike, m: jax.Array, z: jax.Array,
                         msa_mask: jax.Array | None = None, pair_mask: jax.Array | None = None,
                         *, mesh: mesh_lib.MeshLike | None = None,
                         axis: str = mesh_lib.DEFAULT_AXIS, rngs: RngsLike = None,
-                        chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+                        chunk_size: c.BlockChunkSize = None) -> tuple[jax.Array, jax.Array]:
   """`stack(m, z, msa_mask, pair_mask, rngs=rngs, chunk_size=chunk_size)`, spread over `axis`.
 
   `stack` is an `EvoformerStack` or an `ExtraMSAStack` (then `m` is the extra MSA). Same
@@ -82,7 +82,7 @@ def dap_evoformer_stack(stack: StackLike, m: jax.Array, z: jax.Array,
   msa_mask, pair_mask = check_block_inputs(m, z, msa_mask, pair_mask, stack.c_m, stack.c_z)
   if chunk_size is None:  # an inference plan's chunk (jevo.plan)
     chunk_size = stack.default_chunk_size
-  c.check_chunk_size(chunk_size)
+  c.check_block_chunk_size(chunk_size)
   keys = None if rngs is None else jax.random.split(one_key(rngs), stack.num_blocks)
 
   def body(stack, m, z, masks, keys, ax, sizes):
