@@ -73,6 +73,8 @@ def main(argv=None) -> None:
   p.add_argument("--budget", help="also plan the stack for this budget and run the plan")
   p.add_argument("--training", action="store_true",
                  help="run the training step (every block keeping its inputs) instead")
+  p.add_argument("--per-sub-module", action="store_true",
+                 help="plan with a chunk size per sub-module (jevo.plan's --per-sub-module)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
   p.add_argument("--out", type=pathlib.Path)
@@ -95,7 +97,8 @@ def main(argv=None) -> None:
     keep(dict(record, label=f"chunk_size {chunk}"))
   if args.budget is not None:
     record = plan_and_run(args.preset, args.budget, args.blocks, args.repeats,
-                          timeout_s=args.timeout, inference=not args.training)
+                          timeout_s=args.timeout, inference=not args.training,
+                          per_sub_module=args.per_sub_module)
     plan = record.get("plan") or {}
     keep(dict(record, label=f"plan for {args.budget}: chunk_size {plan.get('chunk_size')}, "
                             f"predicted {plan.get('predicted_ms', 0):.1f} ms"))

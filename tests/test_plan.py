@@ -30,12 +30,7 @@ SPEC = StackSpec(8, 12, tuple(sorted(SMALL.items())))
 TWO = (by_name("everything"), by_name("block_inputs"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def own_cache(tmp_path_factory):
-  """One plan cache for this module, away from the user's."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-    yield
+pytestmark = pytest.mark.usefixtures("own_plan_cache")
 
 
 def test_parse_bytes():

@@ -39,15 +39,16 @@ class Options:
 
 def plan_and_run(preset: str, budget: str, blocks: int, repeats: int, candidates=(),
                  progress: Progress | None = None, timeout_s: int = 900,
-                 inference: bool = False) -> dict:
+                 inference: bool = False, per_sub_module: bool = False) -> dict:
   """Plans `preset`'s stack of `blocks` blocks for `budget` (jevo.plan) and runs the planned
   step: the worker's record (the plan, and the measured step where it ran) with `budget`,
   `blocks` and `planning_wall_s`. Planning runs steps of 2 and 3 blocks of every candidate on
   the device, and the allocator's peak is a running maximum over a process: so one worker
   plans (filling the planner's cache) and a fresh one, planning again from that cache, runs
-  the planned step. `inference`: plan the inference forward of a preset that trains."""
+  the planned step. `inference`: plan the inference forward of a preset that trains;
+  `per_sub_module`: `plan_stack`'s."""
   spec = dict(mode="plan", preset=preset, budget=budget, blocks=blocks, repeats=repeats,
-              candidates=list(candidates), inference=inference)
+              candidates=list(candidates), inference=inference, per_sub_module=per_sub_module)
   start = time.perf_counter()
   planned = run_worker(dict(spec, plan_only=True), progress, timeout_s=timeout_s)
   planning_s = time.perf_counter() - start

@@ -9,7 +9,7 @@ import time
 
 from jevo.plan import candidates as cand
 from jevo.plan import costs as cst
-from jevo.plan import search
+from jevo.plan import search, sub_modules
 
 GIB = 2 ** 30
 
@@ -43,7 +43,8 @@ class Run:
 class Plan:
   """What a stack should run: for training, its blocks split into runs, each with what it keeps
   for the backward pass; for inference, the chunk size of its sub-modules (attention, outer
-  product mean, triangle multiplications, transitions: the stack's `chunk_size`). With the
+  product mean, triangle multiplications, transitions: the stack's `chunk_size`; one size, or
+  sizes by sub-module name from `plan_stack(..., per_sub_module=True)`). With the
   predicted peak device bytes and step time, and why.
 
   `xla_peak` is XLA's memory analysis of the whole planned step, compiled once the plan was
@@ -62,7 +63,7 @@ class Plan:
   blocks: int
   budget: int
   runs: tuple[Run, ...]
-  chunk_size: int | None
+  chunk_size: int | None | dict
   predicted_peak: int
   predicted_ms: float
   time_source: str
@@ -241,7 +242,7 @@ def plan_for(stack, m, z, *, budget, training: bool = True, **kwargs) -> Plan:
 def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = True,
                measure: bool | None = None, candidates=None, use_cache: bool = True,
                verify: bool | str = True, headroom=None,
-               compile_workers: int | None = None) -> Plan:
+               compile_workers: int | None = None, per_sub_module: bool = False) -> Plan:
   """The fastest plan for a stack of `blocks` blocks of `spec` whose peak device memory fits
   `budget` (bytes or '16GiB'), less `headroom` (bytes or a size; default 256 MiB on a GPU,
   where the allocator's peak runs a little above XLA's analysis, none elsewhere).
@@ -260,6 +261,11 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
   autotuning results the others reuse (default: one per four CPU cores on a GPU machine, where
   XLA's compiles leave cores idle; one on a CPU, where running them side by side was measured
   slower).
+
+  `per_sub_module` (inference): where one chunk size for every sub-module is needed, also try
+  chunking each sub-module by the largest size at which it fits
+  (`jevo.plan.sub_modules`, one compile per sub-module and size tried), and take that plan
+  where it is predicted faster and its whole step's check fits.
 
   The planner's own cost is compiles: two per candidate (five for training, up to twelve chunk
   sizes for inference; where no training plan fits unchunked, two more per chunked candidate
@@ -288,7 +294,8 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
   if training:
     return _plan_training(spec, blocks, budget, headroom, measure, candidates, use_cache,
                           checks, start, workers)
-  return _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start)
+  return _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start,
+                         per_sub_module)
 
 
 def _headroom_text(headroom: int) -> str:
@@ -408,7 +415,8 @@ def _plan_training_at(spec, blocks, budget, headroom, measure, chosen, use_cache
               checks.seconds if checks is not None else 0.0, device_peak)
 
 
-def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start):
+def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start,
+                    per_sub_module=False):
   # Time grows as the chunk shrinks, so the first chunk (largest first) that fits is best.
   # Memory mostly falls with the chunk, but not always at small sizes, so each is tried.
   chunks = [c for c in cand.INFERENCE_CHUNKS if c is None or c < max(spec.n_seq, spec.n_res)]
@@ -455,10 +463,34 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
   reasons = [f"chunk_size={chunks[j]}: peak {size_text(c.peak(blocks))}, "
              f"{c.ms:.2f} ms per block" for j, c in sorted(tried.items(), key=lambda kv: kv[0])]
   reasons.insert(0, "the largest chunk that fits (smaller chunks only cost time)")
+  chunk_size, peak, ms = chunks[chosen], best.peak(blocks), best.ms
+  if per_sub_module and chunk_size is not None:
+    mixed = sub_modules.mixed_chunks(spec, blocks, chunks, tried[0], search_limit,
+                                     measure=measure, use_cache=use_cache)
+    if mixed is None:
+      reasons.append("per sub-module: no chunk sizes fit by the model; the one size kept")
+    elif mixed[2] >= best.ms:
+      reasons.append(f"per sub-module: predicted {mixed[2]:.2f} ms per block, no faster; the "
+                     "one size kept")
+    else:
+      sizes, mixed_peak, mixed_ms, mixed_reasons = mixed
+      what = f"chunk_size={sizes}"
+      fits = checks is None
+      if checks is not None and len(checks.seen) < MAX_CHECKS:
+        fits = checks(what, (), sizes, mixed_peak) <= limit
+      if fits:
+        checked = what if checks is not None else None
+        chunk_size, peak, ms = sizes, mixed_peak, mixed_ms
+        reasons = ([f"per sub-module: the largest chunk of each that fits, predicted "
+                    f"{mixed_ms:.2f} ms per block against {best.ms:.2f} with one size"]
+                   + mixed_reasons + reasons)
+      else:
+        reasons.append("per sub-module: over the limit in the whole step's check; the one "
+                       "size kept")
   if checks is not None:
     reasons[1:1] = checks.reasons()
   xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
-  return Plan(False, blocks, budget, (), chunks[chosen], best.peak(blocks), blocks * best.ms,
+  return Plan(False, blocks, budget, (), chunk_size, peak, blocks * ms,
               best.time_source, tuple(reasons), time.perf_counter() - start, xla_peak,
               headroom, len(checks.seen) if checks is not None else 0,
               checks.seconds if checks is not None else 0.0, device_peak)

@@ -1,0 +1,83 @@
+"""Inference plans with a chunk size per sub-module (`plan_stack(..., per_sub_module=True)`):
+the choice of sizes, each sub-module's cost alone, and a plan that chunks only what does not fit,
+checked against XLA's analysis of the whole step and giving the unchunked forward's result."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jevo.nn import BLOCK_SUB_MODULES, EvoformerStack
+from jevo.plan import StackSpec, costs, plan_stack
+from jevo.plan import sub_modules as sub
+
+SMALL = dict(c_m=32, c_z=16, num_heads_msa=2, c_hidden_msa_att=8, num_heads_pair=2,
+             c_hidden_pair_att=8, c_hidden_opm=16, c_hidden_mul=8)
+# The outer product mean's [N_res, N_res, 16 * 16] product dominates at these sizes.
+SPEC = StackSpec(8, 48, tuple(sorted(SMALL.items())))
+
+
+pytestmark = pytest.mark.usefixtures("own_plan_cache")
+
+
+def test_each_sub_module_takes_the_largest_chunk_that_fits():
+  need = {name: {None: 100, 16: 60, 4: 30} for name in BLOCK_SUB_MODULES}
+  need["outer_product_mean"] = {None: 500, 16: 200, 4: 80}
+  costs_of = lambda name, chunk: {"bytes": need[name][chunk]}  # noqa: E731
+  sizes = sub.choose_chunks(costs_of, (None, 16, 4), room=100)
+  assert sizes == dict(dict.fromkeys(BLOCK_SUB_MODULES), outer_product_mean=4)
+  assert sub.choose_chunks(costs_of, (None, 16, 4), room=79) is None
+
+
+def test_a_sub_module_alone_needs_less_chunked():
+  whole = sub.sub_module_cost(SPEC, "outer_product_mean", None, measure=False)
+  chunked = sub.sub_module_cost(SPEC, "outer_product_mean", 4, measure=False)
+  assert 0 < chunked["bytes"] < 0.5 * whole["bytes"]
+  with pytest.raises(ValueError, match="name must be one of msa_row_attention, "):
+    sub.sub_module_cost(SPEC, "outer_product", None, measure=False)
+
+
+def test_a_plan_per_sub_module_fits_its_check_and_computes_the_forward(monkeypatch):
+  """Memory from XLA as always; times set so that chunking costs what it costs on a device
+  (XLA's cost analysis counts a chunk loop's body once, so its estimates favour chunks): a
+  stack 10 ms a block whole and 20 chunked by one size, a sub-module 1 ms whole and 2
+  chunked."""
+  unchunked = costs.inference_cost(SPEC, None, measure=False)
+  chunked = costs.inference_cost(SPEC, 4, measure=False)
+  budget = (unchunked.peak(2) + chunked.peak(2)) // 2  # needs chunking
+  real_stack, real_sub = costs.inference_cost, sub.sub_module_cost
+
+  def stack_cost(spec, chunk_size, **kwargs):
+    cost = real_stack(spec, chunk_size, **kwargs)
+    return dataclasses.replace(cost, ms=10.0 if chunk_size is None else 20.0)
+
+  def sub_module_cost(spec, name, chunk_size, **kwargs):
+    return dict(real_sub(spec, name, chunk_size, **kwargs), ms=1.0 if chunk_size is None else 2.0)
+
+  monkeypatch.setattr(costs, "inference_cost", stack_cost)
+  monkeypatch.setattr(sub, "sub_module_cost", sub_module_cost)
+  one_size = plan_stack(SPEC, 2, budget=budget, training=False, measure=False)
+  assert isinstance(one_size.chunk_size, int)
+  plan = plan_stack(SPEC, 2, budget=budget, training=False, measure=False, per_sub_module=True)
+  assert isinstance(plan.chunk_size, dict), plan.describe()
+  assert plan.chunk_size and set(plan.chunk_size) < set(BLOCK_SUB_MODULES)  # not all chunked
+  assert plan.xla_peak <= budget and plan.predicted_ms < one_size.predicted_ms
+  assert "per sub-module" in plan.describe()
+
+  stack = EvoformerStack(2, dtype=jnp.bfloat16, plan=plan, rngs=nnx.Rngs(0), **SMALL)
+  stack.eval()
+  assert stack.default_chunk_size == plan.chunk_size
+  m = jax.random.normal(jax.random.key(0), (8, 48, 32), jnp.bfloat16)
+  z = jax.random.normal(jax.random.key(1), (48, 48, 16), jnp.bfloat16)
+  graphdef, state = nnx.split(stack)
+  run = jax.jit(lambda state, chunk_size: nnx.merge(graphdef, state)(m, z, chunk_size=chunk_size),
+                static_argnums=1)
+  for a, b in zip(run(state, None), jax.jit(lambda s: nnx.merge(graphdef, s)(m, z))(state)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+  planned = jax.jit(lambda s: nnx.merge(graphdef, s)(m, z))(state)  # the plan's default
+  for a, b in zip(planned, run(state, 1 << 30)):  # 1 << 30: every sub-module whole
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2e-2, atol=2e-2)
