@@ -135,7 +135,8 @@ def time_output_sides(module, z, mask, repeats) -> dict:
   w_out, b_out = module.output_projection.kernel[...], module.output_projection.bias[...]
 
   def xla_side(left, right, gate):
-    return module.finish(module.combine_channel_major(left, right), gate)
+    return module.finish(jnp.einsum("cik,cjk->ijc" if module.outgoing else "ckj,cki->ijc",
+                                    left, right), gate)
 
   def fused_side(left, right, gate):
     out = te.triangle_epilogue(product_cm(module, left, right).reshape(C, n * n),

@@ -238,12 +238,6 @@ class TriangleMultiplication(nnx.Module):
       return jnp.einsum("c...ik,c...jk->c...ij", left, right)
     return jnp.einsum("c...kj,c...ki->c...ij", left, right)
 
-  def combine_channel_major(self, left: jax.Array, right: jax.Array) -> jax.Array:
-    """`combine` of channel-major operands (`[c_hidden, ..., N, N]`), to `[..., N, N, c]`."""
-    if self.outgoing:
-      return jnp.einsum("c...ik,c...jk->...ijc", left, right)
-    return jnp.einsum("c...kj,c...ki->...ijc", left, right)
-
   def finish(self, act: jax.Array, gate_logits: jax.Array) -> jax.Array:
     """Center LayerNorm, output projection and the output gate."""
     act = self.output_projection(self.center_norm(act))
