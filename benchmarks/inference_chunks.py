@@ -73,8 +73,9 @@ def main(argv=None) -> None:
   p.add_argument("--budget", help="also plan the stack for this budget and run the plan")
   p.add_argument("--training", action="store_true",
                  help="run the training step (every block keeping its inputs) instead")
-  p.add_argument("--per-sub-module", action="store_true",
-                 help="plan with a chunk size per sub-module (jevo.plan's --per-sub-module)")
+  p.add_argument("--one-chunk-size", action="store_true",
+                 help="plan with one chunk size for every sub-module (jevo.plan's "
+                      "--one-chunk-size)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
   p.add_argument("--out", type=pathlib.Path)
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
   if args.budget is not None:
     record = plan_and_run(args.preset, args.budget, args.blocks, args.repeats,
                           timeout_s=args.timeout, inference=not args.training,
-                          per_sub_module=args.per_sub_module)
+                          per_sub_module=not args.one_chunk_size)
     plan = record.get("plan") or {}
     keep(dict(record, label=f"plan for {args.budget}: chunk_size {plan.get('chunk_size')}, "
                             f"predicted {plan.get('predicted_ms', 0):.1f} ms"))

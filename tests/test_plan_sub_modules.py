@@ -1,6 +1,7 @@
-"""Inference plans with a chunk size per sub-module (`plan_stack(..., per_sub_module=True)`):
+"""Inference plans with a chunk size per sub-module (`plan_stack`'s default for inference):
 the choice of sizes, each sub-module's cost alone, and a plan that chunks only what does not fit,
-checked against XLA's analysis of the whole step and giving the unchunked forward's result."""
+compiling only what it needs, checked against XLA's analysis of the whole step and giving the
+unchunked forward's result."""
 
 import dataclasses
 
@@ -26,10 +27,27 @@ pytestmark = pytest.mark.usefixtures("own_plan_cache")
 def test_each_sub_module_takes_the_largest_chunk_that_fits():
   need = {name: {None: 100, 16: 60, 4: 30} for name in BLOCK_SUB_MODULES}
   need["outer_product_mean"] = {None: 500, 16: 200, 4: 80}
-  costs_of = lambda name, chunk: {"bytes": need[name][chunk]}  # noqa: E731
-  sizes = sub.choose_chunks(costs_of, (None, 16, 4), room=100)
+  bytes_of = lambda name, chunk: need[name][chunk]  # noqa: E731
+  sizes = sub.choose_chunks(bytes_of, (None, 16, 4), room=100)
   assert sizes == dict(dict.fromkeys(BLOCK_SUB_MODULES), outer_product_mean=4)
-  assert sub.choose_chunks(costs_of, (None, 16, 4), room=79) is None
+  assert sub.choose_chunks(bytes_of, (None, 16, 4), room=79) is None
+
+
+def test_a_chunk_at_or_above_the_chunked_axis_is_not_tried():
+  need = {name: {None: 100, 16: 60, 4: 30} for name in BLOCK_SUB_MODULES}
+  asked = []
+
+  def bytes_of(name, chunk):
+    asked.append((name, chunk))
+    return need[name][chunk]
+
+  lengths = dict.fromkeys(BLOCK_SUB_MODULES, 48)
+  lengths["msa_row_attention"] = 8  # 16 >= 8: the same as whole, so only 4 is tried
+  sizes = sub.choose_chunks(bytes_of, (None, 16, 4), room=70, lengths=lengths)
+  assert sizes == dict(dict.fromkeys(BLOCK_SUB_MODULES, 16), msa_row_attention=4)
+  assert ("msa_row_attention", 16) not in asked
+  assert sub.chunked_axis_length(SPEC, "msa_row_attention") == 8
+  assert sub.chunked_axis_length(SPEC, "outer_product_mean") == 48
 
 
 def test_a_sub_module_alone_needs_less_chunked():
@@ -59,13 +77,21 @@ def test_a_plan_per_sub_module_fits_its_check_and_computes_the_forward(monkeypat
 
   monkeypatch.setattr(costs, "inference_cost", stack_cost)
   monkeypatch.setattr(sub, "sub_module_cost", sub_module_cost)
-  one_size = plan_stack(SPEC, 2, budget=budget, training=False, measure=False)
+  one_size = plan_stack(SPEC, 2, budget=budget, training=False, measure=False,
+                        per_sub_module=False)
   assert isinstance(one_size.chunk_size, int)
-  plan = plan_stack(SPEC, 2, budget=budget, training=False, measure=False, per_sub_module=True)
+  asked = []
+  counted = lambda spec, name, chunk_size, **kw: (  # noqa: E731
+      asked.append((name, chunk_size)) or sub_module_cost(spec, name, chunk_size, **kw))
+  monkeypatch.setattr(sub, "sub_module_cost", counted)
+  plan = plan_stack(SPEC, 2, budget=budget, training=False, measure=False)
   assert isinstance(plan.chunk_size, dict), plan.describe()
   assert plan.chunk_size and set(plan.chunk_size) < set(BLOCK_SUB_MODULES)  # not all chunked
   assert plan.xla_peak <= budget and plan.predicted_ms < one_size.predicted_ms
   assert "per sub-module" in plan.describe()
+  # Only what does not fit whole is costed chunked, and the one-size search is not run.
+  assert {name for name, chunk in asked if chunk is not None} == set(plan.chunk_size)
+  assert plan.checks == 1
 
   stack = EvoformerStack(2, dtype=jnp.bfloat16, plan=plan, rngs=nnx.Rngs(0), **SMALL)
   stack.eval()

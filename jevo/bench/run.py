@@ -39,7 +39,7 @@ class Options:
 
 def plan_and_run(preset: str, budget: str, blocks: int, repeats: int, candidates=(),
                  progress: Progress | None = None, timeout_s: int = 900,
-                 inference: bool = False, per_sub_module: bool = False) -> dict:
+                 inference: bool = False, per_sub_module: bool = True) -> dict:
   """Plans `preset`'s stack of `blocks` blocks for `budget` (jevo.plan) and runs the planned
   step: the worker's record (the plan, and the measured step where it ran) with `budget`,
   `blocks` and `planning_wall_s`. Planning runs steps of 2 and 3 blocks of every candidate on

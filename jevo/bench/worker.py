@@ -176,7 +176,7 @@ def planned(spec: dict) -> dict:
   try:
     chosen = [by_name(n) for n in spec.get("candidates") or ()] or None
     plan = plan_stack(stack_spec, spec["blocks"], budget=spec["budget"], training=training,
-                      candidates=chosen, per_sub_module=bool(spec.get("per_sub_module")))
+                      candidates=chosen, per_sub_module=bool(spec.get("per_sub_module", True)))
   except PlanError as err:
     return dict(status="error", reason=str(err), smallest_budget=err.smallest_budget)
   record = dict(status="ok", plan=dataclasses.asdict(plan), description=plan.describe())

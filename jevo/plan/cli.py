@@ -53,9 +53,9 @@ def main(argv=None) -> int:
   p.add_argument("--compile-workers", type=int, metavar="N",
                  help="training steps compiled at a time (default: one per four CPU cores on "
                  "a GPU machine, one elsewhere)")
-  p.add_argument("--per-sub-module", action="store_true",
-                 help="inference: where chunking is needed, also try a chunk size per "
-                      "sub-module (only those that do not fit whole are chunked)")
+  p.add_argument("--one-chunk-size", action="store_true",
+                 help="inference: one chunk size for every sub-module, instead of chunking "
+                      "only the sub-modules that do not fit whole (the default)")
   p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the cache")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
   args = p.parse_args(argv)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                                          "xla" if args.no_device_check else True),
                                  headroom=args.headroom,
                                  compile_workers=args.compile_workers,
-                                 per_sub_module=args.per_sub_module)
+                                 per_sub_module=not args.one_chunk_size)
   except planning.PlanError as err:
     print(f"jevo.plan: {err}", file=sys.stderr)
     return 1

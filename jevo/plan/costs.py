@@ -142,25 +142,40 @@ def stack_step(spec: StackSpec, blocks: int, remat, chunk_size=None, training=Tr
   return step, (params, rest, m, z), concrete
 
 
+def abstract_block(spec: StackSpec, training: bool = True):
+  """(make, graphdef, abstract params, rest, m, z) of one block of `spec` in bf16: `make()`
+  builds a real block (in eval mode unless `training`), the rest are its split abstract
+  state and the abstract block inputs, for compiling without allocating anything."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jevo.nn import EvoformerBlock, ExtraMSABlock
+
+  kwargs = dict(dict(dtype=jnp.bfloat16), **spec.kwargs())
+  c_m, c_z = kwargs.pop("c_m", 256), kwargs.pop("c_z", 128)
+  cls = ExtraMSABlock if spec.extra_msa else EvoformerBlock
+
+  def make():
+    block = cls(c_m, c_z, rngs=nnx.Rngs(0), **kwargs)
+    if not training:
+      block.eval()
+    return block
+
+  graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+  m = jax.ShapeDtypeStruct((spec.n_seq, spec.n_res, c_m), jnp.bfloat16)
+  z = jax.ShapeDtypeStruct((spec.n_res, spec.n_res, c_z), jnp.bfloat16)
+  return make, graphdef, params, rest, m, z
+
+
 def _block_step(spec: StackSpec, remat, chunk_size=None, training=True):
   """(fn, abstract args) of ONE block outside a scan, wrapped as the stack wraps each block:
   XLA's cost analysis counts a loop's body once whatever its trip count, so per-block time
   estimates come from this."""
   import jax
-  import jax.numpy as jnp
   from flax import nnx
-  from jevo.nn import EvoformerBlock, ExtraMSABlock
   from jevo.nn.stack import checkpointed_block
 
-  kwargs = dict(dict(dtype=jnp.bfloat16), **spec.kwargs())
-  c_m, c_z = kwargs.pop("c_m", 256), kwargs.pop("c_z", 128)
-  cls = ExtraMSABlock if spec.extra_msa else EvoformerBlock
-  abstract = nnx.eval_shape(lambda: cls(c_m, c_z, rngs=nnx.Rngs(0), **kwargs))
-  if not training:
-    abstract.eval()
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  m = jax.ShapeDtypeStruct((spec.n_seq, spec.n_res, c_m), jnp.bfloat16)
-  z = jax.ShapeDtypeStruct((spec.n_res, spec.n_res, c_z), jnp.bfloat16)
+  _, graphdef, params, rest, m, z = abstract_block(spec, training)
 
   def one_block(m, z, params):
     return nnx.merge(graphdef, params, rest)(m, z, rngs=jax.random.key(0) if training else None,
@@ -189,7 +204,7 @@ def _estimated_block_ms(spec: StackSpec, candidate=None, chunk_size=None) -> flo
   training = candidate is not None
   fn, args = _block_step(spec, candidate.stack_remat() if training else "none", chunk_size,
                          training)
-  ms = _estimated_ms(_compile(fn, args, "none"))
+  ms = estimated_ms(compile_fn(fn, args, "none"))
   if training and candidate.remat == "offload":
     inputs = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in args[1:])
     ms += 1e3 * 2 * inputs / HOST_LINK_BYTES_PER_S
@@ -203,7 +218,7 @@ def _lower(fn, args, remat):
   return jax.jit(fn, compiler_options=options).lower(*args)
 
 
-def _compile(fn, args, remat):
+def compile_fn(fn, args, remat):
   return _lower(fn, args, remat).compile()
 
 
@@ -218,7 +233,7 @@ def _device_bytes(compiled) -> tuple[int, int]:
   return int(temp), int(io)
 
 
-def _estimated_ms(compiled) -> float:
+def estimated_ms(compiled) -> float:
   """A time from XLA's cost analysis at an H200's rates (790 TFLOP/s, 4.8 TB/s), for ranking
   candidates where nothing is measured."""
   cost = xla_analysis(compiled)
@@ -243,7 +258,7 @@ def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None)
       compiled, compile_s = ready[depth]
     else:
       start = time.perf_counter()
-      compiled = _compile(fn, args, remat)
+      compiled = compile_fn(fn, args, remat)
       compile_s = time.perf_counter() - start
     points.append(_device_bytes(compiled))
     if record is not None:
@@ -394,7 +409,7 @@ def whole_step_bytes(spec: StackSpec, blocks: int, runs, chunk_size=None, traini
   def compute():
     fn, args, _, remat = planned_step(spec, blocks, runs, chunk_size, training)
     start = time.perf_counter()
-    temp, io = _device_bytes(_compile(fn, args, remat))
+    temp, io = _device_bytes(compile_fn(fn, args, remat))
     return dict(bytes=temp + io, compile_s=time.perf_counter() - start)
 
   return cached(spec, "whole step", _whole_step_extra(blocks, runs, chunk_size, training),

@@ -52,13 +52,13 @@ def _run(spec, blocks, runs, chunk_size, training) -> dict:
   not compile the same step too; {"error"} instead of "bytes" where the step did not run or
   the device has no allocator statistics."""
   import jax
-  from jevo.plan.costs import _compile, _device_bytes, planned_step
+  from jevo.plan.costs import compile_fn, _device_bytes, planned_step
   device = jax.devices()[0]
   fn, args, concrete, remat = planned_step(spec, blocks, runs, chunk_size, training)
   real = jax.device_put(concrete(), device)
   jax.block_until_ready(real)
   start = time.perf_counter()
-  compiled = _compile(fn, args, remat)
+  compiled = compile_fn(fn, args, remat)
   out = dict(xla_bytes=sum(_device_bytes(compiled)), compile_s=time.perf_counter() - start)
   try:
     jax.block_until_ready(compiled(*real))

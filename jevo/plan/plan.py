@@ -44,7 +44,7 @@ class Plan:
   """What a stack should run: for training, its blocks split into runs, each with what it keeps
   for the backward pass; for inference, the chunk size of its sub-modules (attention, outer
   product mean, triangle multiplications, transitions: the stack's `chunk_size`; one size, or
-  sizes by sub-module name from `plan_stack(..., per_sub_module=True)`). With the
+  sizes by sub-module name, `plan_stack`'s default where the whole forward does not fit). With the
   predicted peak device bytes and step time, and why.
 
   `xla_peak` is XLA's memory analysis of the whole planned step, compiled once the plan was
@@ -242,7 +242,7 @@ def plan_for(stack, m, z, *, budget, training: bool = True, **kwargs) -> Plan:
 def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = True,
                measure: bool | None = None, candidates=None, use_cache: bool = True,
                verify: bool | str = True, headroom=None,
-               compile_workers: int | None = None, per_sub_module: bool = False) -> Plan:
+               compile_workers: int | None = None, per_sub_module: bool = True) -> Plan:
   """The fastest plan for a stack of `blocks` blocks of `spec` whose peak device memory fits
   `budget` (bytes or '16GiB'), less `headroom` (bytes or a size; default 256 MiB on a GPU,
   where the allocator's peak runs a little above XLA's analysis, none elsewhere).
@@ -262,10 +262,11 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
   XLA's compiles leave cores idle; one on a CPU, where running them side by side was measured
   slower).
 
-  `per_sub_module` (inference): where one chunk size for every sub-module is needed, also try
-  chunking each sub-module by the largest size at which it fits
-  (`jevo.plan.sub_modules`, one compile per sub-module and size tried), and take that plan
-  where it is predicted faster and its whole step's check fits.
+  `per_sub_module` (inference, the default): where the whole forward does not fit, chunk each
+  sub-module by the largest size at which it fits (`jevo.plan.sub_modules`: one compile of
+  each sub-module whole, more only for those that do not fit whole), taken where its whole
+  step's check fits; one chunk size for every sub-module otherwise, or with
+  `per_sub_module=False`.
 
   The planner's own cost is compiles: two per candidate (five for training, up to twelve chunk
   sizes for inference; where no training plan fits unchunked, two more per chunked candidate
@@ -416,16 +417,73 @@ def _plan_training_at(spec, blocks, budget, headroom, measure, chosen, use_cache
 
 
 def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start,
-                    per_sub_module=False):
+                    per_sub_module=True):
+  """The whole forward where it fits; else, with `per_sub_module`, each sub-module chunked by
+  the largest size at which it fits (never predicted slower than one size for all, since each
+  sub-module then runs at that size or larger); else, or where that plan's checks fail, the
+  largest single chunk size that fits. A budget nothing meets raises the PlanError naming the
+  smallest budget of the leanest chunk size."""
   # Time grows as the chunk shrinks, so the first chunk (largest first) that fits is best.
   # Memory mostly falls with the chunk, but not always at small sizes, so each is tried.
   chunks = [c for c in cand.INFERENCE_CHUNKS if c is None or c < max(spec.n_seq, spec.n_res)]
   limit = budget - headroom
   cost_of = lambda i: cst.inference_cost(spec, chunks[i], measure=measure,  # noqa: E731
                                          use_cache=use_cache)
-  tried = {}
+  tried = {0: cost_of(0)}
+  whole = tried[0]
+
+  def finish(chunk_size, peak, ms, reasons, checked):
+    if checks is not None:
+      reasons[1:1] = checks.reasons()
+    xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
+    return Plan(False, blocks, budget, (), chunk_size, peak, blocks * ms, whole.time_source,
+                tuple(reasons), time.perf_counter() - start, xla_peak, headroom,
+                len(checks.seen) if checks is not None else 0,
+                checks.seconds if checks is not None else 0.0, device_peak)
+
+  def one_size_reasons():
+    return [f"chunk_size={chunks[j]}: peak {size_text(c.peak(blocks))}, {c.ms:.2f} ms per block"
+            for j, c in sorted(tried.items(), key=lambda kv: kv[0])]
+
+  whole_text = "chunk_size=None"
+  if whole.peak(blocks) <= limit:
+    if checks is None:
+      return finish(None, whole.peak(blocks), whole.ms,
+                    ["the whole forward fits: nothing is chunked"] + one_size_reasons(), None)
+    if checks(whole_text, (), None, whole.peak(blocks)) <= limit:
+      return finish(None, whole.peak(blocks), whole.ms,
+                    ["the whole forward fits: nothing is chunked"] + one_size_reasons(),
+                    whole_text)
+
+  notes = []
+  if per_sub_module:
+    # The fixed part of the model comes from the whole step's checked peak where it was checked.
+    whole_peak = (checks.figure(whole_text) if checks is not None and whole_text in checks.seen
+                  else whole.peak(blocks))
+    search_limit = limit
+    for _ in range(2):
+      mixed = sub_modules.mixed_chunks(spec, chunks, whole_peak, whole.ms, search_limit,
+                                       measure=measure, use_cache=use_cache)
+      if mixed is None:
+        notes.append("per sub-module: no chunk sizes fit by the model")
+        break
+      sizes, peak, ms, mixed_reasons = mixed
+      what = f"chunk_size={sizes}"
+      head = [f"per sub-module: the largest chunk of each sub-module that fits, predicted "
+              f"{ms:.2f} ms per block (whole {whole.ms:.2f})"]
+      if checks is None:
+        return finish(sizes, peak, ms, head + mixed_reasons, None)
+      if len(checks.seen) >= MAX_CHECKS - 1:  # one check is kept for the leanest plan
+        break
+      nbytes = checks(what, (), sizes, peak)
+      if nbytes <= limit:
+        return finish(sizes, peak, ms, head + mixed_reasons, what)
+      notes.append(f"per sub-module: {what} over the limit in the whole step's check")
+      # The model under-predicted by this much: plan again with that much less room.
+      search_limit -= nbytes - peak + int(REPLAN_MARGIN * limit)
+
   chosen, checked, search_limit = None, None, limit
-  for i in range(len(chunks)):
+  for i in range(1, len(chunks)):
     tried[i] = cost_of(i)
     predicted = tried[i].peak(blocks)
     if predicted > search_limit:
@@ -460,37 +518,6 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
                       f"{checks.text(checked)}{_headroom_text(headroom)})", smallest)
     chosen = i
   best = tried[chosen]
-  reasons = [f"chunk_size={chunks[j]}: peak {size_text(c.peak(blocks))}, "
-             f"{c.ms:.2f} ms per block" for j, c in sorted(tried.items(), key=lambda kv: kv[0])]
-  reasons.insert(0, "the largest chunk that fits (smaller chunks only cost time)")
-  chunk_size, peak, ms = chunks[chosen], best.peak(blocks), best.ms
-  if per_sub_module and chunk_size is not None:
-    mixed = sub_modules.mixed_chunks(spec, blocks, chunks, tried[0], search_limit,
-                                     measure=measure, use_cache=use_cache)
-    if mixed is None:
-      reasons.append("per sub-module: no chunk sizes fit by the model; the one size kept")
-    elif mixed[2] >= best.ms:
-      reasons.append(f"per sub-module: predicted {mixed[2]:.2f} ms per block, no faster; the "
-                     "one size kept")
-    else:
-      sizes, mixed_peak, mixed_ms, mixed_reasons = mixed
-      what = f"chunk_size={sizes}"
-      fits = checks is None
-      if checks is not None and len(checks.seen) < MAX_CHECKS:
-        fits = checks(what, (), sizes, mixed_peak) <= limit
-      if fits:
-        checked = what if checks is not None else None
-        chunk_size, peak, ms = sizes, mixed_peak, mixed_ms
-        reasons = ([f"per sub-module: the largest chunk of each that fits, predicted "
-                    f"{mixed_ms:.2f} ms per block against {best.ms:.2f} with one size"]
-                   + mixed_reasons + reasons)
-      else:
-        reasons.append("per sub-module: over the limit in the whole step's check; the one "
-                       "size kept")
-  if checks is not None:
-    reasons[1:1] = checks.reasons()
-  xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
-  return Plan(False, blocks, budget, (), chunk_size, peak, blocks * ms,
-              best.time_source, tuple(reasons), time.perf_counter() - start, xla_peak,
-              headroom, len(checks.seen) if checks is not None else 0,
-              checks.seconds if checks is not None else 0.0, device_peak)
+  return finish(chunks[chosen], best.peak(blocks), best.ms,
+                ["the largest chunk that fits (smaller chunks only cost time)"]
+                + one_size_reasons() + notes, checked)

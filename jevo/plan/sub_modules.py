@@ -1,18 +1,24 @@
-"""Inference plans that chunk only the sub-modules that need it (`plan_stack(...,
-per_sub_module=True)`): what each of a block's sub-modules costs alone at a chunk size (XLA's
-memory analysis of it compiled alone, and its time), and the choice of a chunk size per
-sub-module under a memory limit.
+"""Inference plans that chunk only the sub-modules that need it (`plan_stack`'s default for
+inference, `per_sub_module=True`): what each of a block's sub-modules costs alone at a chunk
+size (XLA's memory analysis of it compiled alone, and its time), and the choice of a chunk size
+per sub-module under a memory limit.
 
 The model: a block's forward runs its sub-modules one after another, so its peak is a fixed
 part (the stack's parameters, m, z and the step's own buffers) plus the largest working memory
 of any one sub-module, and its time the sum of theirs. The fixed part comes from the whole
-unchunked stack's cost (`costs.inference_cost(spec, None)`) less the largest sub-module's
-working memory unchunked. Each sub-module then takes the largest chunk (time grows as the chunk
-shrinks) whose working memory fits beside the fixed part; the planner's check of the whole
-step corrects what this model gets wrong.
+unchunked stack's peak (checked, or `costs.inference_cost(spec, None)`'s prediction) less the
+largest sub-module's working memory unchunked. Each sub-module then takes the largest chunk
+(time grows as the chunk shrinks) whose working memory fits beside the fixed part; the
+planner's check of the whole step corrects what this model gets wrong.
+
+What it costs: one compile of each sub-module whole (its memory only), and for the few that do
+not fit whole, one per chunk size tried and one timing whole and chunked; a chunk size at or
+above a sub-module's chunked axis is the whole sub-module and is not tried.
 """
 
 from __future__ import annotations
+
+import functools
 
 from jevo.nn._common import BLOCK_SUB_MODULES
 from jevo.plan import costs as cst
@@ -36,6 +42,29 @@ _CALLS = {
 assert tuple(_CALLS) == BLOCK_SUB_MODULES
 
 
+# The axis each sub-module is chunked along: MSA rows for the row attention, residues otherwise.
+_CHUNKED_AXIS = dict.fromkeys(BLOCK_SUB_MODULES, "n_res")
+_CHUNKED_AXIS["msa_row_attention"] = "n_seq"
+
+
+def chunked_axis_length(spec: cst.StackSpec, name: str) -> int:
+  """The length of the axis `name` is chunked along: a chunk this large or larger is whole."""
+  return getattr(spec, _CHUNKED_AXIS[name])
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(spec: cst.StackSpec, name: str, chunk_size):
+  """(compiled forward of the sub-module alone, the block's `make`, abstract m and z), kept for this process so
+  that timing a sub-module after reading its memory does not compile it again."""
+  from flax import nnx
+  make, graphdef, params, rest, m, z = cst.abstract_block(spec, training=False)
+
+  def fn(params, m, z):
+    return _CALLS[name](nnx.merge(graphdef, params, rest), m, z, chunk_size)
+
+  return cst.compile_fn(fn, (params, m, z), "none"), make, m, z
+
+
 def sub_module_cost(spec: cst.StackSpec, name: str, chunk_size, *, measure: bool,
                     use_cache: bool = True) -> dict:
   """{"bytes": working memory, "ms": time} of the block's sub-module `name` alone in inference
@@ -46,32 +75,14 @@ def sub_module_cost(spec: cst.StackSpec, name: str, chunk_size, *, measure: bool
 
   def compute():
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from jevo.bench.implementations import host_normal
-    from jevo.nn import EvoformerBlock, ExtraMSABlock
 
-    kwargs = dict(dict(dtype=jnp.bfloat16), **spec.kwargs())
-    c_m, c_z = kwargs.pop("c_m", 256), kwargs.pop("c_z", 128)
-    cls = ExtraMSABlock if spec.extra_msa else EvoformerBlock
-
-    def make():
-      block = cls(c_m, c_z, rngs=nnx.Rngs(0), **kwargs)
-      block.eval()
-      return block
-
-    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-    m = jax.ShapeDtypeStruct((spec.n_seq, spec.n_res, c_m), jnp.bfloat16)
-    z = jax.ShapeDtypeStruct((spec.n_res, spec.n_res, c_z), jnp.bfloat16)
-
-    def fn(params, m, z):
-      return _CALLS[name](nnx.merge(graphdef, params, rest), m, z, chunk_size)
-
-    compiled = cst._compile(fn, (params, m, z), "none")
+    compiled, make, m, z = _compiled(spec, name, chunk_size)
     analysis = compiled.memory_analysis()
     working = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
     if not measure:
-      return dict(bytes=working, ms=cst._estimated_ms(compiled))
+      return dict(bytes=working, ms=cst.estimated_ms(compiled))
     real_params = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1])()
     args = (real_params, host_normal(0, m.shape, m.dtype), host_normal(1, z.shape, z.dtype))
     return dict(bytes=working, ms=cst.median_ms(compiled, args, 5, warmup=1)["ms"])
@@ -80,14 +91,17 @@ def sub_module_cost(spec: cst.StackSpec, name: str, chunk_size, *, measure: bool
                     compute, use_cache)
 
 
-def choose_chunks(costs_of, chunks, room: int):
+def choose_chunks(bytes_of, chunks, room: int, lengths=None):
   """{name: chunk size} for every sub-module: the first of `chunks` (largest first, None =
-  whole) whose working memory `costs_of(name, chunk)["bytes"]` is at most `room`, or None
-  where no chunk size fits."""
+  whole) whose working memory `bytes_of(name, chunk)` is at most `room`, or None where some
+  sub-module fits at no chunk size. Chunk sizes at or above `lengths[name]` (the sub-module's
+  chunked axis) are the whole sub-module again and are skipped."""
   sizes = {}
   for name in BLOCK_SUB_MODULES:
     for chunk in chunks:
-      if costs_of(name, chunk)["bytes"] <= room:
+      if chunk is not None and lengths is not None and chunk >= lengths[name]:
+        continue
+      if bytes_of(name, chunk) <= room:
         sizes[name] = chunk
         break
     else:
@@ -95,23 +109,32 @@ def choose_chunks(costs_of, chunks, room: int):
   return sizes
 
 
-def mixed_chunks(spec: cst.StackSpec, blocks: int, chunks, whole: cst.Cost, limit: int, *,
+def mixed_chunks(spec: cst.StackSpec, chunks, whole_peak: int, whole_ms: float, limit: int, *,
                  measure: bool, use_cache: bool = True):
   """(chunk sizes by sub-module, predicted peak, predicted ms per block, reasons) of the plan
-  that chunks each sub-module by the largest size that fits `limit` (bytes), given `whole`,
-  the unchunked stack's Cost; None where no such plan exists by the model."""
-  def costs_of(name, chunk):
-    return sub_module_cost(spec, name, chunk, measure=measure, use_cache=use_cache)
+  that chunks each sub-module by the largest size that fits `limit` (bytes), given the whole
+  unchunked stack's peak `whole_peak` and its ms per block `whole_ms`; None where no such plan
+  exists by the model, or where it chunks nothing (the whole stack was over the limit, so the
+  model is wrong)."""
+  def bytes_of(name, chunk):  # memory only: a compile, no timing
+    return sub_module_cost(spec, name, chunk, measure=False, use_cache=use_cache)["bytes"]
 
-  base = {name: costs_of(name, None) for name in BLOCK_SUB_MODULES}
-  fixed = whole.peak(blocks) - max(c["bytes"] for c in base.values())
-  sizes = choose_chunks(costs_of, chunks, limit - fixed)
-  if sizes is None:
+  def ms_of(name, chunk):
+    return sub_module_cost(spec, name, chunk, measure=measure, use_cache=use_cache)["ms"]
+
+  base = {name: bytes_of(name, None) for name in BLOCK_SUB_MODULES}
+  fixed = whole_peak - max(base.values())
+  lengths = {name: chunked_axis_length(spec, name) for name in BLOCK_SUB_MODULES}
+  sizes = choose_chunks(bytes_of, chunks, limit - fixed, lengths)
+  if sizes is None or all(chunk is None for chunk in sizes.values()):
     return None
-  chosen = {name: costs_of(name, chunk) for name, chunk in sizes.items()}
-  ms = whole.ms + sum(chosen[name]["ms"] - base[name]["ms"] for name in BLOCK_SUB_MODULES)
-  peak = fixed + max(c["bytes"] for c in chosen.values())
-  reasons = [f"{name}: chunk_size={sizes[name]}, working memory "
-             f"{chosen[name]['bytes'] / 2 ** 20:.1f} MiB, {chosen[name]['ms']:.3f} ms"
-             for name in BLOCK_SUB_MODULES]
-  return {k: v for k, v in sizes.items() if v is not None}, peak, ms, reasons
+  chunked = {name: chunk for name, chunk in sizes.items() if chunk is not None}
+  added = {name: ms_of(name, chunk) - ms_of(name, None) for name, chunk in chunked.items()}
+  ms = whole_ms + sum(added.values())
+  peak = fixed + max(bytes_of(name, chunk) for name, chunk in sizes.items())
+  reasons = [f"{name}: chunk_size={chunk}, working memory "
+             f"{bytes_of(name, chunk) / 2 ** 20:.1f} MiB"
+             + (f" (whole {base[name] / 2 ** 20:.1f} MiB), {added[name]:+.3f} ms"
+                if chunk is not None else "")
+             for name, chunk in sizes.items()]
+  return chunked, peak, ms, reasons
