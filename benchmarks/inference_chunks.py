@@ -69,7 +69,8 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="long-inference")
   p.add_argument("--blocks", type=int, default=48)
-  p.add_argument("--chunk-sizes", type=chunk_value, nargs="+", default=[None, 256, 128])
+  p.add_argument("--chunk-sizes", type=chunk_value, nargs="*", default=[None, 256, 128],
+                 help="the hand-picked chunk sizes (none given: only the plan, with --budget)")
   p.add_argument("--budget", help="also plan the stack for this budget and run the plan")
   p.add_argument("--training", action="store_true",
                  help="run the training step (every block keeping its inputs) instead")

@@ -1,13 +1,14 @@
 """A sweep of the triangle multiplication's two Pallas kernels' launch settings on a GPU: rows
 per program, warps and pipeline stages of the input side (`gated_projections_pallas`: LayerNorm,
 the five projections, gates and mask, channel-major operands, as the module's whole forward
-runs it) and of the output side (`triangle_epilogue_pallas`), forward ms (median) for each, with
-each setting's output compared to the module's current setting's.
+runs it; with its projections paired into [c_z, 2 c] products or not) and of the output side
+(`triangle_epilogue_pallas`), forward ms (median) for each, with each setting's output compared
+to the module's current setting's.
 
     python benchmarks/triangle_kernel_tiles.py [--sizes 384 768] [--repeats 30]
 
-The settings are the kernel modules' BLOCK_ROWS, NUM_WARPS and NUM_STAGES, read when a call is
-traced, so each setting is a fresh trace. Inputs: bfloat16 pair activations, float32 parameters
+The settings are the kernel modules' BLOCK_ROWS, NUM_WARPS and NUM_STAGES (and the input side's
+PAIRED_PRODUCTS), read when a call is traced, so each setting is a fresh trace. Inputs: bfloat16 pair activations, float32 parameters
 (random), random pair masks with about 10% masked; c_z = c_hidden = 128.
 """
 
@@ -39,13 +40,15 @@ def log(*args):
 
 
 @contextlib.contextmanager
-def setting(module, rows, warps, stages):
-  old = module.BLOCK_ROWS, module.NUM_WARPS, module.NUM_STAGES
-  module.BLOCK_ROWS, module.NUM_WARPS, module.NUM_STAGES = rows, warps, stages
+def setting(module, **values):
+  old = {name: getattr(module, name) for name in values}
+  for name, value in values.items():
+    setattr(module, name, value)
   try:
     yield
   finally:
-    module.BLOCK_ROWS, module.NUM_WARPS, module.NUM_STAGES = old
+    for name, value in old.items():
+      setattr(module, name, value)
 
 
 def normal(i, shape, scale=1.0, dtype=jnp.float32):
@@ -85,25 +88,30 @@ def max_rel_diff(got, want):
   return max(diffs)
 
 
-def sweep(label, module, make, n, repeats, stage_counts):
+def sweep(label, module, make, n, repeats, rows, warps, stage_counts):
+  """[(ms, setting, max difference, " (current)" or "")], fastest first."""
   call, args = make(n)
-  current = (module.BLOCK_ROWS, module.NUM_WARPS, module.NUM_STAGES)
+  names = ["BLOCK_ROWS", "NUM_WARPS", "NUM_STAGES"]
+  axes = [rows, warps, stage_counts]
+  if hasattr(module, "PAIRED_PRODUCTS"):
+    names.append("PAIRED_PRODUCTS")
+    axes.append((False, True))
+  current = tuple(getattr(module, name) for name in names)
   want = call()(*args)
   results = []
-  for rows, warps, stages in itertools.product(ROWS, WARPS, stage_counts):
-    with setting(module, rows, warps, stages):
+  for values in itertools.product(*axes):
+    text = ", ".join(f"{name.lower()} {value}" for name, value in zip(names, values))
+    with setting(module, **dict(zip(names, values))):
       try:
         fn = call()
         diff = max_rel_diff(fn(*args), want)
         ms = median_ms(fn, args, repeats, batch=5)["ms"]
       except Exception as err:  # a setting the compiler refuses (registers, shared memory)
-        log(f"{label} {n}: rows {rows} warps {warps} stages {stages}: failed: "
-            f"{type(err).__name__}: {str(err)[:300]}")
+        log(f"{label} {n}: {text}: failed: {type(err).__name__}: {str(err)[:300]}")
         continue
-    mark = " (current)" if (rows, warps, stages) == current else ""
-    log(f"{label} {n}: rows {rows} warps {warps} stages {stages}: {ms:.4f} ms, "
-        f"max diff / max |ref| {diff:.1e}{mark}")
-    results.append((ms, rows, warps, stages, diff, mark))
+    mark = " (current)" if values == current else ""
+    log(f"{label} {n}: {text}: {ms:.4f} ms, max diff / max |ref| {diff:.1e}{mark}")
+    results.append((ms, text, diff, mark))
   return sorted(results)
 
 
@@ -111,21 +119,25 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sizes", type=int, nargs="+", default=[384, 768])
   p.add_argument("--repeats", type=int, default=30)
+  p.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+  p.add_argument("--warps", type=int, nargs="+", default=list(WARPS))
   p.add_argument("--stages", type=int, nargs="+", default=list(STAGES))
+  p.add_argument("--kernels", nargs="+", choices=["input", "output"], default=["input", "output"])
   args = p.parse_args(argv)
   log(jax.devices()[0].device_kind, "jax", jax.__version__)
   table = []
   for n in args.sizes:
-    for label, module, make in (("input side", gp, input_side), ("output side", te, output_side)):
-      results = sweep(label, module, make, n, args.repeats, args.stages)
-      current = [r for r in results if r[5]]
-      for ms, rows, warps, stages, diff, mark in results[:3] + current:
-        table.append(f"| {label} | {n} | {rows} | {warps} | {stages} | {ms:.4f}{mark} | "
-                     f"{diff:.1e} |")
+    for kind, module, make in (("input", gp, input_side), ("output", te, output_side)):
+      if kind not in args.kernels:
+        continue
+      label = f"{kind} side"
+      results = sweep(label, module, make, n, args.repeats, args.rows, args.warps, args.stages)
+      current = [r for r in results if r[3]]
+      for ms, text, diff, mark in results[:3] + current:
+        table.append(f"| {label} | {n} | {text} | {ms:.4f}{mark} | {diff:.1e} |")
   log("\n## triangle multiplication kernels: the three fastest settings and the current one, "
       "forward ms (median)")
-  log("| kernel | N | rows | warps | stages | ms | max diff / max |ref| |\n"
-      "|---|---|---|---|---|---|---|")
+  log("| kernel | N | setting | ms | max diff / max |ref| |\n|---|---|---|---|---|")
   for row in table:
     log(row)
 
