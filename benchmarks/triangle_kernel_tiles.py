@@ -1,14 +1,13 @@
 """A sweep of the triangle multiplication's two Pallas kernels' launch settings on a GPU: rows
 per program, warps and pipeline stages of the input side (`gated_projections_pallas`: LayerNorm,
 the five projections, gates and mask, channel-major operands, as the module's whole forward
-runs it; with its projections paired into [c_z, 2 c] products or not) and of the output side
-(`triangle_epilogue_pallas`), forward ms (median) for each, with each setting's output compared
-to the module's current setting's.
+runs it) and of the output side (`triangle_epilogue_pallas`), forward ms (median) for each,
+with each setting's output compared to the module's current setting's.
 
     python benchmarks/triangle_kernel_tiles.py [--sizes 384 768] [--repeats 30]
 
-The settings are the kernel modules' BLOCK_ROWS, NUM_WARPS and NUM_STAGES (and the input side's
-PAIRED_PRODUCTS), read when a call is traced, so each setting is a fresh trace. Inputs: bfloat16 pair activations, float32 parameters
+The settings are the kernel modules' BLOCK_ROWS, NUM_WARPS and NUM_STAGES, read when a call is
+traced, so each setting is a fresh trace. Inputs: bfloat16 pair activations, float32 parameters
 (random), random pair masks with about 10% masked; c_z = c_hidden = 128.
 """
 
@@ -93,9 +92,6 @@ def sweep(label, module, make, n, repeats, rows, warps, stage_counts):
   call, args = make(n)
   names = ["BLOCK_ROWS", "NUM_WARPS", "NUM_STAGES"]
   axes = [rows, warps, stage_counts]
-  if hasattr(module, "PAIRED_PRODUCTS"):
-    names.append("PAIRED_PRODUCTS")
-    axes.append((False, True))
   current = tuple(getattr(module, name) for name in names)
   want = call()(*args)
   results = []

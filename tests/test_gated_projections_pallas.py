@@ -276,37 +276,12 @@ def test_on_the_gpu_the_module_matches_xla_whole_and_chunked(outgoing, chunk_siz
   assert rel_error(got, want) < 2e-2
 
 
-@pytest.mark.parametrize("layers", [4, 5])
-def test_paired_products_give_the_same_outputs(monkeypatch, layers):
-  """The two projections (and the two gates) multiplied as one [c_z, 2 c] matrix each, then
-  split: the same outputs as four products, in the interpreter, whole and channel-major."""
-  t = random_module(32, 16, jnp.bfloat16)
-  z, mask = _pair(9, 32, jnp.bfloat16)
-  every = (t.left_projection, t.left_gate, t.right_projection, t.right_gate, t.output_gate)
-  args = (z, mask[..., None], t.layer_norm_in.scale[...], t.layer_norm_in.bias[...],
-          [l.kernel[...] for l in every[:layers]], [l.bias[...] for l in every[:layers]])
-  for channel_major in (False, True):
-    run = lambda: tp.gated_projections(*args, eps=EPS, dtype=jnp.bfloat16,  # noqa: E731
-                                       channel_major=channel_major, interpret=True)
-    monkeypatch.setattr(tp, "PAIRED_PRODUCTS", False)
-    want = run()
-    monkeypatch.setattr(tp, "PAIRED_PRODUCTS", True)
-    got = run()
-    assert len(got) == len(want) == 3 and (got[2] is None) == (layers == 4)
-    for g, w in zip(got, want):
-      if w is not None:
-        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
-
-
-@pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("channel_major,layers", [(False, 5), (True, 5), (True, 4)])
-def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine(monkeypatch, channel_major, layers,
-                                                             paired):
+def test_the_kernel_lowers_to_triton_for_cuda_on_any_machine(channel_major, layers):
   """Pallas's lowering of the kernel to Triton runs at lowering time, without a GPU: lowered for
   CUDA, the op's program holds the Triton custom call (compiling it needs a GPU)."""
   import jevo
   from jax import export
-  monkeypatch.setattr(tp, "PAIRED_PRODUCTS", paired)
   t = random_module(128, 128, jnp.bfloat16)
   z, mask = _pair(24, 128, jnp.bfloat16)
   layers = (t.left_projection, t.left_gate, t.right_projection, t.right_gate,

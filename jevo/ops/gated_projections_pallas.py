@@ -38,9 +38,6 @@ from jevo.ops.pallas_rows import (F32, KERNEL_DTYPES, layer_norm, matrix_spec, m
 # channels, the sizes tested; wider ones would need the products split over columns.
 MIN_CHANNELS, MAX_CHANNELS = 16, 128
 BLOCK_ROWS, NUM_WARPS, NUM_STAGES = 64, 4, 1
-# With both operands, multiply the two projections as one [c_z, 2 c] matrix and the two gates
-# as another (then split the gated [rows, 2 c] result), instead of four [c_z, c] products.
-PAIRED_PRODUCTS = False
 
 
 def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
@@ -61,12 +58,11 @@ def unsupported_reason(z, c_hidden: int, dtype) -> str | None:
 
 
 def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows,
-            channel_major, layers, paired):
+            channel_major, layers):
   # The layers' kernels and biases come as separate operands: Triton's tensors have
-  # power-of-two sizes, and the five side by side have 4 c_hidden + c_z columns. `paired`:
-  # the first two operands are the projections' [c_z, 2 c] and the gates' [c_z, 2 c].
+  # power-of-two sizes, and the five side by side have 4 c_hidden + c_z columns.
   weights, biases, outs = refs[:layers], refs[layers:2 * layers], refs[2 * layers:]
-  pairs = 1 if paired else layers // 2
+  pairs = layers // 2
   valid = row_mask(pl.program_id(0) * block_rows, block_rows, rows)
   z = plgpu.load(z_ref, mask=valid, other=0.0).astype(F32)
   m = plgpu.load(mask_ref, mask=valid[:, 0], other=0.0).astype(F32)[:, None]
@@ -82,17 +78,12 @@ def _kernel(z_ref, mask_ref, scale_ref, offset_ref, *refs, eps, rows, block_rows
     else:
       plgpu.store(ref, x, mask=valid)
 
-  for k in range(pairs):  # (projection, gate) pairs: left, then right; or both at once
+  for k in range(pairs):  # (projection, gate) pairs: left, then right
     projected = project(weights[2 * k], biases[2 * k])
-    gated = m * projected * jax.nn.sigmoid(project(weights[2 * k + 1], biases[2 * k + 1]))
-    if paired:
-      half = gated.shape[1] // 2
-      for ref, x in zip(outs[:2], jax.lax.split(gated, (half, half), axis=1)):
-        store_operand(ref, x)
-    else:
-      store_operand(outs[k], gated)
+    store_operand(outs[k], m * projected * jax.nn.sigmoid(project(weights[2 * k + 1],
+                                                                    biases[2 * k + 1])))
   if layers % 2:
-    gate_ref = outs[-1]
+    gate_ref = outs[pairs]
     plgpu.store(gate_ref, project(weights[-1], biases[-1]).astype(gate_ref.dtype), mask=valid)
 
 
@@ -122,12 +113,6 @@ def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: flo
   z2 = z.reshape(rows, c_z)
   mask2 = jnp.broadcast_to(mask, lead + (1,)).reshape(rows).astype(dtype)
   weights = [w.astype(dtype) for w in kernels]
-  paired = PAIRED_PRODUCTS and pairs == 2
-  pair_layers, pair_width = (2, 2 * c_hidden) if paired else (2 * pairs, c_hidden)
-  if paired:  # [lp | rp], [lg | rg], then the output gate's layer
-    weights = [jnp.concatenate(weights[0:4:2], 1), jnp.concatenate(weights[1:4:2], 1),
-               *weights[4:]]
-    biases = [jnp.concatenate(biases[0:4:2]), jnp.concatenate(biases[1:4:2]), *biases[4:]]
   block = min(BLOCK_ROWS, max(16, pl.next_power_of_2(rows)))
   if channel_major:
     operand_shape, operand_spec = (c_hidden, rows), pl.BlockSpec((c_hidden, block),
@@ -137,14 +122,13 @@ def gated_projections(z, mask, ln_scale, ln_offset, kernels, biases, *, eps: flo
                                                                  lambda i: (i, 0))
   run = pl.pallas_call(
       functools.partial(_kernel, eps=float(eps), rows=rows, block_rows=block,
-                        channel_major=channel_major, layers=len(weights), paired=paired),
+                        channel_major=channel_major, layers=layers),
       grid=(pl.cdiv(rows, block),),
       in_specs=[pl.BlockSpec((block, c_z), lambda i: (i, 0)),
                 pl.BlockSpec((block,), lambda i: (i,)),
                 vector_spec(c_z), vector_spec(c_z)]
-               + [matrix_spec((c_z, pair_width))] * pair_layers
-               + [matrix_spec((c_z, c_z))] * gated
-               + [vector_spec(pair_width)] * pair_layers + [vector_spec(c_z)] * gated,
+               + [matrix_spec((c_z, c_hidden))] * (2 * pairs) + [matrix_spec((c_z, c_z))] * gated
+               + [vector_spec(c_hidden)] * (2 * pairs) + [vector_spec(c_z)] * gated,
       out_specs=[operand_spec] * pairs
                 + [pl.BlockSpec((block, c_z), lambda i: (i, 0))] * gated,
       out_shape=[out_struct(operand_shape, dtype, z2)] * pairs
