@@ -107,3 +107,39 @@ def test_a_plan_per_sub_module_fits_its_check_and_computes_the_forward(monkeypat
   for a, b in zip(planned, run(state, 1 << 30)):  # 1 << 30: every sub-module whole
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_a_step_that_runs_out_of_device_memory_is_unmeasurable(monkeypatch):
+  monkeypatch.setattr(costs, "device_bytes_limit", lambda: None)
+
+  def out_of_memory():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68.00GiB")
+
+  assert costs.measured_ms(None, out_of_memory) == costs.UNMEASURABLE_MS
+
+  def broken():
+    raise RuntimeError("INVALID_ARGUMENT: something else")
+
+  with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+    costs.measured_ms(None, broken)
+
+
+def test_a_stack_too_large_to_time_is_planned_from_its_sub_modules_times(monkeypatch):
+  """A device that holds each sub-module alone but not the unchunked stack of two blocks (the
+  128 x 4096 stack on an H200): the whole stack is not timed, and the plan's time is the sum
+  of its sub-modules' as planned, measured."""
+  unchunked = costs.inference_cost(SPEC, None, measure=False)
+  chunked = costs.inference_cost(SPEC, 4, measure=False)
+  budget = (unchunked.peak(2) + chunked.peak(2)) // 2
+  stack_bytes = costs.whole_step_bytes(SPEC, costs.DEPTHS[0], (), None, False)["bytes"]
+  sub_bytes = max(sum(costs._device_bytes(sub._compiled(SPEC, name, None)[0]))
+                  for name in BLOCK_SUB_MODULES)
+  assert sub_bytes < stack_bytes
+  monkeypatch.setattr(costs, "device_bytes_limit", lambda: stack_bytes - 1)
+  whole = costs.inference_cost(SPEC, None, measure=True)
+  assert whole.ms == costs.UNMEASURABLE_MS and "too large" in whole.time_source
+  plan = plan_stack(SPEC, 2, budget=budget, training=False, measure=True)
+  assert isinstance(plan.chunk_size, dict) and plan.xla_peak <= budget, plan.describe()
+  assert np.isfinite(plan.predicted_ms) and plan.predicted_ms > 0
+  assert plan.time_source.startswith("measured: the sum"), plan.describe()
+  assert "too large for the device to time" in plan.describe()

@@ -240,9 +240,31 @@ def estimated_ms(compiled) -> float:
   return 1e3 * (cost.get("flops", 0.0) / 790e12 + cost.get("bytes_accessed", 0.0) / 4.8e12)
 
 
-def _measured_ms(compiled, concrete, repeats: int = 5) -> float:
-  """Median ms of the compiled step on `concrete()`'s real arguments, after a warm-up call."""
-  return median_ms(compiled, concrete(), repeats, warmup=1)["ms"]
+# The time of a step that cannot run on the device (too large for its memory): never chosen
+# where anything measured fits, and kept as such in the cache (JSON's Infinity).
+UNMEASURABLE_MS = float("inf")
+
+
+def device_bytes_limit() -> int | None:
+  """The memory the first device's allocator may hold, or None where it does not say (a CPU)."""
+  import jax
+  stats = jax.devices()[0].memory_stats()
+  return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def measured_ms(compiled, concrete, repeats: int = 5) -> float:
+  """Median ms of the compiled step on `concrete()`'s real arguments, after a warm-up call;
+  UNMEASURABLE_MS where it cannot run on the device: XLA's analysis of it exceeds the device's
+  memory, or running it runs out of memory (the device is left as it was)."""
+  limit = device_bytes_limit()
+  if limit is not None and sum(_device_bytes(compiled)) > limit:
+    return UNMEASURABLE_MS
+  try:
+    return median_ms(compiled, concrete(), repeats, warmup=1)["ms"]
+  except Exception as err:  # jax.errors.JaxRuntimeError, whose module varies by version
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    return UNMEASURABLE_MS
 
 
 def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None) -> dict:
@@ -264,15 +286,18 @@ def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None)
     if record is not None:
       record(depth, dict(bytes=sum(points[-1]), compile_s=compile_s))
     if measure:
-      times.append(_measured_ms(compiled, concrete))
+      times.append(measured_ms(compiled, concrete))
   (t2, io2), (t3, io3) = points
   kept, io_per_block = t3 - t2, io3 - io2
-  if measure:  # a difference lost in the noise: the deeper step's time per block instead
+  if measure and UNMEASURABLE_MS in times:
+    ms = UNMEASURABLE_MS
+  elif measure:  # a difference lost in the noise: the deeper step's time per block instead
     ms = times[1] - times[0] if times[1] > times[0] else times[1] / DEPTHS[1]
   return dict(kept=kept, fixed=t2 - DEPTHS[0] * kept, io_per_block=io_per_block,
               io_fixed=io2 - DEPTHS[0] * io_per_block,
               ms=ms if measure else estimate(),
-              time_source="measured" if measure else "XLA cost analysis")
+              time_source=("XLA cost analysis" if not measure else "measured"
+                           if ms != UNMEASURABLE_MS else "not measured: too large for the device"))
 
 
 def compile_side_by_side(jobs: dict, workers: int) -> dict:

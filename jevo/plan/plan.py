@@ -432,11 +432,11 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
   tried = {0: cost_of(0)}
   whole = tried[0]
 
-  def finish(chunk_size, peak, ms, reasons, checked):
+  def finish(chunk_size, peak, ms, reasons, checked, time_source=whole.time_source):
     if checks is not None:
       reasons[1:1] = checks.reasons()
     xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
-    return Plan(False, blocks, budget, (), chunk_size, peak, blocks * ms, whole.time_source,
+    return Plan(False, blocks, budget, (), chunk_size, peak, blocks * ms, time_source,
                 tuple(reasons), time.perf_counter() - start, xla_peak, headroom,
                 len(checks.seen) if checks is not None else 0,
                 checks.seconds if checks is not None else 0.0, device_peak)
@@ -471,13 +471,15 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
       what = f"chunk_size={sizes}"
       head = [f"per sub-module: the largest chunk of each sub-module that fits, predicted "
               f"{ms:.2f} ms per block (whole {whole.ms:.2f})"]
+      source = (whole.time_source if whole.ms != cst.UNMEASURABLE_MS
+                else "measured: the sum of the sub-modules' times alone")
       if checks is None:
-        return finish(sizes, peak, ms, head + mixed_reasons, None)
+        return finish(sizes, peak, ms, head + mixed_reasons, None, source)
       if len(checks.seen) >= MAX_CHECKS - 1:  # one check is kept for the leanest plan
         break
       nbytes = checks(what, (), sizes, peak)
       if nbytes <= limit:
-        return finish(sizes, peak, ms, head + mixed_reasons, what)
+        return finish(sizes, peak, ms, head + mixed_reasons, what, source)
       notes.append(f"per sub-module: {what} over the limit in the whole step's check")
       # The model under-predicted by this much: plan again with that much less room.
       search_limit -= nbytes - peak + int(REPLAN_MARGIN * limit)

@@ -69,7 +69,8 @@ def sub_module_cost(spec: cst.StackSpec, name: str, chunk_size, *, measure: bool
                     use_cache: bool = True) -> dict:
   """{"bytes": working memory, "ms": time} of the block's sub-module `name` alone in inference
   (eval mode) at `chunk_size`: XLA's temporary bytes plus its output's, and its time measured
-  on the device (`measure`) or from XLA's cost analysis."""
+  on the device (`measure`; `costs.UNMEASURABLE_MS` where it is too large for the device) or
+  from XLA's cost analysis."""
   if name not in _CALLS:
     raise ValueError(f"name must be one of {', '.join(BLOCK_SUB_MODULES)}, got {name!r}")
 
@@ -83,9 +84,10 @@ def sub_module_cost(spec: cst.StackSpec, name: str, chunk_size, *, measure: bool
     working = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
     if not measure:
       return dict(bytes=working, ms=cst.estimated_ms(compiled))
-    real_params = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1])()
-    args = (real_params, host_normal(0, m.shape, m.dtype), host_normal(1, z.shape, z.dtype))
-    return dict(bytes=working, ms=cst.median_ms(compiled, args, 5, warmup=1)["ms"])
+    def concrete():
+      real_params = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1])()
+      return real_params, host_normal(0, m.shape, m.dtype), host_normal(1, z.shape, z.dtype)
+    return dict(bytes=working, ms=cst.measured_ms(compiled, concrete))
 
   return cst.cached(spec, "sub-module", dict(name=name, chunk_size=chunk_size, measure=measure),
                     compute, use_cache)
@@ -115,7 +117,10 @@ def mixed_chunks(spec: cst.StackSpec, chunks, whole_peak: int, whole_ms: float, 
   that chunks each sub-module by the largest size that fits `limit` (bytes), given the whole
   unchunked stack's peak `whole_peak` and its ms per block `whole_ms`; None where no such plan
   exists by the model, or where it chunks nothing (the whole stack was over the limit, so the
-  model is wrong)."""
+  model is wrong). The block's time is `whole_ms` plus what chunking adds to each chunked
+  sub-module; where the whole stack could not be timed (`costs.UNMEASURABLE_MS`: too large for
+  the device), the sum of every sub-module's time alone as planned, which leaves out the
+  block's residual additions."""
   def bytes_of(name, chunk):  # memory only: a compile, no timing
     return sub_module_cost(spec, name, chunk, measure=False, use_cache=use_cache)["bytes"]
 
@@ -129,12 +134,21 @@ def mixed_chunks(spec: cst.StackSpec, chunks, whole_peak: int, whole_ms: float, 
   if sizes is None or all(chunk is None for chunk in sizes.values()):
     return None
   chunked = {name: chunk for name, chunk in sizes.items() if chunk is not None}
-  added = {name: ms_of(name, chunk) - ms_of(name, None) for name, chunk in chunked.items()}
-  ms = whole_ms + sum(added.values())
+  timed_whole = whole_ms != cst.UNMEASURABLE_MS
+  added = ({name: ms_of(name, chunk) - ms_of(name, None) for name, chunk in chunked.items()}
+           if timed_whole else {name: ms_of(name, chunk) for name, chunk in chunked.items()})
+  if timed_whole:
+    ms = whole_ms + sum(added.values())
+  else:
+    ms = sum(ms_of(name, chunk) for name, chunk in sizes.items())
   peak = fixed + max(bytes_of(name, chunk) for name, chunk in sizes.items())
   reasons = [f"{name}: chunk_size={chunk}, working memory "
              f"{bytes_of(name, chunk) / 2 ** 20:.1f} MiB"
-             + (f" (whole {base[name] / 2 ** 20:.1f} MiB), {added[name]:+.3f} ms"
+             + (f" (whole {base[name] / 2 ** 20:.1f} MiB), "
+                + (f"{added[name]:+.3f} ms" if timed_whole else f"{added[name]:.3f} ms")
                 if chunk is not None else "")
              for name, chunk in sizes.items()]
+  if not timed_whole:
+    reasons.insert(0, "the unchunked block is too large for the device to time: its time is "
+                   "the sum of its sub-modules' alone, as planned")
   return chunked, peak, ms, reasons
