@@ -277,16 +277,32 @@ def test_on_a_gpu_a_plan_the_allocator_finds_over_budget_is_replanned(planned_co
 
 
 def test_an_allocator_peak_that_cannot_be_measured_is_said(planned_costs, monkeypatch):
-  calls = _allocator_peaks(monkeypatch, lambda runs, xla: dict(error="out of memory"))
+  calls = _allocator_peaks(monkeypatch, lambda runs, xla: dict(error="the child exited"))
   plan = plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, headroom=0)
   assert plan.device_peak is None and plan.verified and calls
-  assert "not measured: out of memory" in plan.describe()
+  assert "not measured: the child exited" in plan.describe()
   calls.clear()
   plan = plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, headroom=0,
                     verify="xla")
   assert not calls and plan.verified and plan.device_peak is None
   with pytest.raises(ValueError, match="verify must be True, False or 'xla'"):
     plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, verify="device")
+
+
+def test_a_step_the_device_runs_out_of_memory_running_is_over_the_limit(planned_costs,
+                                                                         monkeypatch):
+  """XLA's figure fits, but the device cannot run the step: the plan is not taken."""
+  table, _ = planned_costs
+  blocks = 6
+  out_of_memory = dict(error="JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying "
+                             "to allocate 36.00GiB with allocator GPU_0_bfc on device 0.")
+  calls = _allocator_peaks(monkeypatch, lambda runs, xla: (
+      out_of_memory if any(n == "everything" for _, n in runs) else dict(bytes=xla)))
+  budget = 2 * table["everything"].peak(blocks)  # everything fits by XLA's analysis
+  plan = plan_stack(SPEC, blocks, budget=budget, candidates=TWO, measure=False, headroom=0)
+  assert [(r.blocks, r.candidate) for r in plan.runs] == [(blocks, "block_inputs")]
+  assert calls[0] == ((blocks, "everything"),) and plan.device_peak == plan.xla_peak
+  assert "the device ran out of memory running it" in plan.describe()
 
 
 def test_the_allocator_checks_child_gives_xlas_figure_so_the_step_compiles_once(

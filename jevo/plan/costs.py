@@ -252,6 +252,11 @@ def device_bytes_limit() -> int | None:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
+def ran_out_of_memory(error_text: str) -> bool:
+  """Whether an error's text says the device ran out of memory (XLA's RESOURCE_EXHAUSTED)."""
+  return "RESOURCE_EXHAUSTED" in error_text or "out of memory" in error_text.lower()
+
+
 def measured_ms(compiled, concrete, repeats: int = 5) -> float:
   """Median ms of the compiled step on `concrete()`'s real arguments, after a warm-up call;
   UNMEASURABLE_MS where it cannot run on the device: XLA's analysis of it exceeds the device's
@@ -262,7 +267,7 @@ def measured_ms(compiled, concrete, repeats: int = 5) -> float:
   try:
     return median_ms(compiled, concrete(), repeats, warmup=1)["ms"]
   except Exception as err:  # jax.errors.JaxRuntimeError, whose module varies by version
-    if "RESOURCE_EXHAUSTED" not in str(err):
+    if not ran_out_of_memory(str(err)):
       raise
     return UNMEASURABLE_MS
 

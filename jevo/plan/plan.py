@@ -168,12 +168,15 @@ class _Checks:
   `on_device` (a GPU), a step XLA's analysis fits within `limit` is also run once in a fresh
   process for the allocator's peak (`costs.device_peak`), and the larger figure is the check's.
   Where XLA's figure is not cached yet, the child's compile gives it, so that the planning
-  process does not compile the same whole step as well (it does where the child could not)."""
+  process does not compile the same whole step as well (it does where the child could not).
+  A step the child ran out of device memory running is over any limit, whatever XLA's figure
+  (on an H200 a 128 x 4096 forward XLA put at 44.8 GiB could not run in 139 GiB)."""
 
   def __init__(self, spec, blocks, training, use_cache, limit: int, on_device: bool):
     self.spec, self.blocks, self.training, self.use_cache = spec, blocks, training, use_cache
     self.limit, self.on_device = limit, on_device
-    self.seen = {}  # what -> (predicted, XLA's bytes, the device's figure or None, why not)
+    # what -> (predicted, XLA's bytes, the device's figure or None, why not, out of memory)
+    self.seen = {}
     self.seconds = 0.0
 
   def __call__(self, what: str, runs, chunk_size, predicted: int) -> int:
@@ -193,22 +196,28 @@ class _Checks:
       if nbytes is None:
         nbytes = cst.whole_step_bytes(*step, use_cache=self.use_cache)["bytes"]
       self.seconds += time.perf_counter() - start
-      self.seen[what] = (predicted, nbytes, device, why_not)
+      out_of_memory = device is None and cst.ran_out_of_memory(why_not)
+      self.seen[what] = (predicted, nbytes, device, why_not, out_of_memory)
     return self.figure(what)
 
   def figure(self, what: str) -> int:
-    """The checked peak of `what`: XLA's figure, or the allocator's where that is larger."""
-    _, nbytes, device, _ = self.seen[what]
+    """The checked peak of `what`: XLA's figure, or the allocator's where that is larger; past
+    the limit and the device's memory where the device ran out of memory running it."""
+    _, nbytes, device, _, out_of_memory = self.seen[what]
+    if out_of_memory:
+      return max(nbytes, self.limit, cst.device_bytes_limit() or 0) + 1
     return nbytes if device is None else max(nbytes, device)
 
   def peaks(self, what: str) -> tuple[int, int | None]:
     return self.seen[what][1], self.seen[what][2]
 
   def text(self, what: str) -> str:
-    predicted, nbytes, device, why_not = self.seen[what]
+    predicted, nbytes, device, why_not, out_of_memory = self.seen[what]
     out = f"XLA's analysis of the whole step {size_text(nbytes)}"
     if device is not None:
       out += f", the allocator's peak running it {size_text(device)}"
+    elif out_of_memory:
+      out += f" (the device ran out of memory running it: {why_not})"
     elif why_not:
       out += f" (the allocator's peak not measured: {why_not})"
     return out + f", predicted {size_text(predicted)}"
@@ -216,6 +225,7 @@ class _Checks:
   def reasons(self) -> list[str]:
     return [f"checked {what}: {self.text(what)}: "
             + ("fits" if self.figure(what) <= self.limit
+               else "over the limit" if self.seen[what][4]
                else f"{size_text(self.figure(what) - self.limit)} over the limit")
             for what in self.seen]
 
