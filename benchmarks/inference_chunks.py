@@ -74,15 +74,20 @@ def main(argv=None) -> None:
   p.add_argument("--budget", help="also plan the stack for this budget and run the plan")
   p.add_argument("--training", action="store_true",
                  help="run the training step (every block keeping its inputs) instead")
-  p.add_argument("--one-chunk-size", action="store_true",
-                 help="plan with one chunk size for every sub-module (jevo.plan's "
-                      "--one-chunk-size)")
+  chunking = p.add_mutually_exclusive_group()
+  chunking.add_argument("--one-chunk-size", action="store_true",
+                        help="plan with one chunk size for every sub-module (jevo.plan's "
+                             "--one-chunk-size)")
+  chunking.add_argument("--per-sub-module", action="store_true",
+                        help="plan with a chunk size per sub-module (the default)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
   p.add_argument("--out", type=pathlib.Path)
   args = p.parse_args(argv)
   if args.blocks < 1:
     p.error(f"--blocks must be at least 1, got {args.blocks}")
+  if not args.chunk_sizes and args.budget is None:
+    p.error("nothing to run: give --chunk-sizes, or --budget for the plan")
   records = []
 
   def keep(record):

@@ -489,3 +489,22 @@ def test_cli_reports_an_unmeetable_budget(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "jevo.plan", "--budget", "12 parsecs"],
                         capture_output=True, text=True, env=env, timeout=120)
   assert proc.returncode == 2 and "budget must be a positive size" in proc.stderr
+
+
+def test_cli_passes_the_inference_chunking_choice(monkeypatch, capsys):
+  """`--one-chunk-size` plans one size for every sub-module; the default and `--per-sub-module`
+  a size per sub-module; asking for both is refused."""
+  from jevo.plan import cli
+  asked = []
+
+  def fake_plan_stack(spec, blocks, **kwargs):
+    asked.append(kwargs["per_sub_module"])
+    raise PlanError("no plan (a test)", 1)
+
+  monkeypatch.setattr(planning, "plan_stack", fake_plan_stack)
+  for flags, want in (([], True), (["--per-sub-module"], True), (["--one-chunk-size"], False)):
+    assert cli.main(["--preset", "cpu-small", "--budget", "1GB", "--inference", *flags]) == 1
+    assert asked.pop() is want
+  with pytest.raises(SystemExit) as err:
+    cli.main(["--budget", "1GB", "--one-chunk-size", "--per-sub-module"])
+  assert err.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -53,9 +53,13 @@ def main(argv=None) -> int:
   p.add_argument("--compile-workers", type=int, metavar="N",
                  help="training steps compiled at a time (default: one per four CPU cores on "
                  "a GPU machine, one elsewhere)")
-  p.add_argument("--one-chunk-size", action="store_true",
-                 help="inference: one chunk size for every sub-module, instead of chunking "
-                      "only the sub-modules that do not fit whole (the default)")
+  chunking = p.add_mutually_exclusive_group()
+  chunking.add_argument("--one-chunk-size", action="store_true",
+                        help="inference: one chunk size for every sub-module, instead of "
+                             "chunking only the sub-modules that do not fit whole (the default)")
+  # The default; accepted so that commands written before it was the default still run.
+  chunking.add_argument("--per-sub-module", action="store_true",
+                        help="inference: a chunk size per sub-module (the default)")
   p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the cache")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
   args = p.parse_args(argv)

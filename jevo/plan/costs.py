@@ -257,19 +257,29 @@ def ran_out_of_memory(error_text: str) -> bool:
   return "RESOURCE_EXHAUSTED" in error_text or "out of memory" in error_text.lower()
 
 
-def measured_ms(compiled, concrete, repeats: int = 5) -> float:
-  """Median ms of the compiled step on `concrete()`'s real arguments, after a warm-up call;
-  UNMEASURABLE_MS where it cannot run on the device: XLA's analysis of it exceeds the device's
-  memory, or running it runs out of memory (the device is left as it was)."""
+def measured_ms(compiled, concrete, repeats: int = 5) -> tuple[float, str]:
+  """(median ms of the compiled step on `concrete()`'s real arguments after a warm-up call,
+  ""), or (UNMEASURABLE_MS, why) where it cannot run on the device: TOO_LARGE where XLA's
+  analysis of it exceeds the device's memory, OUT_OF_MEMORY where running it ran out (which
+  a less fragmented allocator might not, so that figure is not cached)."""
   limit = device_bytes_limit()
   if limit is not None and sum(_device_bytes(compiled)) > limit:
-    return UNMEASURABLE_MS
+    return UNMEASURABLE_MS, TOO_LARGE
   try:
-    return median_ms(compiled, concrete(), repeats, warmup=1)["ms"]
+    return median_ms(compiled, concrete(), repeats, warmup=1)["ms"], ""
   except Exception as err:  # jax.errors.JaxRuntimeError, whose module varies by version
     if not ran_out_of_memory(str(err)):
       raise
-    return UNMEASURABLE_MS
+    return UNMEASURABLE_MS, OUT_OF_MEMORY
+
+
+TOO_LARGE = "too large for the device"
+OUT_OF_MEMORY = "ran out of the device's memory"
+
+
+def _kept_in_cache(value: dict) -> bool:
+  """Whether a cost is kept on disk: not one whose timing ran out of memory."""
+  return OUT_OF_MEMORY not in value.get("time_source", "")
 
 
 def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None) -> dict:
@@ -294,15 +304,17 @@ def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None)
       times.append(measured_ms(compiled, concrete))
   (t2, io2), (t3, io3) = points
   kept, io_per_block = t3 - t2, io3 - io2
-  if measure and UNMEASURABLE_MS in times:
+  unmeasured = [why for _, why in times if why]
+  if unmeasured:
     ms = UNMEASURABLE_MS
   elif measure:  # a difference lost in the noise: the deeper step's time per block instead
-    ms = times[1] - times[0] if times[1] > times[0] else times[1] / DEPTHS[1]
+    (ms2, _), (ms3, _) = times
+    ms = ms3 - ms2 if ms3 > ms2 else ms3 / DEPTHS[1]
   return dict(kept=kept, fixed=t2 - DEPTHS[0] * kept, io_per_block=io_per_block,
               io_fixed=io2 - DEPTHS[0] * io_per_block,
               ms=ms if measure else estimate(),
-              time_source=("XLA cost analysis" if not measure else "measured"
-                           if ms != UNMEASURABLE_MS else "not measured: too large for the device"))
+              time_source=("XLA cost analysis" if not measure
+                           else f"not measured: {unmeasured[-1]}" if unmeasured else "measured"))
 
 
 def compile_side_by_side(jobs: dict, workers: int) -> dict:
@@ -387,7 +399,7 @@ def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool 
                 candidate.remat, measure,
                 lambda: _estimated_block_ms(spec, candidate, chunk_size), record, ready)
   value = cached(spec, "training", _training_key(candidate, measure, chunk_size), compute,
-                 use_cache)
+                 use_cache, keep=_kept_in_cache)
   return _as_cost(value)
 
 
@@ -400,7 +412,7 @@ def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: boo
     return _fit(lambda depth: stack_step(spec, depth, "none", chunk_size, training=False),
                 "none", measure, lambda: _estimated_block_ms(spec, None, chunk_size), record)
   return _as_cost(cached(spec, "inference", dict(chunk_size=chunk_size, measure=measure),
-                         compute, use_cache))
+                         compute, use_cache, keep=_kept_in_cache))
 
 
 def _whole_step_extra(blocks, runs, chunk_size, training) -> dict:

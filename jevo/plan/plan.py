@@ -152,7 +152,8 @@ def _measures_on_device() -> bool:
 # over the budget corrects the cost model (each of its blocks is charged an equal share of what
 # the model under-predicted it by) and is re-planned within the budget less this fraction of
 # it; an inference plan over the budget moves on to smaller chunks, each checked, within the
-# budget less that margin. At most MAX_CHECKS whole steps are compiled per plan, the last
+# budget less that margin. At most MAX_CHECKS whole steps are compiled per plan (one more for
+# an inference plan per sub-module, `_plan_inference`), the last
 # kept for the leanest plan (every block as the choice that keeps least, or the chunk size
 # with the least peak), which is returned if it fits and otherwise names the smallest budget.
 MAX_CHECKS = 4
@@ -211,6 +212,22 @@ class _Checks:
   def peaks(self, what: str) -> tuple[int, int | None]:
     return self.seen[what][1], self.seen[what][2]
 
+  def ran_out_of_memory(self, what: str) -> bool:
+    """Whether the device ran out of memory running `what` in its check."""
+    return self.seen[what][4]
+
+  def plan_error(self, what: str, failed: str, detail: str, headroom: int) -> PlanError:
+    """The PlanError where `what`, the leanest plan (`detail` says what it keeps), is over the
+    limit in its check: naming the smallest budget it needs, or, where the device ran out of
+    memory running it, saying that no budget fits it on this device."""
+    smallest = self.figure(what) + headroom
+    if self.ran_out_of_memory(what):
+      return PlanError(f"{failed}: even the leanest plan ({detail}) cannot run on this device, "
+                       f"whatever the budget: {self.text(what)}", smallest)
+    return PlanError(f"{failed}: the smallest budget the planner can meet is "
+                     f"{size_text(smallest)} ({smallest} bytes; {detail}: {self.text(what)}"
+                     f"{_headroom_text(headroom)})", smallest)
+
   def text(self, what: str) -> str:
     predicted, nbytes, device, why_not, out_of_memory = self.seen[what]
     out = f"XLA's analysis of the whole step {size_text(nbytes)}"
@@ -263,14 +280,14 @@ def plan_stack(spec: cst.StackSpec, blocks: int, *, budget, training: bool = Tru
   (the default) the chosen plan's whole step is then compiled and its peak read from XLA's
   memory analysis and, on a GPU, where that fits, run once in a fresh process for the
   allocator's peak (`verify="xla"` skips the run; on an H200 a mixed plan peaked at twice
-  XLA's figure); the larger figure is the check's. A plan over the limit is re-planned a bounded number of times (MAX_CHECKS
-  compiles in all), and where no checked plan fits, PlanError names the smallest budget that
-  does (the leanest plan's checked peak plus the headroom). Figures, the checks' included, are
-  cached on disk (`costs.cache_dir()`). Raises PlanError naming the smallest budget that can be
-  met. `compile_workers` training steps are compiled at a time, after a first one alone whose
-  autotuning results the others reuse (default: one per four CPU cores on a GPU machine, where
-  XLA's compiles leave cores idle; one on a CPU, where running them side by side was measured
-  slower).
+  XLA's figure); the larger figure is the check's. A plan over the limit is re-planned a
+  bounded number of times (MAX_CHECKS compiles in all, one more per sub-module), and where no
+  checked plan fits, PlanError names the smallest budget that does (the leanest plan's checked
+  peak plus the headroom), or says that the device cannot run even that. Figures, the checks'
+  included, are cached on disk (`costs.cache_dir()`). `compile_workers` training steps are
+  compiled at a time, after a first one alone whose autotuning results the others reuse
+  (default: one per four CPU cores on a GPU machine, where XLA's compiles leave cores idle;
+  one on a CPU, where running them side by side was measured slower).
 
   `per_sub_module` (inference, the default): where the whole forward does not fit, chunk each
   sub-module by the largest size at which it fits (`jevo.plan.sub_modules`: one compile of
@@ -393,13 +410,10 @@ def _plan_training_at(spec, blocks, budget, headroom, measure, chosen, use_cache
                       f"meet is {size_text(least + headroom)} ({least + headroom} bytes; "
                       f"{every}; predicted{_headroom_text(headroom)})", least + headroom)
     checked = what({leanest: blocks})
-    nbytes = checks(checked, ((blocks, leanest),), chunk, least)
-    if nbytes > limit:
-      smallest = nbytes + headroom
-      raise PlanError(f"no plan for {blocks} blocks at {spec.n_seq} x {spec.n_res} fits a "
-                      f"budget of {size_text(budget)}: the smallest budget the planner can "
-                      f"meet is {size_text(smallest)} ({smallest} bytes; {every}: "
-                      f"{checks.text(checked)}{_headroom_text(headroom)})", smallest)
+    if checks(checked, ((blocks, leanest),), chunk, least) > limit:
+      raise checks.plan_error(checked, f"no plan for {blocks} blocks at {spec.n_seq} x "
+                              f"{spec.n_res} fits a budget of {size_text(budget)}", every,
+                              headroom)
     choice = search.Choice({leanest: blocks}, least, blocks * costs[leanest].ms)
     fallback = f"no faster plan checked fits: {every}"
   runs = tuple(Run(k, n, cand.by_name(n).remat) for k, n in runs_of(choice.counts))
@@ -421,7 +435,8 @@ def _plan_training_at(spec, blocks, budget, headroom, measure, chosen, use_cache
   xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
   return Plan(True, blocks, budget, runs, chunk, search.peak_of(costs, choice.counts, blocks),
               choice.ms,
-              costs[fastest].time_source, tuple(reasons), time.perf_counter() - start,
+              costs[next(iter(choice.counts))].time_source, tuple(reasons),
+              time.perf_counter() - start,
               xla_peak, headroom, len(checks.seen) if checks is not None else 0,
               checks.seconds if checks is not None else 0.0, device_peak)
 
@@ -429,20 +444,24 @@ def _plan_training_at(spec, blocks, budget, headroom, measure, chosen, use_cache
 def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, start,
                     per_sub_module=True):
   """The whole forward where it fits; else, with `per_sub_module`, each sub-module chunked by
-  the largest size at which it fits (never predicted slower than one size for all, since each
-  sub-module then runs at that size or larger); else, or where that plan's checks fail, the
-  largest single chunk size that fits. A budget nothing meets raises the PlanError naming the
-  smallest budget of the leanest chunk size."""
+  the largest size at which it fits (by the cost model each sub-module then runs at least as
+  large a chunk as one size for all would give it); else, or where that plan's checks fail,
+  the largest single chunk size that fits. A budget nothing meets raises the PlanError naming
+  the smallest budget of the leanest chunk size.
+
+  Checks: the whole forward's, at most two per-sub-module plans', at least one single size's
+  and the leanest's, so up to MAX_CHECKS + 1 whole steps with `per_sub_module`."""
   # Time grows as the chunk shrinks, so the first chunk (largest first) that fits is best.
   # Memory mostly falls with the chunk, but not always at small sizes, so each is tried.
   chunks = [c for c in cand.INFERENCE_CHUNKS if c is None or c < max(spec.n_seq, spec.n_res)]
   limit = budget - headroom
+  max_checks = MAX_CHECKS + (1 if per_sub_module else 0)
   cost_of = lambda i: cst.inference_cost(spec, chunks[i], measure=measure,  # noqa: E731
                                          use_cache=use_cache)
   tried = {0: cost_of(0)}
   whole = tried[0]
 
-  def finish(chunk_size, peak, ms, reasons, checked, time_source=whole.time_source):
+  def finish(chunk_size, peak, ms, reasons, checked, time_source):
     if checks is not None:
       reasons[1:1] = checks.reasons()
     xla_peak, device_peak = checks.peaks(checked) if checked else (None, None)
@@ -457,44 +476,47 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
 
   whole_text = "chunk_size=None"
   if whole.peak(blocks) <= limit:
-    if checks is None:
-      return finish(None, whole.peak(blocks), whole.ms,
-                    ["the whole forward fits: nothing is chunked"] + one_size_reasons(), None)
-    if checks(whole_text, (), None, whole.peak(blocks)) <= limit:
+    if checks is None or checks(whole_text, (), None, whole.peak(blocks)) <= limit:
       return finish(None, whole.peak(blocks), whole.ms,
                     ["the whole forward fits: nothing is chunked"] + one_size_reasons(),
-                    whole_text)
+                    whole_text if checks is not None else None, whole.time_source)
 
   notes = []
   if per_sub_module:
-    # The fixed part of the model comes from the whole step's checked peak where it was checked.
-    whole_peak = (checks.figure(whole_text) if checks is not None and whole_text in checks.seen
-                  else whole.peak(blocks))
+    # The model's fixed part comes from the whole step's checked peak where it was checked
+    # (XLA's figure where the device ran out of memory running it, which gives no peak).
+    whole_peak = whole.peak(blocks)
+    if checks is not None and whole_text in checks.seen:
+      whole_peak = (checks.peaks(whole_text)[0] if checks.ran_out_of_memory(whole_text)
+                    else checks.figure(whole_text))
     search_limit = limit
     for _ in range(2):
       mixed = sub_modules.mixed_chunks(spec, chunks, whole_peak, whole.ms, search_limit,
                                        measure=measure, use_cache=use_cache)
-      if mixed is None:
-        notes.append("per sub-module: no chunk sizes fit by the model")
+      if isinstance(mixed, str):
+        notes.append(f"per sub-module: {mixed}")
         break
       sizes, peak, ms, mixed_reasons = mixed
       what = f"chunk_size={sizes}"
+      timed = whole.ms != cst.UNMEASURABLE_MS
       head = [f"per sub-module: the largest chunk of each sub-module that fits, predicted "
-              f"{ms:.2f} ms per block (whole {whole.ms:.2f})"]
-      source = (whole.time_source if whole.ms != cst.UNMEASURABLE_MS
-                else "measured: the sum of the sub-modules' times alone")
+              f"{ms:.2f} ms per block (whole "
+              + (f"{whole.ms:.2f})" if timed else "not timed)")]
+      source = whole.time_source if timed else "measured: the sum of the sub-modules' times"
       if checks is None:
         return finish(sizes, peak, ms, head + mixed_reasons, None, source)
-      if len(checks.seen) >= MAX_CHECKS - 1:  # one check is kept for the leanest plan
+      if len(checks.seen) >= max_checks - 2:  # one for a single size, one for the leanest
         break
       nbytes = checks(what, (), sizes, peak)
       if nbytes <= limit:
         return finish(sizes, peak, ms, head + mixed_reasons, what, source)
       notes.append(f"per sub-module: {what} over the limit in the whole step's check")
+      if checks.ran_out_of_memory(what):
+        break  # no figure to correct the model by
       # The model under-predicted by this much: plan again with that much less room.
       search_limit -= nbytes - peak + int(REPLAN_MARGIN * limit)
 
-  chosen, checked, search_limit = None, None, limit
+  chosen, checked, search_limit, leanest = None, None, limit, False
   for i in range(1, len(chunks)):
     tried[i] = cost_of(i)
     predicted = tried[i].peak(blocks)
@@ -503,7 +525,7 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
     if checks is None:
       chosen = i
       break
-    if len(checks.seen) >= MAX_CHECKS - 1:
+    if len(checks.seen) >= max_checks - 1:  # one check is kept for the leanest plan
       break
     nbytes = checks(f"chunk_size={chunks[i]}", (), chunks[i], predicted)
     if nbytes <= limit:
@@ -516,20 +538,19 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
         tried[i] = cost_of(i)
     i = min(tried, key=lambda j: tried[j].peak(blocks))
     least = tried[i].peak(blocks)
-    head = (f"no chunk size fits a budget of {size_text(budget)} for {blocks} blocks at "
-            f"{spec.n_seq} x {spec.n_res}: the smallest budget the planner can meet is ")
+    failed = (f"no chunk size fits a budget of {size_text(budget)} for {blocks} blocks at "
+              f"{spec.n_seq} x {spec.n_res}")
     if checks is None:
-      raise PlanError(f"{head}{size_text(least + headroom)} ({least + headroom} bytes; "
+      raise PlanError(f"{failed}: the smallest budget the planner can meet is "
+                      f"{size_text(least + headroom)} ({least + headroom} bytes; "
                       f"chunk_size={chunks[i]}; predicted{_headroom_text(headroom)})",
                       least + headroom)
     checked = f"chunk_size={chunks[i]}"
-    nbytes = checks(checked, (), chunks[i], least)
-    if nbytes > limit:
-      smallest = nbytes + headroom
-      raise PlanError(f"{head}{size_text(smallest)} ({smallest} bytes; {checked}: "
-                      f"{checks.text(checked)}{_headroom_text(headroom)})", smallest)
-    chosen = i
+    if checks(checked, (), chunks[i], least) > limit:
+      raise checks.plan_error(checked, failed, checked, headroom)
+    chosen, leanest = i, True
   best = tried[chosen]
-  return finish(chunks[chosen], best.peak(blocks), best.ms,
-                ["the largest chunk that fits (smaller chunks only cost time)"]
-                + one_size_reasons() + notes, checked)
+  why = ("no larger chunk checked fits: the leanest chunk size" if leanest
+         else "the largest chunk that fits (smaller chunks only cost time)")
+  return finish(chunks[chosen], best.peak(blocks), best.ms, [why] + one_size_reasons() + notes,
+                checked, best.time_source)

@@ -12,7 +12,8 @@ largest sub-module's working memory unchunked. Each sub-module then takes the la
 planner's check of the whole step corrects what this model gets wrong.
 
 What it costs: one compile of each sub-module whole (its memory only), and for the few that do
-not fit whole, one per chunk size tried and one timing whole and chunked; a chunk size at or
+not fit whole, one per chunk size tried and one timing whole and chunked (where the unchunked
+stack could not be timed, every sub-module is timed as planned instead); a chunk size at or
 above a sub-module's chunked axis is the whole sub-module and is not tried.
 """
 
@@ -54,8 +55,9 @@ def chunked_axis_length(spec: cst.StackSpec, name: str) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _compiled(spec: cst.StackSpec, name: str, chunk_size):
-  """(compiled forward of the sub-module alone, the block's `make`, abstract m and z), kept for this process so
-  that timing a sub-module after reading its memory does not compile it again."""
+  """(compiled forward of the sub-module alone, the block's `make`, abstract m and z), kept for
+  this process so that timing a sub-module after reading its memory does not compile it
+  again."""
   from flax import nnx
   make, graphdef, params, rest, m, z = cst.abstract_block(spec, training=False)
 
@@ -84,13 +86,16 @@ def sub_module_cost(spec: cst.StackSpec, name: str, chunk_size, *, measure: bool
     working = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
     if not measure:
       return dict(bytes=working, ms=cst.estimated_ms(compiled))
+
     def concrete():
       real_params = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1])()
       return real_params, host_normal(0, m.shape, m.dtype), host_normal(1, z.shape, z.dtype)
-    return dict(bytes=working, ms=cst.measured_ms(compiled, concrete))
+    ms, why = cst.measured_ms(compiled, concrete)
+    return dict(bytes=working, ms=ms, **({"not_measured": why} if why else {}))
 
   return cst.cached(spec, "sub-module", dict(name=name, chunk_size=chunk_size, measure=measure),
-                    compute, use_cache)
+                    compute, use_cache,
+                    keep=lambda value: value.get("not_measured") != cst.OUT_OF_MEMORY)
 
 
 def choose_chunks(bytes_of, chunks, room: int, lengths=None):
@@ -115,12 +120,13 @@ def mixed_chunks(spec: cst.StackSpec, chunks, whole_peak: int, whole_ms: float, 
                  measure: bool, use_cache: bool = True):
   """(chunk sizes by sub-module, predicted peak, predicted ms per block, reasons) of the plan
   that chunks each sub-module by the largest size that fits `limit` (bytes), given the whole
-  unchunked stack's peak `whole_peak` and its ms per block `whole_ms`; None where no such plan
-  exists by the model, or where it chunks nothing (the whole stack was over the limit, so the
-  model is wrong). The block's time is `whole_ms` plus what chunking adds to each chunked
-  sub-module; where the whole stack could not be timed (`costs.UNMEASURABLE_MS`: too large for
-  the device), the sum of every sub-module's time alone as planned, which leaves out the
-  block's residual additions."""
+  unchunked stack's peak `whole_peak` and its ms per block `whole_ms`; or a string saying why
+  there is none by the model (some sub-module fits at no size, or nothing needs chunking,
+  which contradicts a whole step found over the limit). The block's time is `whole_ms` plus
+  what chunking adds to each chunked sub-module; where the whole stack could not be timed
+  (`costs.UNMEASURABLE_MS`: too large for the device), the sum of every sub-module's time
+  alone as planned, which leaves out the block's residual additions; UNMEASURABLE_MS where
+  a time it needs could not be measured."""
   def bytes_of(name, chunk):  # memory only: a compile, no timing
     return sub_module_cost(spec, name, chunk, measure=False, use_cache=use_cache)["bytes"]
 
@@ -131,16 +137,26 @@ def mixed_chunks(spec: cst.StackSpec, chunks, whole_peak: int, whole_ms: float, 
   fixed = whole_peak - max(base.values())
   lengths = {name: chunked_axis_length(spec, name) for name in BLOCK_SUB_MODULES}
   sizes = choose_chunks(bytes_of, chunks, limit - fixed, lengths)
-  if sizes is None or all(chunk is None for chunk in sizes.values()):
-    return None
+  if sizes is None:
+    return "some sub-module fits at no chunk size by the model"
+  if all(chunk is None for chunk in sizes.values()):
+    return ("by the model nothing needs chunking, yet the whole step was over the limit in "
+            "its check")
   chunked = {name: chunk for name, chunk in sizes.items() if chunk is not None}
   timed_whole = whole_ms != cst.UNMEASURABLE_MS
-  added = ({name: ms_of(name, chunk) - ms_of(name, None) for name, chunk in chunked.items()}
-           if timed_whole else {name: ms_of(name, chunk) for name, chunk in chunked.items()})
   if timed_whole:
+    pairs = {name: (ms_of(name, chunk), ms_of(name, None)) for name, chunk in chunked.items()}
+    added = {name: at_chunk - whole for name, (at_chunk, whole) in pairs.items()}
+    times = [whole_ms] + [t for pair in pairs.values() for t in pair]
+  else:
+    added = {name: ms_of(name, chunk) for name, chunk in chunked.items()}
+    times = [ms_of(name, chunk) for name, chunk in sizes.items()]
+  if not all(t < cst.UNMEASURABLE_MS for t in times):
+    ms = cst.UNMEASURABLE_MS  # inf - inf would be NaN
+  elif timed_whole:
     ms = whole_ms + sum(added.values())
   else:
-    ms = sum(ms_of(name, chunk) for name, chunk in sizes.items())
+    ms = sum(times)
   peak = fixed + max(bytes_of(name, chunk) for name, chunk in sizes.items())
   reasons = [f"{name}: chunk_size={chunk}, working memory "
              f"{bytes_of(name, chunk) / 2 ** 20:.1f} MiB"
