@@ -24,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from jevo.bench.report import gib_text  # noqa: E402
 from jevo.bench.run import plan_and_run, run_worker  # noqa: E402
+from jevo.plan.cli import add_chunking_flags, per_sub_module  # noqa: E402
 
 
 
@@ -74,12 +75,7 @@ def main(argv=None) -> None:
   p.add_argument("--budget", help="also plan the stack for this budget and run the plan")
   p.add_argument("--training", action="store_true",
                  help="run the training step (every block keeping its inputs) instead")
-  chunking = p.add_mutually_exclusive_group()
-  chunking.add_argument("--one-chunk-size", action="store_true",
-                        help="plan with one chunk size for every sub-module (jevo.plan's "
-                             "--one-chunk-size)")
-  chunking.add_argument("--per-sub-module", action="store_true",
-                        help="plan with a chunk size per sub-module (the default)")
+  add_chunking_flags(p)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--timeout", type=int, default=1200, help="seconds per process")
   p.add_argument("--out", type=pathlib.Path)
@@ -105,7 +101,7 @@ def main(argv=None) -> None:
   if args.budget is not None:
     record = plan_and_run(args.preset, args.budget, args.blocks, args.repeats,
                           timeout_s=args.timeout, inference=not args.training,
-                          per_sub_module=not args.one_chunk_size)
+                          per_sub_module=per_sub_module(args))
     plan = record.get("plan") or {}
     keep(dict(record, label=f"plan for {args.budget}: chunk_size {plan.get('chunk_size')}, "
                             f"predicted {plan.get('predicted_ms', 0):.1f} ms"))

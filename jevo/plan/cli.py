@@ -22,6 +22,23 @@ def _spec_for(args):
                    block.extra_msa), blocks
 
 
+def add_chunking_flags(parser: argparse.ArgumentParser) -> None:
+  """The inference plan's choice of chunking: `--one-chunk-size`, or `--per-sub-module` (the
+  default; accepted so that commands written before it was the default still run). Read it
+  back with `per_sub_module(args)`."""
+  chunking = parser.add_mutually_exclusive_group()
+  chunking.add_argument("--one-chunk-size", action="store_true",
+                        help="inference: one chunk size for every sub-module, instead of "
+                             "chunking only the sub-modules that do not fit whole (the default)")
+  chunking.add_argument("--per-sub-module", action="store_true",
+                        help="inference: a chunk size per sub-module (the default)")
+
+
+def per_sub_module(args) -> bool:
+  """`plan_stack`'s `per_sub_module` for the flags of `add_chunking_flags`."""
+  return not args.one_chunk_size
+
+
 def main(argv=None) -> int:
   from jevo.bench import presets
   p = argparse.ArgumentParser(prog="python -m jevo.plan", description=__doc__.splitlines()[0])
@@ -53,13 +70,7 @@ def main(argv=None) -> int:
   p.add_argument("--compile-workers", type=int, metavar="N",
                  help="training steps compiled at a time (default: one per four CPU cores on "
                  "a GPU machine, one elsewhere)")
-  chunking = p.add_mutually_exclusive_group()
-  chunking.add_argument("--one-chunk-size", action="store_true",
-                        help="inference: one chunk size for every sub-module, instead of "
-                             "chunking only the sub-modules that do not fit whole (the default)")
-  # The default; accepted so that commands written before it was the default still run.
-  chunking.add_argument("--per-sub-module", action="store_true",
-                        help="inference: a chunk size per sub-module (the default)")
+  add_chunking_flags(p)
   p.add_argument("--no-cache", action="store_true", help="recompute instead of reading the cache")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
   args = p.parse_args(argv)
@@ -90,7 +101,7 @@ def main(argv=None) -> int:
                                          "xla" if args.no_device_check else True),
                                  headroom=args.headroom,
                                  compile_workers=args.compile_workers,
-                                 per_sub_module=not args.one_chunk_size)
+                                 per_sub_module=per_sub_module(args))
   except planning.PlanError as err:
     print(f"jevo.plan: {err}", file=sys.stderr)
     return 1

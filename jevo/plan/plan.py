@@ -242,7 +242,7 @@ class _Checks:
   def reasons(self) -> list[str]:
     return [f"checked {what}: {self.text(what)}: "
             + ("fits" if self.figure(what) <= self.limit
-               else "over the limit" if self.seen[what][4]
+               else "over the limit" if self.ran_out_of_memory(what)
                else f"{size_text(self.figure(what) - self.limit)} over the limit")
             for what in self.seen]
 
@@ -489,6 +489,8 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
     if checks is not None and whole_text in checks.seen:
       whole_peak = (checks.peaks(whole_text)[0] if checks.ran_out_of_memory(whole_text)
                     else checks.figure(whole_text))
+    timed = whole.ms != cst.UNMEASURABLE_MS
+    source = whole.time_source if timed else "measured: the sum of the sub-modules' times"
     search_limit = limit
     for _ in range(2):
       mixed = sub_modules.mixed_chunks(spec, chunks, whole_peak, whole.ms, search_limit,
@@ -498,11 +500,9 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
         break
       sizes, peak, ms, mixed_reasons = mixed
       what = f"chunk_size={sizes}"
-      timed = whole.ms != cst.UNMEASURABLE_MS
       head = [f"per sub-module: the largest chunk of each sub-module that fits, predicted "
               f"{ms:.2f} ms per block (whole "
               + (f"{whole.ms:.2f})" if timed else "not timed)")]
-      source = whole.time_source if timed else "measured: the sum of the sub-modules' times"
       if checks is None:
         return finish(sizes, peak, ms, head + mixed_reasons, None, source)
       if len(checks.seen) >= max_checks - 2:  # one for a single size, one for the leanest

@@ -20,6 +20,7 @@ above a sub-module's chunked axis is the whole sub-module and is not tried.
 from __future__ import annotations
 
 import functools
+import math
 
 from jevo.nn._common import BLOCK_SUB_MODULES
 from jevo.plan import costs as cst
@@ -145,18 +146,13 @@ def mixed_chunks(spec: cst.StackSpec, chunks, whole_peak: int, whole_ms: float, 
   chunked = {name: chunk for name, chunk in sizes.items() if chunk is not None}
   timed_whole = whole_ms != cst.UNMEASURABLE_MS
   if timed_whole:
-    pairs = {name: (ms_of(name, chunk), ms_of(name, None)) for name, chunk in chunked.items()}
-    added = {name: at_chunk - whole for name, (at_chunk, whole) in pairs.items()}
-    times = [whole_ms] + [t for pair in pairs.values() for t in pair]
-  else:
-    added = {name: ms_of(name, chunk) for name, chunk in chunked.items()}
-    times = [ms_of(name, chunk) for name, chunk in sizes.items()]
-  if not all(t < cst.UNMEASURABLE_MS for t in times):
-    ms = cst.UNMEASURABLE_MS  # inf - inf would be NaN
-  elif timed_whole:
+    added = {name: ms_of(name, chunk) - ms_of(name, None) for name, chunk in chunked.items()}
     ms = whole_ms + sum(added.values())
   else:
-    ms = sum(times)
+    added = {name: ms_of(name, chunk) for name, chunk in chunked.items()}
+    ms = sum(ms_of(name, chunk) for name, chunk in sizes.items())
+  if not math.isfinite(ms):  # an unmeasurable time: inf, or NaN and -inf from inf - inf
+    ms = cst.UNMEASURABLE_MS
   peak = fixed + max(bytes_of(name, chunk) for name, chunk in sizes.items())
   reasons = [f"{name}: chunk_size={chunk}, working memory "
              f"{bytes_of(name, chunk) / 2 ** 20:.1f} MiB"
