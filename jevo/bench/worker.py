@@ -211,8 +211,14 @@ def _run_step(stack_spec, blocks, runs, chunk_size, training, repeats, what) -> 
   jax.block_until_ready(args)
   memory = DeviceMemory(jax.devices()[0])
   stage(f"compile and time the {what} step")
+  # Compiled with the planner's autotuning results where it has them (jevo.plan.costs), so
+  # that a planned step runs the kernels it was planned with and does not autotune again: on a
+  # GPU without preallocation, autotuning's large scratch buffers leave the allocator's pool
+  # in pieces (at 128 x 4096 none could then hold the step's 36 GiB buffer).
+  options = dict(OFFLOAD_COMPILER_OPTIONS if remat == "offload" else {},
+                 **costs.autotune_cache_options())
   measured = measure(fn, args, repeats=repeats, batch=1, memory=memory,
-                     compiler_options=OFFLOAD_COMPILER_OPTIONS if remat == "offload" else None)
+                     compiler_options=options or None)
   xla = measured["xla"]
   return dict(measured=measured,
               xla_whole_step_bytes=(xla.get("temp_size", 0) + xla.get("argument_size", 0) +

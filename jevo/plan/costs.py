@@ -8,6 +8,7 @@ extrapolation. Figures are cached on disk by device, sizes, jevo and jax version
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -211,11 +212,46 @@ def _estimated_block_ms(spec: StackSpec, candidate=None, chunk_size=None) -> flo
   return ms
 
 
+# XLA's options that keep its GPU autotuning results on disk, by fusion. XLA also keeps them in
+# memory, per process, but the planner compiles the same block's matrix products many times over
+# (stacks of two and three blocks, each sub-module, the whole step) and the allocator check
+# compiles the whole step again in a fresh process, which without these redoes all of it.
+AUTOTUNE_CACHE_OPTIONS = ("xla_gpu_per_fusion_autotune_cache_dir",
+                          "xla_gpu_experimental_autotuner_cache_dir")
+
+
+@functools.lru_cache(maxsize=None)
+def known_compile_options(names: tuple) -> tuple:
+  """Those of `names` that this jaxlib's XLA accepts as compiler options (one tiny compile
+  each): an XLA that renamed or dropped one rejects every compile that names it."""
+  import jax
+  known = []
+  for name in names:
+    try:
+      jax.jit(lambda x: x + 1, compiler_options={name: ""}).lower(1.0).compile()
+    except Exception:  # "No such compile option": INVALID_ARGUMENT
+      continue
+    known.append(name)
+  return tuple(known)
+
+
+def autotune_cache_options() -> dict:
+  """The compiler options under which planning compiles: XLA's autotuning results kept in
+  `cache_dir()/autotune` on a GPU (shared by the planner's processes and later plans); none
+  elsewhere."""
+  import jax
+  if jax.devices()[0].platform != "gpu":
+    return {}
+  directory = cache_dir() / "autotune"
+  directory.mkdir(parents=True, exist_ok=True)
+  return {name: str(directory) for name in known_compile_options(AUTOTUNE_CACHE_OPTIONS)}
+
+
 def _lower(fn, args, remat):
   import jax
   from jevo.nn import OFFLOAD_COMPILER_OPTIONS
-  options = OFFLOAD_COMPILER_OPTIONS if remat == "offload" else None
-  return jax.jit(fn, compiler_options=options).lower(*args)
+  options = dict(OFFLOAD_COMPILER_OPTIONS if remat == "offload" else {}, **autotune_cache_options())
+  return jax.jit(fn, compiler_options=options or None).lower(*args)
 
 
 def compile_fn(fn, args, remat):
