@@ -203,7 +203,6 @@ def _run_step(stack_spec, blocks, runs, chunk_size, training, repeats, what) -> 
   {"measured": ..., "xla_whole_step_bytes": ...}."""
   import jax
   from jevo.bench.measure import DeviceMemory, measure
-  from jevo.nn import OFFLOAD_COMPILER_OPTIONS
   from jevo.plan import costs
   fn, _, concrete, remat = costs.planned_step(stack_spec, blocks, runs, chunk_size, training)
   stage(f"build the {what} stack")
@@ -215,10 +214,8 @@ def _run_step(stack_spec, blocks, runs, chunk_size, training, repeats, what) -> 
   # that a planned step runs the kernels it was planned with and does not autotune again: on a
   # GPU without preallocation, autotuning's large scratch buffers leave the allocator's pool
   # in pieces (at 128 x 4096 none could then hold the step's 36 GiB buffer).
-  options = dict(OFFLOAD_COMPILER_OPTIONS if remat == "offload" else {},
-                 **costs.autotune_cache_options())
   measured = measure(fn, args, repeats=repeats, batch=1, memory=memory,
-                     compiler_options=options or None)
+                     compiler_options=costs.compiler_options(remat))
   xla = measured["xla"]
   return dict(measured=measured,
               xla_whole_step_bytes=(xla.get("temp_size", 0) + xla.get("argument_size", 0) +

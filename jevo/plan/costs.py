@@ -247,11 +247,17 @@ def autotune_cache_options() -> dict:
   return {name: str(directory) for name in known_compile_options(AUTOTUNE_CACHE_OPTIONS)}
 
 
-def _lower(fn, args, remat):
-  import jax
+def compiler_options(remat) -> dict | None:
+  """What every planned or measured step compiles with: the offload options where it offloads
+  (`remat == "offload"`), and the autotuning cache on a GPU; None where there are none."""
   from jevo.nn import OFFLOAD_COMPILER_OPTIONS
   options = dict(OFFLOAD_COMPILER_OPTIONS if remat == "offload" else {}, **autotune_cache_options())
-  return jax.jit(fn, compiler_options=options or None).lower(*args)
+  return options or None
+
+
+def _lower(fn, args, remat):
+  import jax
+  return jax.jit(fn, compiler_options=compiler_options(remat)).lower(*args)
 
 
 def compile_fn(fn, args, remat):
