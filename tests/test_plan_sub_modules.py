@@ -130,13 +130,18 @@ def test_a_stack_too_large_to_time_is_planned_from_its_sub_modules_times(monkeyp
   chunked = costs.inference_cost(SPEC, 4, measure=False)
   budget = (unchunked.peak(2) + chunked.peak(2)) // 2
   stack_bytes = costs.whole_step_bytes(SPEC, costs.DEPTHS[0], (), None, False)["bytes"]
-  sub_bytes = max(sum(costs._device_bytes(sub._compiled(SPEC, name, None)[0]))
+  sub_bytes = max(sum(costs._device_bytes(sub._compiled(SPEC, name, None)))
                   for name in BLOCK_SUB_MODULES)
   assert sub_bytes < stack_bytes
   monkeypatch.setattr(costs, "device_bytes_limit", lambda: stack_bytes - 1)
   whole = costs.inference_cost(SPEC, None, measure=True)
   assert whole.ms == costs.UNMEASURABLE_MS and "too large" in whole.time_source
+  made, make = [], sub.make_measurement_inputs
+  monkeypatch.setattr(sub, "make_measurement_inputs",
+                      lambda spec: made.append(spec) or make(spec))
   plan = plan_stack(SPEC, 2, budget=budget, training=False, measure=True)
+  # Every sub-module was timed on one set of inputs, freed once they were.
+  assert made == [SPEC] and not sub._inputs
   assert isinstance(plan.chunk_size, dict) and plan.xla_peak <= budget, plan.describe()
   assert np.isfinite(plan.predicted_ms) and plan.predicted_ms > 0
   assert plan.time_source.startswith("measured: the sum"), plan.describe()
