@@ -30,7 +30,8 @@ def measure_in_fresh_process(spec, blocks, runs, chunk_size, training,
   """{"bytes", "seconds"} from a child process, or {"error": why}; with "xla_bytes" and
   "compile_s" wherever the child compiled the step (see `_run`)."""
   request = pickle.dumps((spec, blocks, tuple(tuple(r) for r in runs), chunk_size, training))
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  from jevo.plan.room import check_env
+  env = dict(check_env(os.environ), XLA_PYTHON_CLIENT_PREALLOCATE="false")
   start = time.perf_counter()
   try:
     done = subprocess.run([sys.executable, "-m", "jevo.plan.device_peak"], input=request,
@@ -43,7 +44,21 @@ def measure_in_fresh_process(spec, blocks, runs, chunk_size, training,
     return dict(error=f"the child exited with status {done.returncode}: " + " | ".join(tail))
   value = json.loads(lines[-1])
   value.setdefault("seconds", time.perf_counter() - start)
+  held = _pool_bytes()
+  if "error" in value and held:
+    value["error"] += (f" (this planning process held {held / 2 ** 30:.2f} GiB of the device "
+                       "in its allocator's pool meanwhile)")
   return value
+
+
+def _pool_bytes() -> int | None:
+  """The device memory this process's allocator holds (free or not), where JAX says."""
+  import jax
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # no device statistics on this backend
+    return None
+  return stats.get("pool_bytes") or stats.get("bytes_reserved") or None
 
 
 def _run(spec, blocks, runs, chunk_size, training) -> dict:
