@@ -70,6 +70,28 @@ def _device_normal_fn(shape: tuple, dtype: str):
   return jax.jit(lambda seed: jax.random.normal(jax.random.key(seed), shape, dtype))
 
 
+def device_pattern(seed: int, shape, dtype):
+  """Values in [-1, 1] of a fixed pattern (never all zeros) written on the default device in
+  one fused kernel, with no temporaries beside the output: inputs for a measurement of memory
+  alone, where the values do not matter. Callable inside a traced function too."""
+  import numpy as np
+  return _pattern_fn(tuple(shape), np.dtype(dtype).name)(seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern_fn(shape: tuple, dtype: str):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  size = int(np.prod(shape))
+
+  @jax.jit
+  def fn(seed):
+    x = jax.lax.iota(jnp.int32, size).astype(jnp.float32)
+    return jnp.sin(x * 0.6180339 + seed).astype(dtype).reshape(shape)
+  return fn
+
+
 def random_inputs(case, key, dtype):
   """q, k, v `[B, N, S, H, D]`, a key mask `[B, N, 1, 1, S]` with 10% masked, and the pair bias
   `[B, 1, H, S, S]` (None for a case without one); normal random values, never zeros, made on
