@@ -19,7 +19,7 @@ from jevo.nn import EvoformerStack
 from jevo.plan import (PlanError, StackSpec, costs, parse_bytes, plan_for, plan_stack, search,
                        spec_of)
 from jevo.plan import candidates as cand
-from jevo.plan import device_peak
+from jevo.plan import device_peak, room
 from jevo.plan import plan as planning
 from jevo.plan.candidates import by_name
 
@@ -287,6 +287,20 @@ def test_an_allocator_peak_that_cannot_be_measured_is_said(planned_costs, monkey
   assert not calls and plan.verified and plan.device_peak is None
   with pytest.raises(ValueError, match="verify must be True, False or 'xla'"):
     plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, verify="device")
+
+
+def test_a_check_the_device_has_no_room_for_is_not_run(planned_costs, monkeypatch):
+  """The planning process's allocator holds so much of the device that the check's process
+  could not have the budget: the check is not run (it would run out of memory on a plan that
+  fits), and the plan says why it rests on XLA's figure."""
+  calls = _allocator_peaks(monkeypatch, lambda runs, xla: dict(bytes=xla + MiB))
+  monkeypatch.setattr(room, "device_free_bytes", lambda: 100 * MiB)
+  plan = plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, headroom=0)
+  assert not calls and plan.verified and plan.device_peak is None
+  assert "the device had 0.10 GiB free" in plan.describe(), plan.describe()
+  monkeypatch.setattr(room, "device_free_bytes", lambda: 8 * 2 ** 30)
+  plan = plan_stack(SPEC, 6, budget="1GiB", candidates=TWO, measure=False, headroom=0)
+  assert calls and plan.device_peak == plan.xla_peak + MiB
 
 
 def test_a_step_the_device_runs_out_of_memory_running_is_over_the_limit(planned_costs,

@@ -172,10 +172,6 @@ def planned(spec: dict) -> dict:
   from jevo.plan import PlanError, plan_stack
   from jevo.plan.candidates import by_name
   stack_spec, training = _stack_spec(spec)
-  if spec.get("plan_only"):  # a process that only plans: leave the budget free for the check
-    from jevo.plan.plan import parse_bytes
-    from jevo.plan.room import leave_room_for_check
-    leave_room_for_check(parse_bytes(spec["budget"]))
   stage("plan (compiles each candidate; cached afterwards)")
   try:
     chosen = [by_name(n) for n in spec.get("candidates") or ()] or None

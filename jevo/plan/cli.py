@@ -84,9 +84,6 @@ def main(argv=None) -> int:
   except ValueError as err:
     p.error(str(err))
   blocks = args.blocks or blocks
-  if not args.no_verify and not args.no_device_check:
-    from jevo.plan.room import leave_room_for_check
-    leave_room_for_check(budget)
   from jevo.plan.candidates import by_name
   try:
     chosen = [by_name(n) for n in args.candidates] if args.candidates else None

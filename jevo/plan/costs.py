@@ -562,6 +562,12 @@ def store_whole_step_bytes(spec: StackSpec, blocks: int, runs, chunk_size, train
   return value
 
 
+def device_peak_cached(spec: StackSpec, blocks: int, runs, chunk_size=None,
+                       training=True) -> bool:
+  """Whether `device_peak` of this step would read the cache rather than run it."""
+  return is_cached(spec, "device peak", _whole_step_extra(blocks, runs, chunk_size, training))
+
+
 def device_peak(spec: StackSpec, blocks: int, runs, chunk_size=None, training=True, *,
                 use_cache: bool = True) -> dict:
   """The allocator's peak for the whole planned step, measured in a fresh process

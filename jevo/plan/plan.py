@@ -9,7 +9,7 @@ import time
 
 from jevo.plan import candidates as cand
 from jevo.plan import costs as cst
-from jevo.plan import search, sub_modules
+from jevo.plan import room, search, sub_modules
 
 GIB = 2 ** 30
 
@@ -188,7 +188,10 @@ class _Checks:
       if self.use_cache and cst.whole_step_cached(*step):
         nbytes = cst.whole_step_bytes(*step)["bytes"]
       if self.on_device and (nbytes is None or nbytes <= self.limit):
-        measured = cst.device_peak(*step, use_cache=self.use_cache)
+        no_room = ("" if self.use_cache and cst.device_peak_cached(*step)
+                   else room.why_no_room(self.limit, room.device_free_bytes()))
+        measured = (dict(error=no_room) if no_room
+                    else cst.device_peak(*step, use_cache=self.use_cache))
         device, why_not = measured.get("bytes"), measured.get("error", "")
         if nbytes is None and "xla_bytes" in measured:
           nbytes = cst.store_whole_step_bytes(*step, measured["xla_bytes"],

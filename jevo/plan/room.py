@@ -1,15 +1,14 @@
-"""Room on the device for the planner's allocator check.
+"""Whether the device has room for the planner's allocator check.
 
 On a GPU the planner runs the chosen step once in a fresh process for the allocator's peak
 (`jevo.plan.device_peak`), while the planning process is still alive. Without preallocation
-JAX's allocator grows its pool as the planner's measurements ask and never gives it back, up to
-75% of the device by default: on an H200, planning 128 x 4096 left the check's process too little
-memory to run a 48 GiB step within a 64 GB budget. So a process that plans and nothing else
-(`python -m jevo.plan`, the profile benchmark's planning worker) caps its own pool, before JAX
-starts, at what the budget and a margin leave, and the check's process runs without that cap.
-
-A process that already holds the device (a user's call of `plan_stack`) cannot change its pool;
-there the check gets what that process leaves free.
+JAX's allocator grows its pool as the planner's measurements ask and gives nothing back, up to
+75% of the device: on an H200, after planning 128 x 4096 (its unchunked stack, 76.5 GiB by XLA,
+compiled and autotuned), the check's process had about 35 GiB and ran out of memory on a plan of
+44.8 GiB within a 64 GB budget, which runs in 44.5 GiB on its own. Capping the planning process's
+pool instead (the budget left free) made that compile's autotuning fail for want of memory. So
+a check runs only where the device has the memory it checks for free; elsewhere the plan rests
+on XLA's analysis, and says so.
 """
 
 from __future__ import annotations
@@ -17,27 +16,20 @@ from __future__ import annotations
 import os
 import subprocess
 
-FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
-# Set beside FRACTION when the cap below set it, so that the check's process drops it.
-CAPPED = "JEVO_PLAN_CAPPED_MEM_FRACTION"
-# JAX's default share of the device for its pool, and the least the planning process keeps.
-DEFAULT_FRACTION = 0.75
-MIN_FRACTION = 0.1
-# Left free beyond the budget: two processes' CUDA contexts and the allocator's rounding.
-MARGIN_BYTES = 2 * 2 ** 30
+# Needed free beyond the limit checked: the check process's CUDA context and the allocator's
+# rounding.
+MARGIN_BYTES = 1 * 2 ** 30
 
 
-def device_total_bytes() -> int | None:
-  """The first visible GPU's memory, from nvidia-smi (JAX must not start before the cap is
-  set); None where there is no GPU or no nvidia-smi."""
-  if os.environ.get("JAX_PLATFORMS", "").strip().lower() in ("cpu", "tpu"):
-    return None
+def device_free_bytes() -> int | None:
+  """The first visible GPU's free memory now, from nvidia-smi (what another process could
+  allocate); None where there is no GPU or no nvidia-smi."""
   visible = os.environ.get("CUDA_VISIBLE_DEVICES")
   first = visible.split(",")[0].strip() if visible else "0"
   if not first or first == "-1":
     return None
   try:
-    done = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,"
+    done = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,"
                            "nounits", "-i", first], capture_output=True, text=True, timeout=30)
   except (OSError, subprocess.TimeoutExpired):
     return None
@@ -47,37 +39,11 @@ def device_total_bytes() -> int | None:
   return int(lines[0].strip()) * 2 ** 20  # MiB
 
 
-def pool_fraction(budget: int, total: int) -> float | None:
-  """The share of a device of `total` bytes the planning process may pool so that `budget`
-  and the margin stay free; None where JAX's default already leaves them."""
-  fraction = (total - budget - MARGIN_BYTES) / total
-  if fraction >= DEFAULT_FRACTION:
-    return None
-  return max(fraction, MIN_FRACTION)
-
-
-def leave_room_for_check(budget: int, env=None, total: int | None = None) -> float | None:
-  """Caps this process's pool (in `env`, os.environ by default, which JAX reads when it starts
-  on the GPU) so that the check's process finds `budget` free. Returns the fraction set, or None
-  where nothing was set: no GPU, a fraction the user chose, or a budget JAX's default leaves."""
-  env = os.environ if env is None else env
-  if FRACTION in env:
-    return None
-  total = device_total_bytes() if total is None else total
-  if total is None:
-    return None
-  fraction = pool_fraction(budget, total)
-  if fraction is not None:
-    env[FRACTION] = f"{fraction:.3f}"
-    env[CAPPED] = env[FRACTION]
-  return fraction
-
-
-def check_env(env) -> dict:
-  """The environment of the check's process: this one's without the cap set above."""
-  env = dict(env)
-  if CAPPED in env:
-    if env.get(FRACTION) == env[CAPPED]:
-      env.pop(FRACTION)
-    env.pop(CAPPED)
-  return env
+def why_no_room(limit: int, free: int | None) -> str:
+  """Why a check of a step within `limit` bytes cannot run in another process when the device
+  has `free` bytes free ("" where it can, or where the free memory is not known)."""
+  if free is None or free >= limit + MARGIN_BYTES:
+    return ""
+  return (f"the device had {free / 2 ** 30:.2f} GiB free (the planning process's "
+          f"allocator holds the rest), less than the {limit / 2 ** 30:.2f} GiB limit and "
+          f"{MARGIN_BYTES / 2 ** 30:.0f} GiB the check needs")
