@@ -212,14 +212,12 @@ HOST_LINK_BYTES_PER_S = 25e9
 
 
 def _estimated_block_ms(spec: StackSpec, candidate=None, chunk_size=None) -> float:
-  import numpy as np
   training = candidate is not None
   fn, args = _block_step(spec, candidate.stack_remat() if training else "none", chunk_size,
                          training)
   ms = estimated_ms(compile_fn(fn, args, "none"))
   if training and candidate.remat == "offload":
-    inputs = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in args[1:])
-    ms += 1e3 * 2 * inputs / HOST_LINK_BYTES_PER_S
+    ms += 1e3 * 2 * _abstract_bytes(args[1:]) / HOST_LINK_BYTES_PER_S
   return ms
 
 
@@ -366,8 +364,13 @@ def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None)
   return dict(kept=kept, fixed=t2 - DEPTHS[0] * kept, io_per_block=io_per_block,
               io_fixed=io2 - DEPTHS[0] * io_per_block,
               ms=ms if measure else estimate(),
-              time_source=("XLA cost analysis" if not measure
-                           else f"not measured: {unmeasured[-1]}" if unmeasured else "measured"))
+              time_source=_time_source(measure, unmeasured[-1] if unmeasured else ""))
+
+
+def _time_source(measure: bool, why_unmeasured: str) -> str:
+  if not measure:
+    return "XLA cost analysis"
+  return f"not measured: {why_unmeasured}" if why_unmeasured else "measured"
 
 
 def _fit_inference(step_of_depth, measure: bool, estimate, record) -> dict:
@@ -392,9 +395,7 @@ def _fit_inference(step_of_depth, measure: bool, estimate, record) -> dict:
   elif measure:
     ms /= depth
   return dict(kept=0, fixed=temp, io_per_block=io_per_block,
-              io_fixed=io - depth * io_per_block, ms=ms,
-              time_source=("XLA cost analysis" if not measure
-                           else f"not measured: {why}" if why else "measured"))
+              io_fixed=io - depth * io_per_block, ms=ms, time_source=_time_source(measure, why))
 
 
 def _abstract_bytes(args) -> int:
