@@ -72,8 +72,11 @@ def row(record: dict) -> str:
   if record.get("status") != "ok":
     return f"| {label} | {record.get('status')}: {record.get('reason', '')[:160]} | | |"
   measured = record.get("measured", {})
+  peak = gib_text(measured.get("absolute_peak_bytes"))
+  if measured.get("peak_is_upper_bound"):  # the process peaked before the step ran
+    peak += " (upper bound)"
   return (f"| {label} | {measured.get('ms', 0):.1f} ({measured.get('min_ms', 0):.1f}-"
-          f"{measured.get('max_ms', 0):.1f}) | {gib_text(measured.get('absolute_peak_bytes'))} | "
+          f"{measured.get('max_ms', 0):.1f}) | {peak} | "
           f"{gib_text(record.get('xla_whole_step_bytes'))} |")
 
 

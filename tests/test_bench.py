@@ -258,3 +258,12 @@ def test_the_stack_worker_runs_a_training_step_as_given():
   assert record["status"] == "ok", record
   assert record["training"] and record["runs"] == [[2, "offload"]]
   assert record["measured"]["ms"] > 0
+
+
+def test_the_plan_worker_runs_a_given_plan_without_planning_again():
+  # A budget of 1 byte cannot be planned for: a worker that planned again would fail.
+  given = dict(runs=[dict(blocks=2, candidate="offload", remat="offload")], chunk_size=None)
+  record = run.run_worker(dict(mode="plan", preset="cpu-small", budget="1B", blocks=2,
+                               repeats=1, given_plan=given), timeout_s=900)
+  assert record["status"] == "ok", record
+  assert record["measured"]["ms"] > 0 and record["xla_whole_step_bytes"] > 0

@@ -44,8 +44,7 @@ def plan_and_run(preset: str, budget: str, blocks: int, repeats: int, candidates
   step: the worker's record (the plan, and the measured step where it ran) with `budget`,
   `blocks` and `planning_wall_s`. Planning runs steps of 2 and 3 blocks of every candidate on
   the device, and the allocator's peak is a running maximum over a process: so one worker
-  plans (filling the planner's cache) and a fresh one, planning again from that cache, runs
-  the planned step. `inference`: plan the inference forward of a preset that trains;
+  plans and a fresh one runs the plan it made. `inference`: plan the inference forward of a preset that trains;
   `per_sub_module`: `plan_stack`'s."""
   spec = dict(mode="plan", preset=preset, budget=budget, blocks=blocks, repeats=repeats,
               candidates=list(candidates), inference=inference, per_sub_module=per_sub_module)
@@ -53,7 +52,7 @@ def plan_and_run(preset: str, budget: str, blocks: int, repeats: int, candidates
   planned = run_worker(dict(spec, plan_only=True), progress, timeout_s=timeout_s)
   planning_s = time.perf_counter() - start
   if planned.get("status") == "ok":
-    ran = run_worker(spec, progress, timeout_s=timeout_s)
+    ran = run_worker(dict(spec, given_plan=planned["plan"]), progress, timeout_s=timeout_s)
     planned = dict(ran, plan=planned["plan"], description=planned["description"]) if (
         ran.get("status") == "ok") else ran
   return dict(planned, budget=budget, blocks=blocks, planning_wall_s=planning_s)

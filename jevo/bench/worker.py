@@ -166,12 +166,19 @@ def planned(spec: dict) -> dict:
   `"inference": true`), then (unless `plan_only`) runs the planned step: the planner's
   predicted peak and time beside the measured ones (on a CPU, where there is no allocator,
   XLA's memory analysis of the whole compiled stack stands for the measured peak). Run the
-  planned step in a process that has not planned with an empty cache: planning runs steps on
-  the device, and the allocator's peak would be theirs."""
+  planned step in a process that has not planned: planning runs steps on the device, and the
+  allocator's peak would be theirs. `"given_plan"` (the plan a `plan_only` worker returned)
+  runs that plan without planning again: planning even from a full cache tries on the device
+  what the cache does not keep (a stack that ran out of memory)."""
   import dataclasses
   from jevo.plan import PlanError, plan_stack
   from jevo.plan.candidates import by_name
   stack_spec, training = _stack_spec(spec)
+  given = spec.get("given_plan")
+  if given is not None:
+    runs = [(r["blocks"], r["candidate"]) for r in given["runs"]]
+    return dict(status="ok", **_run_step(stack_spec, spec["blocks"], runs, given["chunk_size"],
+                                         training, spec["repeats"], "planned"))
   stage("plan (compiles each candidate; cached afterwards)")
   try:
     chosen = [by_name(n) for n in spec.get("candidates") or ()] or None
