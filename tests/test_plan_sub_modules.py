@@ -145,7 +145,33 @@ def test_a_stack_too_large_to_time_is_planned_from_its_sub_modules_times(monkeyp
   assert isinstance(plan.chunk_size, dict) and plan.xla_peak <= budget, plan.describe()
   assert np.isfinite(plan.predicted_ms) and plan.predicted_ms > 0
   assert plan.time_source.startswith("measured: the sum"), plan.describe()
-  assert "too large for the device to time" in plan.describe()
+  assert "the unchunked block is not timed (too large for the device)" in plan.describe()
+
+
+def test_an_unchunked_stack_over_the_budget_is_not_timed(monkeypatch, tmp_path):
+  """The device could run the unchunked stack, but the budget rules it out: it is compiled for
+  its bytes, not timed, not cached as untimed (a larger budget times it), and the plan's time
+  is its sub-modules' as planned."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing timed by the tests above
+  unchunked = costs.inference_cost(SPEC, None, measure=False)
+  chunked = costs.inference_cost(SPEC, 4, measure=False)
+  budget = (unchunked.peak(2) + chunked.peak(2)) // 2
+  stack_bytes = costs.whole_step_bytes(SPEC, costs.DEPTHS[0], (), None, False)["bytes"]
+  assert stack_bytes > budget
+  timed, measured_ms = [], costs.measured_ms
+  monkeypatch.setattr(costs, "measured_ms",
+                      lambda compiled, concrete, *a: timed.append(compiled) or
+                      measured_ms(compiled, concrete, *a))
+  whole = costs.inference_cost(SPEC, None, measure=True, time_within=budget)
+  assert whole.ms == costs.UNMEASURABLE_MS and costs.OVER_BUDGET in whole.time_source
+  assert whole.peak(2) == unchunked.peak(2) and not timed
+  plan = plan_stack(SPEC, 2, budget=budget, training=False, measure=True)
+  assert isinstance(plan.chunk_size, dict) and plan.xla_peak <= budget, plan.describe()
+  assert np.isfinite(plan.predicted_ms) and plan.predicted_ms > 0
+  assert f"not timed ({costs.OVER_BUDGET})" in plan.describe()
+  timed.clear()
+  roomy = costs.inference_cost(SPEC, None, measure=True, time_within=2 * stack_bytes)
+  assert np.isfinite(roomy.ms) and len(timed) == 1
 
 
 def test_a_whole_step_the_device_cannot_run_is_planned_again(monkeypatch):

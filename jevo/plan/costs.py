@@ -326,11 +326,14 @@ def measured_ms(compiled, concrete, repeats: int = 5) -> tuple[float, str]:
 
 TOO_LARGE = "too large for the device"
 OUT_OF_MEMORY = "ran out of the device's memory"
+OVER_BUDGET = "over the budget, so never run whole"
 
 
 def _kept_in_cache(value: dict) -> bool:
-  """Whether a cost is kept on disk: not one whose timing ran out of memory."""
-  return OUT_OF_MEMORY not in value.get("time_source", "")
+  """Whether a cost is kept on disk: not one whose timing ran out of memory, nor one left
+  untimed for a budget (a larger one would time it)."""
+  source = value.get("time_source", "")
+  return OUT_OF_MEMORY not in source and OVER_BUDGET not in source
 
 
 def _fit(step_of_depth, remat, measure: bool, estimate, record=None, ready=None) -> dict:
@@ -373,13 +376,14 @@ def _time_source(measure: bool, why_unmeasured: str) -> str:
   return f"not measured: {why_unmeasured}" if why_unmeasured else "measured"
 
 
-def _fit_inference(step_of_depth, measure: bool, estimate, record) -> dict:
+def _fit_inference(step_of_depth, measure: bool, estimate, record, time_within=None) -> dict:
   """`_fit`'s fields for the inference forward from the stack of DEPTHS[0] blocks alone: a
   forward block keeps nothing for a backward pass (the scan carries m and z from block to
   block, in the fixed part), so what one more block adds is its parameters' bytes, read off the
   abstract arguments of the next depth without compiling it; its time is the measured step's
   per block, the fixed part's (tiny) time included. Compiling the deeper stack took the most of
-  planning's compile time at 128 x 4096 on an H200 (50 of 63 s)."""
+  planning's compile time at 128 x 4096 on an H200 (50 of 63 s). A step of more than
+  `time_within` bytes is not timed (OVER_BUDGET)."""
   depth = DEPTHS[0]
   fn, args, concrete = step_of_depth(depth)
   start = time.perf_counter()
@@ -388,8 +392,11 @@ def _fit_inference(step_of_depth, measure: bool, estimate, record) -> dict:
   temp, io = _device_bytes(compiled)
   record(depth, dict(bytes=temp + io, compile_s=compile_s))
   io_per_block = _abstract_bytes(step_of_depth(depth + 1)[1]) - _abstract_bytes(args)
-  ms, why = (measured_ms(compiled, lambda: concrete(for_timing=True)) if measure
-             else (estimate(), ""))
+  if measure and time_within is not None and temp + io > time_within:
+    ms, why = UNMEASURABLE_MS, OVER_BUDGET
+  else:
+    ms, why = (measured_ms(compiled, lambda: concrete(for_timing=True)) if measure
+               else (estimate(), ""))
   if why:
     ms = UNMEASURABLE_MS
   elif measure:
@@ -492,16 +499,19 @@ def training_cost(spec: StackSpec, candidate, *, measure: bool, use_cache: bool 
   return _as_cost(value)
 
 
-def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: bool = True) -> Cost:
+def inference_cost(spec: StackSpec, chunk_size, *, measure: bool, use_cache: bool = True,
+                   time_within: int | None = None) -> Cost:
   """The Cost of the inference forward with `chunk_size` (None: no chunking), from one compiled
-  depth (`_fit_inference`)."""
+  depth (`_fit_inference`). With `time_within` (bytes), a stack of that depth compiled larger
+  is not timed: a plan for that budget never runs it, and timing the unchunked stack of 2
+  blocks at 128 x 4096 on an H200 took 19 s only to run out of memory."""
   def record(depth, value):
     _store_whole_step(spec, depth, (), chunk_size, False, value, use_cache)
 
   def compute():
     return _fit_inference(
         lambda depth: stack_step(spec, depth, "none", chunk_size, training=False), measure,
-        lambda: _estimated_block_ms(spec, None, chunk_size), record)
+        lambda: _estimated_block_ms(spec, None, chunk_size), record, time_within)
   return _as_cost(cached(spec, "inference", dict(chunk_size=chunk_size, measure=measure),
                          compute, use_cache, keep=_kept_in_cache))
 

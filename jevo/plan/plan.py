@@ -459,9 +459,11 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
   chunks = [c for c in cand.INFERENCE_CHUNKS if c is None or c < max(spec.n_seq, spec.n_res)]
   limit = budget - headroom
   max_checks = MAX_CHECKS + (1 if per_sub_module else 0)
-  cost_of = lambda i: cst.inference_cost(spec, chunks[i], measure=measure,  # noqa: E731
-                                         use_cache=use_cache)
-  tried = {0: cost_of(0)}
+  cost_of = lambda i, within=None: cst.inference_cost(  # noqa: E731
+      spec, chunks[i], measure=measure, use_cache=use_cache, time_within=within)
+  # The unchunked forward is timed only where it may fit: otherwise the per-sub-module plan
+  # takes its sub-modules' times instead.
+  tried = {0: cost_of(0, limit)}
   whole = tried[0]
 
   def finish(chunk_size, peak, ms, reasons, checked, time_source):
@@ -497,7 +499,8 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
     search_limit = limit
     for _ in range(2):
       mixed = sub_modules.mixed_chunks(spec, chunks, whole_peak, whole.ms, search_limit,
-                                       measure=measure, use_cache=use_cache)
+                                       measure=measure, use_cache=use_cache,
+                                       whole_time_source=whole.time_source)
       if isinstance(mixed, str):
         notes.append(f"per sub-module: {mixed}")
         break
@@ -552,6 +555,8 @@ def _plan_inference(spec, blocks, budget, headroom, measure, use_cache, checks, 
     if checks(checked, (), chunks[i], least) > limit:
       raise checks.plan_error(checked, failed, checked, headroom)
     chosen, leanest = i, True
+  if chosen == 0 and cst.OVER_BUDGET in tried[0].time_source:  # over by the model, fits checked
+    tried[0] = cost_of(0)
   best = tried[chosen]
   why = ("no larger chunk checked fits: the leanest chunk size" if leanest
          else "the largest chunk that fits (smaller chunks only cost time)")

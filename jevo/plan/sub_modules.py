@@ -137,14 +137,15 @@ def choose_chunks(bytes_of, chunks, room: int, lengths=None):
 
 
 def mixed_chunks(spec: cst.StackSpec, chunks, whole_peak: int, whole_ms: float, limit: int, *,
-                 measure: bool, use_cache: bool = True):
+                 measure: bool, use_cache: bool = True, whole_time_source: str = ""):
   """(chunk sizes by sub-module, predicted peak, predicted ms per block, reasons) of the plan
   that chunks each sub-module by the largest size that fits `limit` (bytes), given the whole
   unchunked stack's peak `whole_peak` and its ms per block `whole_ms`; or a string saying why
   there is none by the model (some sub-module fits at no size, or nothing needs chunking,
   which contradicts a whole step found over the limit). The block's time is `whole_ms` plus
-  what chunking adds to each chunked sub-module; where the whole stack could not be timed
-  (`costs.UNMEASURABLE_MS`: too large for the device), the sum of every sub-module's time
+  what chunking adds to each chunked sub-module; where the whole stack was not timed
+  (`costs.UNMEASURABLE_MS`: too large for the device, or over the budget, as
+  `whole_time_source` says), the sum of every sub-module's time
   alone as planned, which leaves out the block's residual additions; UNMEASURABLE_MS where
   a time it needs could not be measured."""
   def bytes_of(name, chunk):  # memory only: a compile, no timing
@@ -154,12 +155,13 @@ def mixed_chunks(spec: cst.StackSpec, chunks, whole_peak: int, whole_ms: float, 
     return sub_module_cost(spec, name, chunk, measure=measure, use_cache=use_cache)["ms"]
 
   try:
-    return _mixed_chunks(spec, chunks, whole_peak, whole_ms, limit, bytes_of, ms_of)
+    return _mixed_chunks(spec, chunks, whole_peak, whole_ms, limit, bytes_of, ms_of,
+                         whole_time_source.removeprefix("not measured: ") or "not measured")
   finally:
     release_measurement_inputs()
 
 
-def _mixed_chunks(spec, chunks, whole_peak, whole_ms, limit, bytes_of, ms_of):
+def _mixed_chunks(spec, chunks, whole_peak, whole_ms, limit, bytes_of, ms_of, why_untimed):
   base = {name: bytes_of(name, None) for name in BLOCK_SUB_MODULES}
   fixed = whole_peak - max(base.values())
   lengths = {name: chunked_axis_length(spec, name) for name in BLOCK_SUB_MODULES}
@@ -187,6 +189,6 @@ def _mixed_chunks(spec, chunks, whole_peak, whole_ms, limit, bytes_of, ms_of):
                 if chunk is not None else "")
              for name, chunk in sizes.items()]
   if not timed_whole:
-    reasons.insert(0, "the unchunked block is too large for the device to time: its time is "
-                   "the sum of its sub-modules' alone, as planned")
+    reasons.insert(0, f"the unchunked block is not timed ({why_untimed}): its time is the "
+                   "sum of its sub-modules' alone, as planned")
   return chunked, peak, ms, reasons
