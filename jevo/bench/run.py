@@ -44,8 +44,8 @@ def plan_and_run(preset: str, budget: str, blocks: int, repeats: int, candidates
   step: the worker's record (the plan, and the measured step where it ran) with `budget`,
   `blocks` and `planning_wall_s`. Planning runs steps of 2 and 3 blocks of every candidate on
   the device, and the allocator's peak is a running maximum over a process: so one worker
-  plans and a fresh one runs the plan it made. `inference`: plan the inference forward of a preset that trains;
-  `per_sub_module`: `plan_stack`'s."""
+  plans and a fresh one runs the plan it made. `inference`: plan the inference forward of a
+  preset that trains; `per_sub_module`: `plan_stack`'s."""
   spec = dict(mode="plan", preset=preset, budget=budget, blocks=blocks, repeats=repeats,
               candidates=list(candidates), inference=inference, per_sub_module=per_sub_module)
   start = time.perf_counter()
