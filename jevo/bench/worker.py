@@ -174,23 +174,22 @@ def planned(spec: dict) -> dict:
   from jevo.plan import PlanError, plan_stack
   from jevo.plan.candidates import by_name
   stack_spec, training = _stack_spec(spec)
-  given = spec.get("given_plan")
-  if given is not None:
-    runs = [(r["blocks"], r["candidate"]) for r in given["runs"]]
-    return dict(status="ok", **_run_step(stack_spec, spec["blocks"], runs, given["chunk_size"],
-                                         training, spec["repeats"], "planned"))
-  stage("plan (compiles each candidate; cached afterwards)")
-  try:
-    chosen = [by_name(n) for n in spec.get("candidates") or ()] or None
-    plan = plan_stack(stack_spec, spec["blocks"], budget=spec["budget"], training=training,
-                      candidates=chosen, per_sub_module=bool(spec.get("per_sub_module", True)))
-  except PlanError as err:
-    return dict(status="error", reason=str(err), smallest_budget=err.smallest_budget)
-  record = dict(status="ok", plan=dataclasses.asdict(plan), description=plan.describe())
-  if spec.get("plan_only"):
-    return record
-  return dict(record, **_run_step(stack_spec, spec["blocks"],
-                                  [(r.blocks, r.candidate) for r in plan.runs], plan.chunk_size,
+  record, given = dict(status="ok"), spec.get("given_plan")
+  if given is None:
+    stage("plan (compiles each candidate; cached afterwards)")
+    try:
+      chosen = [by_name(n) for n in spec.get("candidates") or ()] or None
+      plan = plan_stack(stack_spec, spec["blocks"], budget=spec["budget"], training=training,
+                        candidates=chosen,
+                        per_sub_module=bool(spec.get("per_sub_module", True)))
+    except PlanError as err:
+      return dict(status="error", reason=str(err), smallest_budget=err.smallest_budget)
+    record.update(plan=dataclasses.asdict(plan), description=plan.describe())
+    if spec.get("plan_only"):
+      return record
+    given = record["plan"]
+  runs = [(r["blocks"], r["candidate"]) for r in given["runs"]]
+  return dict(record, **_run_step(stack_spec, spec["blocks"], runs, given["chunk_size"],
                                   training, spec["repeats"], "planned"))
 
 
